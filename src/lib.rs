@@ -1,0 +1,29 @@
+//! vma-writer: a live-backup target for stock QEMU.
+//!
+//! QEMU's `blockdev-backup` job can copy a point-in-time image of every drive
+//! of a running VM to an NBD server. vma-writer is that server: it takes the
+//! per-drive writes, in any order and alignment, and assembles them into one
+//! Proxmox VMA archive.
+//!
+//! # Layout
+//!
+//! - [`vma`]: the VMA on-disk format: pure header/extent codecs, a streaming
+//!   writer and a streaming reader. No sockets, no tokio.
+//! - [`nbd`]: the NBD protocol server on tokio: wire codecs, handshake,
+//!   transmission, listeners, and the [`nbd::Backend`] trait an export
+//!   implements. Knows nothing of VMA.
+//! - [`assembler`]: the NBD backend of each drive export; turns writes of any
+//!   shape into whole 64 KiB clusters for the archive writer.
+//! - [`sink`]: bytes out: plain or zstd, fsync, temp-then-rename commit.
+//! - [`qmp`]: a small async client for QEMU's JSON monitor.
+//! - [`qemu`]: starting and stopping `qemu-storage-daemon` for `create`,
+//!   `demo` and tests.
+//! - [`cli`]: one module per subcommand of the `vma-writer` binary.
+
+pub mod assembler;
+pub mod cli;
+pub mod nbd;
+pub mod qemu;
+pub mod qmp;
+pub mod sink;
+pub mod vma;

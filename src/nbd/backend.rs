@@ -1,0 +1,102 @@
+//! The per-export backend trait: what the transmission phase calls to serve
+//! one export's data requests.
+//!
+//! The server validates every request (range, flags, read-only, payload size)
+//! before it reaches a backend, so a backend only ever sees in-range requests
+//! and never has to word a protocol error itself: it returns an
+//! [`std::io::Error`], which the server maps to the NBD errno the client sees
+//! (see `nbd::transmission`). FUA is implemented by the server as the command
+//! followed by [`Backend::flush`], so backends need no FUA parameter.
+
+use std::future::Future;
+use std::io;
+
+use bytes::Bytes;
+
+/// What a backend can do; turned into the export's transmission flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendCaps {
+    /// Writes, write-zeroes and trims are refused with EPERM.
+    pub read_only: bool,
+    /// [`Backend::flush`] makes every acknowledged write from *every*
+    /// connection durable, so the server may advertise CAN_MULTI_CONN.
+    pub flush_is_global: bool,
+    /// [`Backend::write_zeroes`] is cheaper than writing zero buffers, so a
+    /// WRITE_ZEROES with FAST_ZERO may succeed (otherwise it gets ENOTSUP).
+    pub fast_zero: bool,
+    /// [`Backend::trim`] does something; when false the server still accepts
+    /// TRIM (it is advisory) but answers it without calling the backend.
+    pub trim: bool,
+}
+
+/// One run of [`Backend::block_status`]: `len` bytes with the
+/// `base:allocation` flags `NBD_STATE_HOLE` (bit 0) and `NBD_STATE_ZERO`
+/// (bit 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// Length of the run in bytes (never 0).
+    pub len: u64,
+    /// `base:allocation` flags of the run.
+    pub flags: u32,
+}
+
+impl BlockStatus {
+    /// `base:allocation` flag: the range is not allocated.
+    pub const HOLE: u32 = 1;
+    /// `base:allocation` flag: the range reads as zeros.
+    pub const ZERO: u32 = 2;
+}
+
+/// The data side of one NBD export.
+///
+/// Every method gets a range the server has already checked against
+/// [`Backend::size`]; `len` is never 0. Methods may be called concurrently,
+/// from several connections, in any order.
+pub trait Backend: Send + Sync + 'static {
+    /// Export size in bytes; fixed for the life of the export.
+    fn size(&self) -> u64;
+
+    /// What this backend supports.
+    fn caps(&self) -> BackendCaps;
+
+    /// Stores `data` at `offset`. Returns once the backend has accepted the
+    /// data (the server acknowledges the WRITE only then); durability comes
+    /// with [`Backend::flush`].
+    fn write(&self, offset: u64, data: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Makes `[offset, offset + len)` read as zeros. `may_trim` is false when
+    /// the client sent NO_HOLE (the range must then stay allocated).
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Advisory discard; afterwards the range may read as anything.
+    fn trim(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Returns once every write acknowledged before this call is durable.
+    fn flush(&self) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Reads exactly `len` bytes at `offset`.
+    fn read(&self, offset: u64, len: u32) -> impl Future<Output = io::Result<Bytes>> + Send;
+
+    /// Allocation status of `[offset, offset + len)`: runs in order, starting
+    /// at `offset`; they may end before `offset + len` (the client asks again)
+    /// but must not extend past the export end.
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = io::Result<Vec<BlockStatus>>> + Send;
+
+    /// A client finished the handshake for this export.
+    fn connected(&self) {}
+
+    /// A connection to this export ended, after its in-flight requests were
+    /// answered. `clean` is true when the client sent DISC first.
+    fn disconnected(&self, clean: bool) {
+        let _ = clean;
+    }
+}

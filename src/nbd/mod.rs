@@ -1,0 +1,5 @@
+//! The NBD server.
+
+mod backend;
+
+pub use backend::{Backend, BackendCaps, BlockStatus};
