@@ -1,1 +1,35 @@
-//! The VMA format.
+//! The Proxmox VMA archive format (`format/VMA.md` is its specification).
+//!
+//! - [`consts`]: every number of the format.
+//! - [`header`], [`extent`]: pure encode/decode of the archive header and of
+//!   extent headers; no IO.
+//! - [`writer`]: streaming writer to any `Write`; never seeks.
+//! - [`reader`]: streaming, validating reader from any `Read`.
+//!
+//! Nothing here knows about NBD, tokio or files.
+
+#![deny(missing_docs)]
+
+pub mod consts;
+mod error;
+pub mod extent;
+pub mod header;
+pub mod reader;
+pub mod writer;
+pub mod zero;
+
+pub use error::{FormatError, MissingClusters};
+pub use header::{Config, Device, Header};
+pub use reader::{ClusterData, Extent, ReadStats, Reader};
+pub use writer::{DeviceStats, Writer, WriterBuilder};
+
+/// A device id: the index of the device's header slot (1..=254 when we
+/// write; a reader also accepts 255). 0 means "no device".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DevId(pub u8);
+
+impl std::fmt::Display for DevId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}

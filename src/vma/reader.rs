@@ -1,0 +1,357 @@
+//! The streaming archive reader (§7 of the spec): walks an archive from any
+//! [`Read`] (file, pipe, stdin) for list, verify and extract. Never writes,
+//! never seeks.
+//!
+//! Besides every check Proxmox's reader makes, it requires at the end of
+//! the stream that every cluster of every device was seen, so an archive cut
+//! at an extent boundary is an error here (Proxmox's `vma verify` passes it).
+//! No input can make it allocate more than [`MAX_HEADER_SIZE`] for the
+//! header or one extent's payload (3.7 MiB) for data.
+
+use std::io::{self, Read};
+
+use super::consts::*;
+use super::extent::{BlockInfo, ExtentHeader, blockinfo_offset};
+use super::header::Header;
+use super::{DevId, FormatError, MissingClusters};
+
+/// Reads until `buf` is full or EOF; returns the bytes read.
+fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+struct DevTrack {
+    size: u64,
+    clusters: u64,
+    seen: Vec<u64>,
+    seen_count: u64,
+}
+
+/// Totals over the clusters read so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadStats {
+    /// Clusters seen.
+    pub clusters: u64,
+    /// In-device bytes of those clusters.
+    pub bytes: u64,
+    /// Of those, bytes in blocks not stored (zero).
+    pub zero_bytes: u64,
+}
+
+/// A validated archive being read; see the module docs.
+pub struct Reader<R: Read> {
+    inner: R,
+    header: Header,
+    header_len: u64,
+    pos: u64,
+    devs: Vec<Option<DevTrack>>,
+    head: [u8; VMA_EXTENT_HEADER_SIZE],
+    payload: Vec<u8>,
+    stats: ReadStats,
+    done: bool,
+}
+
+impl<R: Read> Reader<R> {
+    /// Reads and validates the header.
+    pub fn new(mut inner: R) -> Result<Self, FormatError> {
+        let mut fixed = vec![0u8; VMA_HEADER_SIZE];
+        let got = read_full(&mut inner, &mut fixed)?;
+        // Magic first, so a random file is "bad magic", not "truncated".
+        if got >= 4 && fixed[..4] != VMA_MAGIC {
+            return Err(FormatError::BadMagic {
+                offset: 0,
+                what: "archive",
+                found: fixed[..4].try_into().unwrap(),
+                expected: VMA_MAGIC,
+            });
+        }
+        fixed.truncate(got);
+        let header_size = Header::check_fixed(&fixed)?;
+        // Grows only as bytes arrive: a lying header_size costs nothing.
+        let rest = (header_size - VMA_HEADER_SIZE) as u64;
+        let got = (&mut inner).take(rest).read_to_end(&mut fixed)?;
+        if (got as u64) < rest {
+            return Err(FormatError::Truncated {
+                offset: 0,
+                what: "archive header",
+                need: header_size as u64,
+                got: fixed.len() as u64,
+            });
+        }
+        let header = Header::decode(&fixed)?;
+        let mut devs: Vec<Option<DevTrack>> = (0..VMA_DEV_SLOTS).map(|_| None).collect();
+        for d in &header.devices {
+            devs[d.id.0 as usize] = Some(DevTrack {
+                size: d.size,
+                clusters: d.clusters(),
+                seen: vec![0; d.clusters().div_ceil(64) as usize],
+                seen_count: 0,
+            });
+        }
+        Ok(Reader {
+            inner,
+            header,
+            header_len: header_size as u64,
+            pos: header_size as u64,
+            devs,
+            head: [0; VMA_EXTENT_HEADER_SIZE],
+            payload: Vec::new(),
+            stats: ReadStats::default(),
+            done: false,
+        })
+    }
+
+    /// The decoded header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Header length in bytes (offset of the first extent).
+    pub fn header_len(&self) -> u64 {
+        self.header_len
+    }
+
+    /// Bytes consumed so far.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// Totals so far.
+    pub fn stats(&self) -> ReadStats {
+        self.stats
+    }
+
+    /// Total clusters over all devices (for progress).
+    pub fn total_clusters(&self) -> u64 {
+        self.header.devices.iter().map(|d| d.clusters()).sum()
+    }
+
+    /// Reads, validates and returns the next extent; `None` at a clean end of
+    /// the archive, after the completeness check passed.
+    pub fn next_extent(&mut self) -> Result<Option<Extent<'_>>, FormatError> {
+        if self.done {
+            return Ok(None);
+        }
+        let at = self.pos;
+        let got = read_full(&mut self.inner, &mut self.head)?;
+        if got == 0 {
+            self.done = true;
+            self.check_complete()?;
+            return Ok(None);
+        }
+        if got < VMA_EXTENT_HEADER_SIZE {
+            return Err(FormatError::Truncated {
+                offset: at,
+                what: "extent header",
+                need: VMA_EXTENT_HEADER_SIZE as u64,
+                got: got as u64,
+            });
+        }
+        let ext = ExtentHeader::decode(&self.head, &self.header.uuid, at)?;
+        let len = ext.payload_len();
+        self.payload.resize(len, 0);
+        let got = read_full(&mut self.inner, &mut self.payload)?;
+        if got < len {
+            return Err(FormatError::Truncated {
+                offset: at,
+                what: "extent payload",
+                need: (VMA_EXTENT_HEADER_SIZE + len) as u64,
+                got: (VMA_EXTENT_HEADER_SIZE + got) as u64,
+            });
+        }
+        self.pos += (VMA_EXTENT_HEADER_SIZE + len) as u64;
+        // Validate every entry before handing out any data.
+        let mut entries = Vec::with_capacity(VMA_BLOCKS_PER_EXTENT);
+        for (slot, e) in ext.entries() {
+            let off = blockinfo_offset(at, slot);
+            let track = self.devs[e.dev as usize]
+                .as_mut()
+                .ok_or(FormatError::UnknownDevice {
+                    offset: off,
+                    dev: e.dev,
+                })?;
+            let dev = DevId(e.dev);
+            let cluster = u64::from(e.cluster);
+            if cluster >= track.clusters {
+                return Err(FormatError::ClusterOutOfRange {
+                    offset: off,
+                    dev,
+                    cluster,
+                    clusters: track.clusters,
+                });
+            }
+            let in_dev =
+                (track.size - cluster * VMA_CLUSTER_SIZE as u64).min(VMA_CLUSTER_SIZE as u64);
+            let valid_blocks = in_dev.div_ceil(VMA_BLOCK_SIZE as u64) as u32;
+            if valid_blocks < 16 && u32::from(e.mask) >> valid_blocks != 0 {
+                return Err(FormatError::MaskPastEnd {
+                    offset: off,
+                    dev,
+                    cluster,
+                    mask: e.mask,
+                    size: track.size,
+                });
+            }
+            let (w, b) = ((cluster / 64) as usize, cluster % 64);
+            if track.seen[w] & (1 << b) != 0 {
+                return Err(FormatError::DuplicateCluster {
+                    offset: off,
+                    dev,
+                    cluster,
+                });
+            }
+            track.seen[w] |= 1 << b;
+            track.seen_count += 1;
+            let stored = (e.blocks() * VMA_BLOCK_SIZE) as u64;
+            self.stats.clusters += 1;
+            self.stats.bytes += in_dev;
+            self.stats.zero_bytes += in_dev.saturating_sub(stored);
+            entries.push(e);
+        }
+        Ok(Some(Extent {
+            offset: at,
+            entries,
+            payload: &self.payload,
+            sizes: &self.devs,
+        }))
+    }
+
+    fn check_complete(&self) -> Result<(), FormatError> {
+        let mut missing = Vec::new();
+        for d in &self.header.devices {
+            let t = self.devs[d.id.0 as usize].as_ref().expect("registered");
+            if t.seen_count == t.clusters {
+                continue;
+            }
+            let first = (0..t.clusters)
+                .find(|c| t.seen[(c / 64) as usize] & (1 << (c % 64)) == 0)
+                .unwrap_or(0);
+            missing.push(MissingClusters {
+                dev: d.id,
+                name: d.name.clone(),
+                missing: t.clusters - t.seen_count,
+                first,
+            });
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(FormatError::Incomplete {
+                offset: self.pos,
+                missing,
+            })
+        }
+    }
+
+    /// Reads to the end, checking everything; returns the totals.
+    pub fn verify(mut self) -> Result<ReadStats, FormatError> {
+        while self.next_extent()?.is_some() {}
+        Ok(self.stats)
+    }
+}
+
+/// One validated extent, borrowed from the reader until the next call.
+pub struct Extent<'a> {
+    /// Archive offset of the extent header.
+    pub offset: u64,
+    entries: Vec<BlockInfo>,
+    payload: &'a [u8],
+    sizes: &'a [Option<DevTrack>],
+}
+
+impl<'a> Extent<'a> {
+    /// The clusters of this extent, in order.
+    pub fn clusters(&self) -> impl Iterator<Item = ClusterData<'a>> + '_ {
+        let mut pos = 0;
+        self.entries.iter().map(move |e| {
+            let len = e.blocks() * VMA_BLOCK_SIZE;
+            let data = &self.payload[pos..pos + len];
+            pos += len;
+            let size = self.sizes[e.dev as usize].as_ref().map_or(0, |t| t.size);
+            let start = u64::from(e.cluster) * VMA_CLUSTER_SIZE as u64;
+            ClusterData {
+                dev: DevId(e.dev),
+                cluster: u64::from(e.cluster),
+                mask: e.mask,
+                len: (size - start).min(VMA_CLUSTER_SIZE as u64) as usize,
+                stored: data,
+            }
+        })
+    }
+
+    /// Number of clusters in this extent.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True for an extent without clusters.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// One cluster as stored: its mask and the concatenated stored blocks.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterData<'a> {
+    /// Device.
+    pub dev: DevId,
+    /// Cluster number.
+    pub cluster: u64,
+    /// Stored-block mask.
+    pub mask: u16,
+    /// Bytes of the cluster inside the device (64 KiB except at the end).
+    pub len: usize,
+    /// The stored 4 KiB blocks, in ascending block order.
+    pub stored: &'a [u8],
+}
+
+impl<'a> ClusterData<'a> {
+    /// Byte offset of the cluster in its device.
+    pub fn device_offset(&self) -> u64 {
+        self.cluster * VMA_CLUSTER_SIZE as u64
+    }
+
+    /// Runs of stored data as `(offset within the cluster, bytes)`, clamped
+    /// to the device end; consecutive stored blocks form one run.
+    pub fn runs(&self) -> impl Iterator<Item = (usize, &'a [u8])> + '_ {
+        let mut i = 0usize;
+        let mut pos = 0usize;
+        std::iter::from_fn(move || {
+            while i < VMA_BLOCKS_PER_CLUSTER && self.mask & (1 << i) == 0 {
+                i += 1;
+            }
+            if i >= VMA_BLOCKS_PER_CLUSTER {
+                return None;
+            }
+            let start = i;
+            while i < VMA_BLOCKS_PER_CLUSTER && self.mask & (1 << i) != 0 {
+                i += 1;
+            }
+            let bytes = (i - start) * VMA_BLOCK_SIZE;
+            let from = start * VMA_BLOCK_SIZE;
+            let keep = bytes.min(self.len.saturating_sub(from));
+            let run = &self.stored[pos..pos + keep];
+            pos += bytes;
+            Some((from, run))
+        })
+    }
+
+    /// Writes the cluster's in-device bytes into `out` (`len` bytes), zeros
+    /// where blocks are not stored.
+    pub fn expand_into(&self, out: &mut [u8]) {
+        let out = &mut out[..self.len];
+        out.fill(0);
+        for (off, run) in self.runs() {
+            out[off..off + run.len()].copy_from_slice(run);
+        }
+    }
+}
