@@ -90,7 +90,12 @@ pub mod offset {
     pub const EXT_BLOCKINFO: usize = 40;
 }
 
+/// Largest header our writer produces: Proxmox's writer builds its header
+/// in a 512 KiB buffer and fails past it, so no archive Proxmox could have
+/// written is larger (§8).
+pub const MAX_WRITE_HEADER_SIZE: usize = 512 << 10;
+
 /// Largest `header_size` our reader accepts. Larger than any legal header
-/// (12288 + 1 + 766 blobs of 65537 bytes ≈ 50.2 MiB), so only a corrupt
+/// (12288 + 1 + 766 blobs of 65537 bytes, about 48 MiB), so only a corrupt
 /// header is refused; it bounds what a hostile header can make us allocate.
 pub const MAX_HEADER_SIZE: usize = 64 << 20;

@@ -77,9 +77,16 @@ impl BlobTable {
     fn push(&mut self, data: &[u8]) -> u32 {
         debug_assert!(data.len() <= VMA_MAX_BLOB_LEN);
         let need = self.pos + 2 + data.len();
-        if self.buf.is_empty() || self.buf.len() < need {
+        if self.buf.len() < need {
             let grow = (data.len() + 2).div_ceil(VMA_BLOB_TABLE_ALIGN) * VMA_BLOB_TABLE_ALIGN;
-            self.buf.resize(self.buf.len() + grow, 0);
+            let mut size = self.buf.len() + grow;
+            // Proxmox overflows its table by one byte when the first blob is
+            // 510, 1022, ... bytes (the table starts at offset 1); we add
+            // another step instead, which keeps the archive readable.
+            while size < need {
+                size += VMA_BLOB_TABLE_ALIGN;
+            }
+            self.buf.resize(size, 0);
         }
         let at = self.pos;
         self.buf[at..at + 2].copy_from_slice(&(data.len() as u16).to_le_bytes());
@@ -183,10 +190,10 @@ impl Header {
             return Err(FormatError::EmptyArchive);
         }
         let header_size = VMA_HEADER_SIZE + blobs.buf.len();
-        if header_size > MAX_HEADER_SIZE {
+        if header_size > MAX_WRITE_HEADER_SIZE {
             return Err(FormatError::HeaderTooLarge {
                 size: header_size,
-                max: MAX_HEADER_SIZE,
+                max: MAX_WRITE_HEADER_SIZE,
             });
         }
         put32(
@@ -297,18 +304,22 @@ impl Header {
 
         let mut devices = Vec::new();
         let mut names = HashSet::new();
-        for slot in 1..VMA_DEV_SLOTS {
+        // Slot 255 is never written and Proxmox's tools ignore it (§3.2).
+        for slot in 1..=VMA_MAX_DEVICES {
             let at = offset::DEV_INFO + slot * VMA_DEV_INFO_SIZE;
             let ptr = be32(buf, at);
             let size = be64(buf, at + 8);
             if size == 0 && ptr == 0 {
                 continue;
             }
-            let what = format!("device {slot} name");
             if size == 0 {
                 // Proxmox's reader skips such a slot; a writer never makes one.
                 continue;
             }
+            // Stricter than Proxmox, which silently drops a slot whose name
+            // does not resolve: a sized slot is a device, and its name must
+            // be valid (§10).
+            let what = format!("device {slot} name");
             let name = blobs.string(ptr, at as u64, what)?;
             if !names.insert(name.clone()) {
                 return Err(FormatError::DuplicateName {
