@@ -1,1 +1,50 @@
-//! Command-line interface.
+//! The `vma-writer` command line: one module per subcommand. Each turns its
+//! clap arguments into library calls; this is, with `main.rs`, the only home
+//! of `anyhow`.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod archive_input;
+mod config;
+mod create;
+mod extract;
+mod list;
+mod progress;
+mod verify;
+
+/// Proxmox-compatible VMA archives from stock QEMU.
+#[derive(Debug, Parser)]
+#[command(name = "vma-writer", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create an archive from raw disk images.
+    Create(create::Args),
+    /// Print an archive's configs, devices and creation time.
+    List(list::Args),
+    /// Write one config blob of an archive to stdout.
+    Config(config::Args),
+    /// Read a whole archive and check it is valid and complete.
+    Verify(verify::Args),
+    /// Restore an archive's drives and configs into a new directory.
+    Extract(extract::Args),
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Create(a) => create::run(a),
+        Command::List(a) => list::run(a),
+        Command::Config(a) => config::run(a),
+        Command::Verify(a) => verify::run(a),
+        Command::Extract(a) => extract::run(a),
+    }
+}

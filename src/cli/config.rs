@@ -1,0 +1,36 @@
+//! `vma-writer config ARCHIVE [-c NAME]`: one config blob, raw, to stdout.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+
+use super::archive_input;
+use crate::vma::Reader;
+
+/// Arguments of `config`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The archive (`-` for stdin).
+    pub archive: String,
+    /// Which config to print.
+    #[arg(short = 'c', long = "config", default_value = "qemu-server.conf")]
+    pub name: String,
+}
+
+/// Runs `config`.
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let input = archive_input::open(&a.archive)?;
+    let reader =
+        Reader::new(input).with_context(|| format!("{}: not a valid VMA archive", a.archive))?;
+    let Some(c) = reader.header().config(&a.name) else {
+        bail!("unable to find configuration data '{}'", a.name);
+    };
+    let mut out = std::io::stdout().lock();
+    match out.write_all(&c.data).and_then(|_| out.flush()) {
+        // A reader that stopped early (`| head`) is not our failure.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        r => r?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

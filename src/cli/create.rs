@@ -1,0 +1,264 @@
+//! `vma-writer create ARCHIVE [-c CONFIG]... -d NAME=IMAGE...`: an archive
+//! from raw images (files or block devices), read in 1 MiB chunks; holes
+//! found with SEEK_DATA/SEEK_HOLE are archived as zero clusters without
+//! being read.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use bytes::BytesMut;
+
+use super::progress::{Progress, Style};
+use crate::sink::{Sink, SinkOptions, Target};
+use crate::vma::consts::VMA_CLUSTER_SIZE;
+use crate::vma::{DevId, Writer, WriterBuilder};
+
+/// Clusters read per `pread`: large enough that syscalls do not matter,
+/// small enough that the writer's pending extent pins little memory.
+const READ_CLUSTERS: u64 = 16;
+
+/// Arguments of `create`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Output archive, or `-` for stdout. Must not exist.
+    pub archive: String,
+    /// A config file to store (by its file name), e.g. qemu-server.conf.
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    pub configs: Vec<PathBuf>,
+    /// A drive: NAME=IMAGE, or Proxmox's spelling format=raw:NAME=IMAGE.
+    #[arg(short = 'd', long = "drive", value_name = "NAME=IMAGE")]
+    pub drives: Vec<String>,
+    /// Print progress and per-drive totals to stderr.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// Compress the archive with zstd (optionally at LEVEL, default 3).
+    #[arg(long, value_name = "LEVEL", num_args = 0..=1, default_missing_value = "3")]
+    pub zstd: Option<i32>,
+    /// zstd worker threads (0: compress on the writing thread).
+    #[arg(long, default_value_t = 0)]
+    pub zstd_threads: u32,
+    /// Clusters per extent (Proxmox writes 58; 59 is legal).
+    #[arg(long, default_value_t = crate::vma::consts::PROXMOX_CLUSTERS_PER_EXTENT)]
+    pub clusters_per_extent: usize,
+}
+
+/// One `-d` argument, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveSpec {
+    /// Image format (`raw` unless given).
+    pub format: String,
+    /// Device name in the archive.
+    pub name: String,
+    /// Image path.
+    pub path: PathBuf,
+}
+
+/// Parses `NAME=IMAGE` or `format=FMT:NAME=IMAGE`.
+pub fn parse_drive(s: &str) -> anyhow::Result<DriveSpec> {
+    let (format, rest) = match s.strip_prefix("format=") {
+        Some(r) => {
+            let (f, rest) = r
+                .split_once(':')
+                .with_context(|| format!("drive '{s}': expected format=FMT:NAME=IMAGE"))?;
+            (f.to_string(), rest)
+        }
+        None => ("raw".to_string(), s),
+    };
+    let (name, path) = rest
+        .split_once('=')
+        .with_context(|| format!("drive '{s}': expected NAME=IMAGE"))?;
+    if name.is_empty() || path.is_empty() {
+        bail!("drive '{s}': NAME and IMAGE must not be empty");
+    }
+    Ok(DriveSpec {
+        format,
+        name: name.to_string(),
+        path: PathBuf::from(path),
+    })
+}
+
+/// Reads config files into the builder, each under its file name.
+pub fn add_configs(builder: &mut WriterBuilder, configs: &[PathBuf]) -> anyhow::Result<()> {
+    for c in configs {
+        let data =
+            std::fs::read(c).with_context(|| format!("cannot read config {}", c.display()))?;
+        let name = c
+            .file_name()
+            .and_then(|n| n.to_str())
+            .with_context(|| format!("config {}: no usable file name", c.display()))?;
+        builder
+            .add_config(name, &data)
+            .with_context(|| format!("config {}", c.display()))?;
+    }
+    Ok(())
+}
+
+/// Size of a file or block device.
+fn image_size(f: &mut File, path: &Path) -> anyhow::Result<u64> {
+    f.seek(SeekFrom::End(0))
+        .with_context(|| format!("cannot get the size of {}", path.display()))
+}
+
+/// Byte ranges holding data, from SEEK_DATA/SEEK_HOLE; the whole file when
+/// the filesystem cannot tell.
+fn data_ranges(f: &File, size: u64) -> Vec<(u64, u64)> {
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        // SAFETY: lseek on a valid fd has no memory effects.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after pos
+            }
+            return vec![(0, size)];
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 {
+            size
+        } else {
+            (hole as u64).min(size)
+        };
+        if end <= data as u64 {
+            return vec![(0, size)];
+        }
+        out.push((data as u64, end));
+        pos = end;
+    }
+    out
+}
+
+/// Archives one image; `progress` counts bytes over all drives.
+fn write_image<W: std::io::Write>(
+    w: &mut Writer<W>,
+    dev: DevId,
+    file: &File,
+    size: u64,
+    progress: &mut Progress,
+    done: &mut u64,
+) -> anyhow::Result<()> {
+    let cs = VMA_CLUSTER_SIZE as u64;
+    let clusters = size.div_ceil(cs);
+    let base = *done;
+    let mut next = 0u64; // first cluster not yet archived
+    let mut ranges = data_ranges(file, size);
+    ranges.push((size, size)); // sentinel: zero-fill to the end
+    for (start, end) in ranges {
+        let first = (start / cs).max(next);
+        let last = end.div_ceil(cs).min(clusters);
+        if next < first {
+            while next < first {
+                w.write_zero_cluster(dev, next)?;
+                next += 1;
+            }
+            *done = base + (next * cs).min(size);
+            progress.update(*done, zero_total(w));
+        }
+        while next < last {
+            let n = READ_CLUSTERS.min(last - next);
+            let off = next * cs;
+            let len = (n * cs).min(size - off) as usize;
+            let mut buf = BytesMut::zeroed(len);
+            file.read_exact_at(&mut buf, off)
+                .with_context(|| format!("read error at offset {off}"))?;
+            let mut buf = buf.freeze();
+            for _ in 0..n {
+                let take = buf.len().min(VMA_CLUSTER_SIZE);
+                w.write_cluster(dev, next, buf.split_to(take))?;
+                next += 1;
+            }
+            *done = base + off + len as u64;
+            progress.update(*done, zero_total(w));
+        }
+    }
+    Ok(())
+}
+
+fn zero_total<W: std::io::Write>(w: &Writer<W>) -> u64 {
+    w.stats().iter().map(|s| s.zero_bytes).sum()
+}
+
+/// Runs `create`.
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let mut builder = WriterBuilder::new().clusters_per_extent(a.clusters_per_extent)?;
+    add_configs(&mut builder, &a.configs)?;
+    let mut images = Vec::new();
+    for d in &a.drives {
+        let spec = parse_drive(d)?;
+        if spec.format != "raw" {
+            bail!(
+                "drive '{}': format '{}' is not supported by create yet; convert it to raw first",
+                spec.name,
+                spec.format
+            );
+        }
+        let mut f = File::open(&spec.path)
+            .with_context(|| format!("cannot open image {}", spec.path.display()))?;
+        let size = image_size(&mut f, &spec.path)?;
+        let dev = builder
+            .add_device(&spec.name, size)
+            .with_context(|| format!("drive '{}' ({})", spec.name, spec.path.display()))?;
+        images.push((dev, spec, f, size));
+    }
+    let target = Target::parse(&a.archive);
+    let sink = Sink::create(
+        &target,
+        &SinkOptions {
+            zstd_level: a.zstd,
+            zstd_threads: a.zstd_threads,
+            keep_partial: false,
+        },
+    )
+    .with_context(|| format!("cannot create archive {}", a.archive))?;
+    let mut w = builder
+        .start(sink)
+        .context("cannot write the archive header")?;
+    let total: u64 = images.iter().map(|i| i.3).sum();
+    let mut progress = Progress::new(total, a.verbose, Style::Create, "create");
+    let mut done = 0;
+    for (dev, spec, f, size) in &images {
+        write_image(&mut w, *dev, f, *size, &mut progress, &mut done)
+            .with_context(|| format!("drive '{}' ({})", spec.name, spec.path.display()))?;
+    }
+    progress.finish();
+    let stats = w.stats();
+    let sink = w.finish().context("cannot finish the archive")?;
+    sink.commit()
+        .with_context(|| format!("cannot commit archive {}", a.archive))?;
+    if a.verbose {
+        for s in stats {
+            eprintln!(
+                "image {}: size={} zeros={} saved={}",
+                s.name,
+                s.size,
+                s.zero_bytes,
+                s.size - s.zero_bytes
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drive_specs() {
+        let d = parse_drive("drive-scsi0=/tmp/a.raw").unwrap();
+        assert_eq!((d.format.as_str(), d.name.as_str()), ("raw", "drive-scsi0"));
+        let d = parse_drive("format=qcow2:drive-virtio1=/x=y.qcow2").unwrap();
+        assert_eq!(d.format, "qcow2");
+        assert_eq!(d.path, PathBuf::from("/x=y.qcow2"));
+        assert!(parse_drive("noequals").is_err());
+        assert!(parse_drive("format=raw").is_err());
+        assert!(parse_drive("=x").is_err());
+    }
+}

@@ -1,0 +1,55 @@
+//! `vma-writer list ARCHIVE`: the header, printed as Proxmox's `vma list`
+//! prints it, so scripts that parse that output (qmrestore does) keep
+//! working.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use chrono::TimeZone;
+
+use super::archive_input;
+use crate::vma::{Header, Reader};
+
+/// Arguments of `list`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The archive (`-` for stdin; zstd-compressed input is detected).
+    pub archive: String,
+}
+
+/// C `ctime()` format, local time, without the newline.
+pub fn ctime_string(t: i64) -> String {
+    match chrono::Local.timestamp_opt(t, 0) {
+        chrono::LocalResult::Single(d) | chrono::LocalResult::Ambiguous(d, _) => {
+            d.format("%a %b %e %H:%M:%S %Y").to_string()
+        }
+        chrono::LocalResult::None => format!("@{t}"),
+    }
+}
+
+/// Writes the `list` lines for `h`.
+pub fn print_header(out: &mut impl Write, h: &Header) -> std::io::Result<()> {
+    for c in &h.configs {
+        writeln!(out, "CFG: size: {} name: {}", c.data.len(), c.name)?;
+    }
+    for d in &h.devices {
+        writeln!(
+            out,
+            "DEV: dev_id={} size: {} devname: {}",
+            d.id, d.size, d.name
+        )?;
+    }
+    writeln!(out, "CTIME: {}", ctime_string(h.ctime))
+}
+
+/// Runs `list`.
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let input = archive_input::open(&a.archive)?;
+    let reader =
+        Reader::new(input).with_context(|| format!("{}: not a valid VMA archive", a.archive))?;
+    let mut out = std::io::stdout().lock();
+    print_header(&mut out, reader.header())?;
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
