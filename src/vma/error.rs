@@ -298,3 +298,12 @@ pub enum FormatError {
     #[error("archive incomplete: {}", join(.0))]
     Unfinished(Vec<MissingClusters>),
 }
+
+impl From<FormatError> for io::Error {
+    fn from(e: FormatError) -> Self {
+        match e {
+            FormatError::Io(e) => e,
+            other => io::Error::other(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,1086 @@
+//! The cluster assembler: the NBD backend of every drive export of a live
+//! backup. It turns writes of any size, alignment and order (and
+//! WRITE_ZEROES/TRIM) into whole 64 KiB clusters, each archived exactly
+//! once, and feeds them to the single archive writer thread.
+//!
+//! # Data path and copies
+//!
+//! A cluster's bytes are copied at most once inside vma-writer:
+//! 1. socket → the WRITE's request buffer (the NBD layer; unavoidable);
+//! 2. a write that covers a whole cluster is passed on as a slice of that
+//!    buffer (**no copy**); only a write that covers part of a cluster is
+//!    copied into the cluster's partial buffer ([`Assembler`] counts these
+//!    bytes as `copied_bytes`);
+//! 3. the writer thread hands the slices to one vectored `write` (the
+//!    kernel's copy), or to zstd, which copies into its window.
+//!
+//! # Bounds
+//!
+//! Partial buffers are limited in total (`partial_limit`); a write that needs
+//! a new one waits for room, up to `partial_wait`, then fails with EIO. The
+//! channel to the writer is bounded ([`CHANNEL_CLUSTERS`]); a full channel
+//! makes the NBD request wait, and the NBD layer then stops reading.
+//!
+//! # Replays
+//!
+//! After a reconnect QEMU replays requests. A rewrite of an archived cluster
+//! is accepted when its content is identical, checked against a 32-bit
+//! digest kept per archived cluster (or by reading the archive back); a
+//! different content gets EIO, since the archive cannot represent it.
+
+mod coverage;
+mod writer_thread;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+
+use self::coverage::Coverage;
+use self::writer_thread::{Locations, Msg, Payload};
+use crate::nbd::{Backend, BackendCaps, BlockStatus};
+use crate::sink::Sink;
+use crate::vma::consts::{VMA_BLOCK_SIZE, VMA_CLUSTER_SIZE};
+use crate::vma::{DevId, Writer, WriterBuilder};
+
+const CS: u64 = VMA_CLUSTER_SIZE as u64;
+
+/// Clusters the channel to the writer thread holds (8 MiB of data): enough
+/// to keep the writer busy while QEMU's 16 requests are parsed, small
+/// enough to keep vma-writer's memory well under 64 MiB.
+pub const CHANNEL_CLUSTERS: usize = 128;
+
+/// Default bound on partial-cluster buffers: 1024 clusters. QEMU's backup
+/// job needs at most one per drive (the tail of an odd-sized disk); generic
+/// clients writing unaligned data need more.
+pub const DEFAULT_PARTIAL_LIMIT: usize = 64 << 20;
+
+/// Default time a write waits for partial-buffer room before failing with
+/// EIO. Room comes back only when other writes complete clusters, so a
+/// client that scatters partial writes everywhere would otherwise wait
+/// forever.
+pub const DEFAULT_PARTIAL_WAIT: Duration = Duration::from_secs(30);
+
+/// Most clusters one BLOCK_STATUS answer looks at (4 GiB); the client asks
+/// again for the rest.
+const BLOCK_STATUS_MAX_CLUSTERS: u64 = 65536;
+
+/// Tunables of an [`Assembler`].
+#[derive(Debug, Clone)]
+pub struct AssemblerConfig {
+    /// Bytes of partial-cluster buffers allowed at once.
+    pub partial_limit: usize,
+    /// How long a write waits for partial-buffer room.
+    pub partial_wait: Duration,
+}
+
+impl Default for AssemblerConfig {
+    fn default() -> Self {
+        AssemblerConfig {
+            partial_limit: DEFAULT_PARTIAL_LIMIT,
+            partial_wait: DEFAULT_PARTIAL_WAIT,
+        }
+    }
+}
+
+/// State every drive shares: the writer channel and the first failure.
+pub struct Shared {
+    tx: mpsc::Sender<Msg>,
+    failed: AtomicBool,
+    failure: Mutex<Option<io::Error>>,
+    partial_permits: Arc<Semaphore>,
+    partial_wait: Duration,
+    readback: Option<(File, Arc<Mutex<Locations>>)>,
+    changed: watch::Sender<u64>,
+    copied_bytes: AtomicU64,
+}
+
+impl Shared {
+    fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// The first failure, if any, as a fresh io::Error.
+    fn failure(&self) -> Option<io::Error> {
+        if !self.failed() {
+            return None;
+        }
+        lock(&self.failure).as_ref().map(writer_thread::clone_err)
+    }
+
+    /// Records the first failure; later ones are only logged.
+    fn fail_with(&self, e: io::Error, what: &str) {
+        tracing::error!("{what}: {e}");
+        let mut f = lock(&self.failure);
+        if f.is_none() {
+            // EFBIG (a file size limit) is "no space" to an NBD client.
+            let e = if e.raw_os_error() == Some(libc::EFBIG) {
+                io::Error::new(io::ErrorKind::StorageFull, format!("{what}: {e}"))
+            } else {
+                io::Error::new(e.kind(), format!("{what}: {e}"))
+            };
+            *f = Some(e);
+            self.failed.store(true, Ordering::Release);
+        }
+        drop(f);
+        self.notify();
+    }
+
+    fn check(&self) -> io::Result<()> {
+        match self.failure() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    async fn send(&self, msg: Msg) -> io::Result<()> {
+        self.tx.send(msg).await.map_err(|_| {
+            io::Error::new(io::ErrorKind::BrokenPipe, "the archive is already closed")
+        })?;
+        self.check()
+    }
+
+    async fn flush(&self, sync: bool) -> io::Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Msg::Flush { sync, reply }).await?;
+        rx.await
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the archive writer stopped"))?
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// 32-bit content digest of an archived cluster, to recognise replays.
+fn digest(data: &[u8]) -> u32 {
+    xxhash_rust::xxh3::xxh3_64(data) as u32
+}
+
+fn zero_digest(len: usize) -> u32 {
+    static FULL: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    if len == VMA_CLUSTER_SIZE {
+        *FULL.get_or_init(|| digest(&[0u8; VMA_CLUSTER_SIZE]))
+    } else {
+        digest(&vec![0u8; len])
+    }
+}
+
+/// What [`Drive::partial_step`] did.
+enum Step {
+    /// The cluster is archived already (with this digest).
+    Archived(u32),
+    /// No partial buffer is free: wait for one.
+    NeedRoom,
+    /// Copied; the cluster is still incomplete.
+    Buffered,
+    /// Copied, and the cluster is now complete (drive complete too?).
+    Completed(Bytes, bool),
+}
+
+struct Partial {
+    buf: BytesMut,
+    covered: Coverage,
+    _permit: OwnedSemaphorePermit,
+}
+
+#[derive(Default)]
+struct DriveState {
+    /// One bit per cluster: handed to the writer.
+    archived: Vec<u64>,
+    archived_count: u64,
+    /// Digest per cluster, valid where `archived` is set.
+    digests: Vec<u32>,
+    partial: HashMap<u64, Partial>,
+    bytes_done: u64,
+    connections: u32,
+    ever_connected: bool,
+    /// Set when the last connection closed while clusters were missing.
+    idle_since: Option<Instant>,
+    /// A FLUSH arrived after the drive became complete.
+    flushed_complete: bool,
+}
+
+impl DriveState {
+    fn is_archived(&self, c: u64) -> bool {
+        self.archived[(c / 64) as usize] & (1 << (c % 64)) != 0
+    }
+
+    fn set_archived(&mut self, c: u64, digest: u32, len: u64) {
+        self.archived[(c / 64) as usize] |= 1 << (c % 64);
+        self.digests[c as usize] = digest;
+        self.archived_count += 1;
+        self.bytes_done += len;
+    }
+}
+
+/// One drive export: implements [`Backend`]; see the module docs.
+pub struct Drive {
+    dev: DevId,
+    name: String,
+    size: u64,
+    clusters: u64,
+    state: Mutex<DriveState>,
+    shared: Arc<Shared>,
+}
+
+/// A drive's progress, for displays and completion decisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveStatus {
+    /// Export/device name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// In-device bytes of archived clusters.
+    pub done: u64,
+    /// Every cluster archived.
+    pub complete: bool,
+    /// Open NBD connections.
+    pub connections: u32,
+    /// A client has connected at least once.
+    pub ever_connected: bool,
+    /// Incomplete with no connection since then.
+    pub idle_since: Option<Instant>,
+    /// Complete, and its clients have flushed or disconnected.
+    pub settled: bool,
+}
+
+impl Drive {
+    fn cluster_len(&self, c: u64) -> usize {
+        (self.size - c * CS).min(CS) as usize
+    }
+
+    /// Export name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Current status.
+    pub fn status(&self) -> DriveStatus {
+        let s = lock(&self.state);
+        let complete = s.archived_count == self.clusters;
+        DriveStatus {
+            name: self.name.clone(),
+            size: self.size,
+            done: s.bytes_done,
+            complete,
+            connections: s.connections,
+            ever_connected: s.ever_connected,
+            idle_since: s.idle_since,
+            settled: complete && s.ever_connected && (s.connections == 0 || s.flushed_complete),
+        }
+    }
+
+    /// Archives a whole cluster, or checks a replay of one.
+    async fn full_cluster(&self, c: u64, payload: Payload) -> io::Result<()> {
+        let len = self.cluster_len(c);
+        let d = match &payload {
+            Payload::Data(b) => digest(b),
+            Payload::Zero => zero_digest(len),
+        };
+        let complete = {
+            let mut s = lock(&self.state);
+            if s.is_archived(c) {
+                if s.digests[c as usize] == d {
+                    return Ok(());
+                }
+                return Err(self.rewrite_error(c));
+            }
+            // A whole-cluster write supersedes any partial data.
+            s.partial.remove(&c);
+            s.set_archived(c, d, len as u64);
+            s.archived_count == self.clusters
+        };
+        self.shared
+            .send(Msg::Cluster {
+                dev: self.dev,
+                cluster: c,
+                payload,
+            })
+            .await?;
+        if complete {
+            tracing::info!(drive = %self.name, "all clusters archived");
+            self.shared.notify();
+        }
+        Ok(())
+    }
+
+    fn rewrite_error(&self, c: u64) -> io::Error {
+        tracing::error!(
+            drive = %self.name,
+            cluster = c,
+            "rewrite of an archived cluster with different content; the archive cannot represent it"
+        );
+        io::Error::other(format!(
+            "drive {}: cluster {c} was already archived with different content",
+            self.name
+        ))
+    }
+
+    /// Writes part of a cluster (`data`, or zeros when `None`) at `off`.
+    async fn partial_piece(
+        &self,
+        c: u64,
+        off: usize,
+        len: usize,
+        data: Option<Bytes>,
+    ) -> io::Result<()> {
+        let mut permit: Option<OwnedSemaphorePermit> = None;
+        loop {
+            let step = self.partial_step(c, off, len, data.as_deref(), &mut permit);
+            match step {
+                Step::Archived(stored) => {
+                    return self
+                        .check_archived_range(c, off, len, data.as_deref(), stored)
+                        .await;
+                }
+                Step::NeedRoom => permit = Some(self.wait_for_partial_room().await?),
+                Step::Buffered => return Ok(()),
+                Step::Completed(buf, complete) => {
+                    self.shared
+                        .send(Msg::Cluster {
+                            dev: self.dev,
+                            cluster: c,
+                            payload: Payload::Data(buf),
+                        })
+                        .await?;
+                    if complete {
+                        tracing::info!(drive = %self.name, "all clusters archived");
+                        self.shared.notify();
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// The locked part of [`Self::partial_piece`]: never awaits.
+    fn partial_step(
+        &self,
+        c: u64,
+        off: usize,
+        len: usize,
+        data: Option<&[u8]>,
+        permit: &mut Option<OwnedSemaphorePermit>,
+    ) -> Step {
+        let clen = self.cluster_len(c);
+        let mut s = lock(&self.state);
+        if s.is_archived(c) {
+            return Step::Archived(s.digests[c as usize]);
+        }
+        if !s.partial.contains_key(&c) {
+            let p = match permit.take() {
+                Some(p) => p,
+                None => match self.shared.partial_permits.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => return Step::NeedRoom,
+                },
+            };
+            s.partial.insert(
+                c,
+                Partial {
+                    buf: BytesMut::zeroed(clen),
+                    covered: Coverage::default(),
+                    _permit: p,
+                },
+            );
+        }
+        let p = s.partial.get_mut(&c).expect("inserted above");
+        let dst = &mut p.buf[off..off + len];
+        match data {
+            // The one copy of this path: into the partial buffer.
+            Some(b) => dst.copy_from_slice(b),
+            None => dst.fill(0),
+        }
+        self.shared
+            .copied_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
+        p.covered.insert(off as u32, (off + len) as u32);
+        if !p.covered.is_full(clen as u32) {
+            return Step::Buffered;
+        }
+        let p = s.partial.remove(&c).expect("present");
+        let buf = p.buf.freeze();
+        s.set_archived(c, digest(&buf), clen as u64);
+        Step::Completed(buf, s.archived_count == self.clusters)
+    }
+
+    async fn wait_for_partial_room(&self) -> io::Result<OwnedSemaphorePermit> {
+        let sem = self.shared.partial_permits.clone();
+        match tokio::time::timeout(self.shared.partial_wait, sem.acquire_owned()).await {
+            Ok(Ok(p)) => Ok(p),
+            _ => {
+                tracing::error!(
+                    drive = %self.name,
+                    "partial-cluster buffer limit reached and no cluster completed for {:?}",
+                    self.shared.partial_wait
+                );
+                Err(io::Error::other(
+                    "partial-cluster buffer limit reached; raise --buffer-limit or write whole clusters",
+                ))
+            }
+        }
+    }
+
+    /// A partial rewrite of an archived cluster: accepted when the bytes
+    /// equal what was archived.
+    async fn check_archived_range(
+        &self,
+        c: u64,
+        off: usize,
+        len: usize,
+        data: Option<&[u8]>,
+        stored: u32,
+    ) -> io::Result<()> {
+        let clen = self.cluster_len(c);
+        let archived_zero = stored == zero_digest(clen);
+        let new_zero = data.is_none_or(crate::vma::zero::is_zero);
+        if archived_zero {
+            return if new_zero {
+                Ok(())
+            } else {
+                Err(self.rewrite_error(c))
+            };
+        }
+        let old = self.read_archived(c).await?;
+        let same = match data {
+            Some(d) => old[off..off + len] == *d,
+            None => crate::vma::zero::is_zero(&old[off..off + len]),
+        };
+        if same {
+            Ok(())
+        } else {
+            Err(self.rewrite_error(c))
+        }
+    }
+
+    /// The in-device bytes of an archived cluster, read back from the file.
+    async fn read_archived(&self, c: u64) -> io::Result<Vec<u8>> {
+        let clen = self.cluster_len(c);
+        let stored = lock(&self.state).digests[c as usize];
+        if stored == zero_digest(clen) {
+            return Ok(vec![0; clen]);
+        }
+        let Some((file, locs)) = &self.shared.readback else {
+            tracing::warn!(
+                drive = %self.name,
+                cluster = c,
+                "cannot read an archived cluster: the archive is compressed or not a file"
+            );
+            return Err(io::Error::other(
+                "archived clusters cannot be read back from a compressed or streamed archive",
+            ));
+        };
+        let first = lock(locs).find(self.dev, c);
+        let found = match first {
+            Some(f) => Some(f),
+            None => {
+                // Still queued or in the pending extent: write it out.
+                self.shared.flush(false).await?;
+                lock(locs).find(self.dev, c)
+            }
+        };
+        let (at, mask) =
+            found.ok_or_else(|| io::Error::other("archived cluster not found in the archive"))?;
+        let mut stored = vec![0u8; mask.count_ones() as usize * VMA_BLOCK_SIZE];
+        file.read_exact_at(&mut stored, at)?;
+        let mut out = vec![0u8; clen];
+        let mut pos = 0;
+        for i in 0..16 {
+            if mask & (1 << i) == 0 {
+                continue;
+            }
+            let from = i * VMA_BLOCK_SIZE;
+            let n = VMA_BLOCK_SIZE.min(clen.saturating_sub(from));
+            out[from..from + n].copy_from_slice(&stored[pos..pos + n]);
+            pos += VMA_BLOCK_SIZE;
+        }
+        Ok(out)
+    }
+
+    /// Splits `[offset, offset + len)` into per-cluster pieces
+    /// `(cluster, offset in cluster, length)`.
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, usize, usize)> + '_ {
+        let end = offset + len;
+        let mut pos = offset;
+        std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
+            let c = pos / CS;
+            let off = (pos % CS) as usize;
+            let n = (self.cluster_len(c) - off).min((end - pos) as usize);
+            pos += n as u64;
+            Some((c, off, n))
+        })
+    }
+
+    async fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.shared.check()?;
+        for (c, off, n) in self.pieces(offset, len) {
+            if off == 0 && n == self.cluster_len(c) {
+                self.full_cluster(c, Payload::Zero).await?;
+            } else {
+                self.partial_piece(c, off, n, None).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Backend for Drive {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn caps(&self) -> BackendCaps {
+        BackendCaps {
+            read_only: false,
+            // One writer serves every connection, so a FLUSH covers all.
+            flush_is_global: true,
+            fast_zero: true,
+            trim: true,
+        }
+    }
+
+    async fn write(&self, offset: u64, data: Bytes) -> io::Result<()> {
+        self.shared.check()?;
+        let mut pos = 0usize;
+        for (c, off, n) in self.pieces(offset, data.len() as u64) {
+            let piece = data.slice(pos..pos + n);
+            pos += n;
+            if off == 0 && n == self.cluster_len(c) {
+                self.full_cluster(c, Payload::Data(piece)).await?;
+            } else {
+                self.partial_piece(c, off, n, Some(piece)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, _may_trim: bool) -> io::Result<()> {
+        // NO_HOLE or not, a zero range is recorded as zero blocks: VMA
+        // stores zeros as cleared mask bits either way.
+        self.zero_range(offset, len).await
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Trimmed ranges read as zeros and are archived as zero blocks.
+        self.zero_range(offset, len).await
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        self.shared.flush(true).await?;
+        let mut s = lock(&self.state);
+        if s.archived_count == self.clusters {
+            s.flushed_complete = true;
+            drop(s);
+            self.shared.notify();
+        }
+        Ok(())
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> io::Result<Bytes> {
+        let mut out = BytesMut::zeroed(len as usize);
+        let mut pos = 0usize;
+        for (c, off, n) in self.pieces(offset, u64::from(len)) {
+            let dst = &mut out[pos..pos + n];
+            pos += n;
+            let archived = {
+                let s = lock(&self.state);
+                if s.is_archived(c) {
+                    true
+                } else {
+                    if let Some(p) = s.partial.get(&c) {
+                        for &(a, b) in p.covered.ranges() {
+                            let (a, b) = (a as usize, b as usize);
+                            let (lo, hi) = (a.max(off), b.min(off + n));
+                            if lo < hi {
+                                dst[lo - off..hi - off].copy_from_slice(&p.buf[lo..hi]);
+                            }
+                        }
+                    }
+                    false
+                }
+            };
+            if archived {
+                let data = self.read_archived(c).await?;
+                dst.copy_from_slice(&data[off..off + n]);
+            }
+        }
+        Ok(out.freeze())
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<BlockStatus>> {
+        const DATA: u32 = 0;
+        const UNWRITTEN: u32 = BlockStatus::HOLE | BlockStatus::ZERO;
+        let mut runs: Vec<BlockStatus> = Vec::new();
+        let mut push = |len: u64, flags: u32| match runs.last_mut() {
+            Some(r) if r.flags == flags => r.len += len,
+            _ => runs.push(BlockStatus { len, flags }),
+        };
+        let s = lock(&self.state);
+        for (i, (c, off, n)) in self.pieces(offset, len).enumerate() {
+            if i as u64 >= BLOCK_STATUS_MAX_CLUSTERS {
+                break;
+            }
+            if s.is_archived(c) {
+                let zero = s.digests[c as usize] == zero_digest(self.cluster_len(c));
+                push(n as u64, if zero { BlockStatus::ZERO } else { DATA });
+            } else if let Some(p) = s.partial.get(&c) {
+                let mut pos = off;
+                for &(a, b) in p.covered.ranges() {
+                    let (a, b) = ((a as usize).max(off), (b as usize).min(off + n));
+                    if a >= b {
+                        continue;
+                    }
+                    if a > pos {
+                        push((a - pos) as u64, UNWRITTEN);
+                    }
+                    push((b - a) as u64, DATA);
+                    pos = b;
+                }
+                if pos < off + n {
+                    push((off + n - pos) as u64, UNWRITTEN);
+                }
+            } else {
+                push(n as u64, UNWRITTEN);
+            }
+        }
+        Ok(runs)
+    }
+
+    fn connected(&self) {
+        let mut s = lock(&self.state);
+        s.connections += 1;
+        s.ever_connected = true;
+        s.idle_since = None;
+        drop(s);
+        tracing::info!(drive = %self.name, "client connected");
+        self.shared.notify();
+    }
+
+    fn disconnected(&self, clean: bool) {
+        let mut s = lock(&self.state);
+        s.connections = s.connections.saturating_sub(1);
+        if s.connections == 0 && s.archived_count < self.clusters {
+            s.idle_since = Some(Instant::now());
+        }
+        drop(s);
+        tracing::info!(drive = %self.name, clean, "client disconnected");
+        self.shared.notify();
+    }
+}
+
+/// One drive of the archive to assemble.
+#[derive(Debug, Clone)]
+pub struct DriveSpec {
+    /// Device and export name (Proxmox style: `drive-scsi0`).
+    pub name: String,
+    /// Exact size in bytes (the source's size).
+    pub size: u64,
+}
+
+/// Totals of a finished archive.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Final path, for a file target.
+    pub path: Option<PathBuf>,
+    /// Bytes written to the output (before compression).
+    pub archive_bytes: u64,
+    /// Per drive: name, size, bytes in zero blocks.
+    pub drives: Vec<(String, u64, u64)>,
+    /// Bytes copied into partial-cluster buffers.
+    pub copied_bytes: u64,
+}
+
+/// A live archive under assembly: the drives (NBD backends) and the writer
+/// thread. Finish it with [`Assembler::finish`] or drop it with
+/// [`Assembler::abort`].
+pub struct Assembler {
+    drives: Vec<Arc<Drive>>,
+    shared: Arc<Shared>,
+    /// The writer thread; taken when it is stopped.
+    thread: Option<JoinHandle<Writer<Sink>>>,
+    changed: watch::Receiver<u64>,
+}
+
+impl Drop for Assembler {
+    fn drop(&mut self) {
+        // Dropped without finish/abort: stop the thread without blocking;
+        // it drops the sink, which removes the partial file.
+        if self.thread.is_some() {
+            let _ = self.shared.tx.try_send(Msg::Close);
+        }
+    }
+}
+
+impl Assembler {
+    /// Writes the archive header to `sink` and starts the writer thread.
+    /// `builder` has the configs and devices registered (in `drives` order).
+    pub fn start(
+        builder: WriterBuilder,
+        drives: &[DriveSpec],
+        sink: Sink,
+        cfg: &AssemblerConfig,
+    ) -> io::Result<Assembler> {
+        let readback = match (sink.is_plain_file(), sink.partial()) {
+            (true, Some(p)) => Some((File::open(p)?, Arc::new(Mutex::new(Locations::default())))),
+            _ => None,
+        };
+        let header = builder.header();
+        let writer = builder.start(sink).map_err(io::Error::from)?;
+        let (tx, rx) = mpsc::channel(CHANNEL_CLUSTERS);
+        let (changed_tx, changed) = watch::channel(0);
+        let permits = (cfg.partial_limit / VMA_CLUSTER_SIZE).max(1);
+        let shared = Arc::new(Shared {
+            tx,
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            partial_permits: Arc::new(Semaphore::new(permits)),
+            partial_wait: cfg.partial_wait,
+            readback: readback
+                .as_ref()
+                .map(|(f, l)| (f.try_clone().expect("dup"), l.clone())),
+            changed: changed_tx,
+            copied_bytes: AtomicU64::new(0),
+        });
+        let thread = writer_thread::spawn(writer, rx, shared.clone(), readback.map(|(_, l)| l))?;
+        let drives = drives
+            .iter()
+            .zip(&header.devices)
+            .map(|(d, dev)| {
+                let clusters = d.size.div_ceil(CS);
+                Arc::new(Drive {
+                    dev: dev.id,
+                    name: d.name.clone(),
+                    size: d.size,
+                    clusters,
+                    state: Mutex::new(DriveState {
+                        archived: vec![0; clusters.div_ceil(64) as usize],
+                        digests: vec![0; clusters as usize],
+                        ..Default::default()
+                    }),
+                    shared: shared.clone(),
+                })
+            })
+            .collect();
+        Ok(Assembler {
+            drives,
+            shared,
+            thread: Some(thread),
+            changed,
+        })
+    }
+
+    /// The drive backends, in registration order.
+    pub fn drives(&self) -> &[Arc<Drive>] {
+        &self.drives
+    }
+
+    /// Status of every drive.
+    pub fn status(&self) -> Vec<DriveStatus> {
+        self.drives.iter().map(|d| d.status()).collect()
+    }
+
+    /// The first failure of the archive writer, if any.
+    pub fn failure(&self) -> Option<io::Error> {
+        self.shared.failure()
+    }
+
+    /// Bytes copied into partial-cluster buffers so far.
+    pub fn copied_bytes(&self) -> u64 {
+        self.shared.copied_bytes.load(Ordering::Relaxed)
+    }
+
+    /// A receiver that changes whenever a drive connects, disconnects,
+    /// completes or flushes, or the writer fails.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.changed.clone()
+    }
+
+    /// Stops the writer thread after what is queued and returns the writer.
+    /// Blocking: call from a blocking context.
+    fn stop_thread(&mut self) -> Writer<Sink> {
+        // The drives hold senders too, so the channel never closes by
+        // itself. Blocks while the channel is full, which the thread drains.
+        let _ = self.shared.tx.blocking_send(Msg::Close);
+        let thread = self.thread.take().expect("writer thread already stopped");
+        thread.join().expect("archive writer thread panicked")
+    }
+
+    /// Completes the archive: every drive must be complete. Writes the last
+    /// extent, fsyncs, renames `ARCHIVE.partial` to `ARCHIVE`, fsyncs the
+    /// directory.
+    pub async fn finish(self) -> io::Result<Summary> {
+        if let Some(e) = self.failure() {
+            self.abort().await;
+            return Err(e);
+        }
+        let incomplete: Vec<String> = self
+            .status()
+            .iter()
+            .filter(|s| !s.complete)
+            .map(|s| {
+                format!(
+                    "{} ({} of {} bytes missing)",
+                    s.name,
+                    s.size - s.done,
+                    s.size
+                )
+            })
+            .collect();
+        if !incomplete.is_empty() {
+            self.abort().await;
+            return Err(io::Error::other(format!(
+                "drives incomplete: {}",
+                incomplete.join(", ")
+            )));
+        }
+        let mut this = self;
+        tokio::task::spawn_blocking(move || {
+            let writer = this.stop_thread();
+            let shared = this.shared.clone();
+            if let Some(e) = shared.failure() {
+                return Err(e);
+            }
+            let stats = writer.stats();
+            let archive_bytes = writer.position();
+            let sink = writer.finish().map_err(io::Error::from)?;
+            let path = sink.commit()?;
+            Ok(Summary {
+                path,
+                archive_bytes,
+                drives: stats
+                    .into_iter()
+                    .map(|s| (s.name, s.size, s.zero_bytes))
+                    .collect(),
+                copied_bytes: shared.copied_bytes.load(Ordering::Relaxed),
+            })
+        })
+        .await
+        .map_err(|e| io::Error::other(format!("archive finishing task failed: {e}")))?
+    }
+
+    /// Abandons the archive: the partial file is removed (or kept, as the
+    /// sink was configured) and nothing appears at the final name.
+    pub async fn abort(mut self) {
+        let _ = tokio::task::spawn_blocking(move || drop(self.stop_thread())).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::{SinkOptions, Target};
+    use crate::vma::Reader;
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+            .collect()
+    }
+
+    fn start(dir: &std::path::Path, sizes: &[u64], cfg: AssemblerConfig) -> (Assembler, PathBuf) {
+        let path = dir.join("a.vma");
+        let mut b = WriterBuilder::new();
+        let specs: Vec<DriveSpec> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| DriveSpec {
+                name: format!("drive-scsi{i}"),
+                size,
+            })
+            .collect();
+        for d in &specs {
+            b.add_device(&d.name, d.size).unwrap();
+        }
+        let sink = Sink::create(&Target::File(path.clone()), &SinkOptions::default()).unwrap();
+        (Assembler::start(b, &specs, sink, &cfg).unwrap(), path)
+    }
+
+    fn read_back(path: &std::path::Path) -> Vec<Vec<u8>> {
+        let mut r = Reader::new(File::open(path).unwrap()).unwrap();
+        let mut disks: Vec<Vec<u8>> = r
+            .header()
+            .devices
+            .iter()
+            .map(|d| vec![0xEE; d.size as usize])
+            .collect();
+        while let Some(ext) = r.next_extent().unwrap() {
+            for c in ext.clusters() {
+                let at = c.device_offset() as usize;
+                c.expand_into(&mut disks[c.dev.0 as usize - 1][at..at + c.len]);
+            }
+        }
+        disks
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn any_order_any_alignment_restores_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let size0 = 10 * 65536 + 1536;
+        let (asm, path) = start(dir.path(), &[size0, 3 * 65536], AssemblerConfig::default());
+        let d0 = asm.drives()[0].clone();
+        let d1 = asm.drives()[1].clone();
+        let src0 = pattern(size0 as usize, 7);
+        let mut expect0 = src0.clone();
+        // Whole clusters, out of order, 2 clusters at once.
+        d0.write(
+            4 * 65536,
+            Bytes::copy_from_slice(&src0[4 * 65536..6 * 65536]),
+        )
+        .await
+        .unwrap();
+        // Zeros first, then unaligned overlapping data over part of them:
+        // the later write wins inside a cluster that is not complete yet.
+        d0.write_zeroes(5000, 3000, false).await.unwrap();
+        d0.write(100, Bytes::copy_from_slice(&src0[100..6000]))
+            .await
+            .unwrap();
+        expect0[6000..8000].fill(0);
+        d0.write(8000, Bytes::copy_from_slice(&src0[8000..70000]))
+            .await
+            .unwrap();
+        d0.write(0, Bytes::copy_from_slice(&src0[0..200]))
+            .await
+            .unwrap();
+        d0.write(69000, Bytes::copy_from_slice(&src0[69000..4 * 65536]))
+            .await
+            .unwrap();
+        // Whole zero clusters, then the unaligned tail of the device.
+        d0.write_zeroes(6 * 65536, 2 * 65536, false).await.unwrap();
+        expect0[6 * 65536..8 * 65536].fill(0);
+        d0.write(
+            8 * 65536 + 7,
+            Bytes::copy_from_slice(&src0[8 * 65536 + 7..]),
+        )
+        .await
+        .unwrap();
+        d0.write(
+            8 * 65536,
+            Bytes::copy_from_slice(&src0[8 * 65536..8 * 65536 + 7]),
+        )
+        .await
+        .unwrap();
+        assert!(asm.copied_bytes() > 0);
+        // Replays: identical whole clusters and partial pieces are accepted.
+        d0.write(
+            4 * 65536,
+            Bytes::copy_from_slice(&src0[4 * 65536..5 * 65536]),
+        )
+        .await
+        .unwrap();
+        d0.write(
+            4 * 65536 + 10,
+            Bytes::copy_from_slice(&src0[4 * 65536 + 10..4 * 65536 + 20]),
+        )
+        .await
+        .unwrap();
+        // A different rewrite is refused.
+        assert!(
+            d0.write(4 * 65536, Bytes::from(vec![1u8; 65536]))
+                .await
+                .is_err()
+        );
+        assert!(
+            d0.write(4 * 65536 + 5, Bytes::from(vec![1u8; 1]))
+                .await
+                .is_err()
+        );
+        // Reads see archived data (read back from the file) and holes.
+        let r = d0.read(65536 - 10, 20).await.unwrap();
+        assert_eq!(&r[..], &expect0[65526..65546]);
+        assert!(!asm.status()[1].complete);
+        let r = d1.read(0, 100).await.unwrap();
+        assert!(r.iter().all(|&b| b == 0));
+        d1.write(65536 + 3, Bytes::from_static(b"abc"))
+            .await
+            .unwrap();
+        let r = d1.read(65536, 8).await.unwrap();
+        assert_eq!(&r[..], b"\0\0\0abc\0\0");
+        let bs = d1.block_status(65536, 65536).await.unwrap();
+        assert_eq!(
+            bs,
+            vec![
+                BlockStatus { len: 3, flags: 3 },
+                BlockStatus { len: 3, flags: 0 },
+                BlockStatus {
+                    len: 65530,
+                    flags: 3
+                }
+            ]
+        );
+        d1.trim(0, 3 * 65536).await.unwrap();
+        assert!(asm.status().iter().all(|s| s.complete));
+        let summary = asm.finish().await.unwrap();
+        assert_eq!(summary.path.as_deref(), Some(path.as_path()));
+        let disks = read_back(&path);
+        assert_eq!(disks[0], expect0);
+        assert_eq!(disks[1], vec![0u8; 3 * 65536]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn abort_leaves_no_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let (asm, path) = start(dir.path(), &[65536 * 4], AssemblerConfig::default());
+        asm.drives()[0]
+            .write(0, Bytes::from(vec![5u8; 65536]))
+            .await
+            .unwrap();
+        assert!(asm.status()[0].done == 65536);
+        asm.abort().await;
+        assert!(!path.exists());
+        assert!(!crate::sink::partial_path(&path).exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn finish_refuses_incomplete_drives() {
+        let dir = tempfile::tempdir().unwrap();
+        let (asm, path) = start(dir.path(), &[65536 * 4], AssemblerConfig::default());
+        asm.drives()[0]
+            .write(0, Bytes::from(vec![5u8; 65536]))
+            .await
+            .unwrap();
+        let err = asm.finish().await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("drive-scsi0 (196608 of 262144 bytes missing)"),
+            "{err}"
+        );
+        assert!(!path.exists() && !crate::sink::partial_path(&path).exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn partial_buffers_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = AssemblerConfig {
+            partial_limit: 65536,
+            partial_wait: Duration::from_millis(50),
+        };
+        let (asm, _path) = start(dir.path(), &[65536 * 4], cfg);
+        let d = asm.drives()[0].clone();
+        d.write(10, Bytes::from_static(b"x")).await.unwrap();
+        let err = d
+            .write(65536 + 10, Bytes::from_static(b"y"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("buffer limit"), "{err}");
+        // Completing the first cluster frees its buffer for the next one.
+        d.write(0, Bytes::from(vec![1u8; 65536])).await.unwrap();
+        d.write(65536 + 10, Bytes::from_static(b"y")).await.unwrap();
+        asm.abort().await;
+    }
+}
