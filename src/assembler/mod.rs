@@ -32,6 +32,7 @@ mod coverage;
 mod writer_thread;
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -380,7 +381,7 @@ impl Drive {
         if s.is_archived(c) {
             return Step::Archived(s.digests[c as usize]);
         }
-        if !s.partial.contains_key(&c) {
+        if let Entry::Vacant(slot) = s.partial.entry(c) {
             let p = match permit.take() {
                 Some(p) => p,
                 None => match self.shared.partial_permits.clone().try_acquire_owned() {
@@ -388,14 +389,11 @@ impl Drive {
                     Err(_) => return Step::NeedRoom,
                 },
             };
-            s.partial.insert(
-                c,
-                Partial {
-                    buf: BytesMut::zeroed(clen),
-                    covered: Coverage::default(),
-                    _permit: p,
-                },
-            );
+            slot.insert(Partial {
+                buf: BytesMut::zeroed(clen),
+                covered: Coverage::default(),
+                _permit: p,
+            });
         }
         let p = s.partial.get_mut(&c).expect("inserted above");
         let dst = &mut p.buf[off..off + len];
