@@ -164,15 +164,17 @@ struct State {
     out: Vec<u8>,
 }
 
-/// Runs the handshake on a fresh connection. Returns the negotiated export,
-/// or `None` when the client aborted, went away, or the server is shutting
-/// down. Errors are protocol violations that end the connection.
+/// Runs the handshake on a fresh connection. Returns the negotiated export
+/// together with the final reply (GO's last replies or the EXPORT_NAME
+/// reply), which the caller must still send; or `None` when the client
+/// aborted, went away, or the server is shutting down. Errors are protocol
+/// violations that end the connection.
 pub(super) async fn negotiate<R, W, B>(
     r: &mut BufReader<R>,
     w: &mut W,
     exports: &[Export<B>],
     shutdown: &CancellationToken,
-) -> Result<Option<Negotiated>, ProtocolError>
+) -> Result<Option<(Negotiated, Vec<u8>)>, ProtocolError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -232,14 +234,17 @@ where
 
         st.out.clear();
         let done = handle_option(&mut st, hdr.option, &payload, exports, shutdown)?;
+        if let Step::Transmission(n) = done {
+            // The caller sends the final reply after Backend::connected, so
+            // the backend knows of the client before the client can act.
+            return Ok(Some((n, std::mem::take(&mut st.out))));
+        }
         if !st.out.is_empty() {
             w.write_all(&st.out).await?;
             w.flush().await?;
         }
-        match done {
-            Step::Continue => {}
-            Step::Close => return Ok(None),
-            Step::Transmission(n) => return Ok(Some(n)),
+        if let Step::Close = done {
+            return Ok(None);
         }
     }
 }

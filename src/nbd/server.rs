@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -423,7 +423,7 @@ where
 {
     let mut reader = BufReader::with_capacity(READ_BUFFER, r);
     let timeout = shared.config.handshake_timeout;
-    let negotiated: Negotiated = match tokio::time::timeout(
+    let (negotiated, final_reply): (Negotiated, Vec<u8>) = match tokio::time::timeout(
         timeout,
         handshake::negotiate(&mut reader, &mut w, &shared.exports, shutdown),
     )
@@ -448,8 +448,20 @@ where
         Ok(Ok(Some(n))) => n,
     };
     let export = &shared.exports[negotiated.export];
-    info!(export = %export.name, mode = ?negotiated.mode, flags = negotiated.flags, "client entered transmission");
+    // Tell the backend before the client sees the final reply, so by the
+    // time the client's open returns the backend knows of it.
     export.backend.connected();
+    let sent = async {
+        w.write_all(&final_reply).await?;
+        w.flush().await
+    }
+    .await;
+    if let Err(e) = sent {
+        debug!(error = %e, "connection lost sending the final handshake reply");
+        export.backend.disconnected(false);
+        return;
+    }
+    info!(export = %export.name, mode = ?negotiated.mode, flags = negotiated.flags, "client entered transmission");
     let session = Session {
         backend: Arc::clone(&export.backend),
         export: Arc::from(export.name.as_str()),
