@@ -1,5 +1,43 @@
-//! The NBD server.
+//! The NBD server: everything between a socket and a [`Backend`].
+//!
+//! - [`wire`]: every number of the protocol and pure encode/decode of
+//!   options, requests and replies; no sockets.
+//! - `handshake`: the fixed-newstyle option loop (GO, INFO, EXPORT_NAME,
+//!   LIST, ABORT, STRUCTURED_REPLY, EXTENDED_HEADERS, META_CONTEXT), ending
+//!   in a negotiated export or a closed socket.
+//! - `transmission`: one connection's read → validate → run → reply loop,
+//!   with a reader and a writer task, back-pressure and errno mapping.
+//! - `server`: [`Listener`] (Unix/TCP), [`Server`] with its connection limit
+//!   and graceful shutdown.
+//! - [`Backend`] is what an export implements; [`MemoryBackend`] and
+//!   [`NullBackend`] are the two built-in ones.
+//!
+//! Supported: fixed newstyle with NO_ZEROES; simple, structured and
+//! extended replies; READ, WRITE, FLUSH, TRIM, WRITE_ZEROES (NO_HOLE,
+//! FAST_ZERO), CACHE, BLOCK_STATUS (`base:allocation`), DISC, FUA, DF,
+//! multi-conn (when the backend's flush is global). Not supported: TLS
+//! (STARTTLS is answered ERR_UNSUP), oldstyle, RESIZE, other metadata
+//! contexts.
+
+#![deny(missing_docs)]
 
 mod backend;
+mod handshake;
+mod memory;
+mod null;
+mod server;
+mod transmission;
+pub mod wire;
 
 pub use backend::{Backend, BackendCaps, BlockStatus};
+pub use handshake::{
+    MAX_OPTION_LEN, MAX_OPTIONS, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, SHUTDOWN_GRACE,
+};
+pub use memory::{MemoryBackend, PAGE_SIZE};
+pub use null::NullBackend;
+pub use server::{
+    Export, HANDSHAKE_TIMEOUT, ListenAddr, ListenAddrError, Listener, MAX_BYTES_IN_FLIGHT,
+    MAX_CONNECTIONS, Server, ServerConfig,
+};
+pub use transmission::{MAX_DRAIN, MAX_EXTENTS, MAX_PAYLOAD, errno_of};
+pub use wire::{MAX_STRING_LEN, NbdErrno, ProtocolError};

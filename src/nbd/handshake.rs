@@ -1,0 +1,462 @@
+//! The fixed-newstyle handshake: greeting, client flags and the option loop,
+//! ending in a negotiated export or a closed connection.
+//!
+//! This module owns the option-phase limits ([`MAX_OPTIONS`],
+//! [`MAX_OPTION_LEN`]) and decides what each option is answered. It never
+//! touches a backend beyond reading its size and capabilities: no backend
+//! state exists before a valid `GO` or `EXPORT_NAME` (nbdkit
+//! CVE-2019-14850). The caller (`nbd::server`) applies the handshake
+//! deadline and calls `Backend::connected`; data requests are left to
+//! `nbd::transmission`.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, trace};
+
+use super::backend::{Backend, BackendCaps};
+use super::server::Export;
+use super::transmission::MAX_PAYLOAD;
+use super::wire::*;
+
+/// Most options one connection may send before we hang up. Real clients
+/// send at most a handful (QEMU: 4, nbdinfo --list: about 8 per export);
+/// the limit stops a peer from keeping a connection in the option phase
+/// forever. Past it the connection is closed without a reply (as nbdkit
+/// does).
+pub const MAX_OPTIONS: usize = 32;
+
+/// Largest option payload we read. The longest legitimate option is
+/// SET_META_CONTEXT with a few 4096-byte queries; 64 KiB leaves ample room.
+/// A longer announced length is treated as hostile: the connection is
+/// closed without reading the payload.
+pub const MAX_OPTION_LEN: u32 = 64 * 1024;
+
+/// How long a connection in the option phase (or idle in transmission)
+/// still gets after the server was told to shut down: enough for an option
+/// or request already on its way to be answered `ERR_SHUTDOWN`/`ESHUTDOWN`,
+/// short enough not to hold up the shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+
+/// Smallest request alignment we advertise in `NBD_INFO_BLOCK_SIZE`: any
+/// byte offset and length work.
+pub const MIN_BLOCK_SIZE: u32 = 1;
+/// Preferred block size we advertise: the page size, below which writes
+/// cost read-modify-write in most backends.
+pub const PREFERRED_BLOCK_SIZE: u32 = 4096;
+
+/// Id of the `base:allocation` context once selected with SET_META_CONTEXT.
+pub const BASE_ALLOCATION_ID: u32 = 1;
+
+/// Which reply format the transmission phase uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ReplyMode {
+    /// Simple replies only (nothing negotiated).
+    Simple,
+    /// `NBD_OPT_STRUCTURED_REPLY` negotiated.
+    Structured,
+    /// `NBD_OPT_EXTENDED_HEADERS` negotiated: 32-byte requests and replies.
+    Extended,
+}
+
+/// The outcome of a successful handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Index into the server's export list.
+    pub export: usize,
+    /// Reply format for transmission.
+    pub mode: ReplyMode,
+    /// `base:allocation` was selected, so BLOCK_STATUS is allowed.
+    pub base_allocation: bool,
+    /// Transmission flags sent to the client.
+    pub flags: u16,
+}
+
+/// The transmission flags an export advertises, given its capabilities and
+/// the negotiated reply mode.
+pub fn transmission_flags(caps: BackendCaps, mode: ReplyMode) -> u16 {
+    let mut f = NBD_FLAG_HAS_FLAGS
+        | NBD_FLAG_SEND_FLUSH
+        | NBD_FLAG_SEND_FUA
+        | NBD_FLAG_SEND_TRIM
+        | NBD_FLAG_SEND_WRITE_ZEROES
+        | NBD_FLAG_SEND_CACHE
+        | NBD_FLAG_SEND_FAST_ZERO;
+    if caps.read_only {
+        f |= NBD_FLAG_READ_ONLY;
+    }
+    if caps.flush_is_global {
+        f |= NBD_FLAG_CAN_MULTI_CONN;
+    }
+    if mode != ReplyMode::Simple {
+        // Every READ is answered with a single data chunk, so DF is free.
+        f |= NBD_FLAG_SEND_DF;
+    }
+    f
+}
+
+/// Reads exactly `buf.len()` bytes. Returns `Ok(false)` when the peer closed
+/// the connection before sending the first byte, and
+/// [`ProtocolError::TornMessage`] when it closed in the middle.
+pub(super) async fn read_exact_or_eof<R: AsyncRead + Unpin>(
+    r: &mut BufReader<R>,
+    buf: &mut [u8],
+) -> Result<bool, ProtocolError> {
+    if r.fill_buf().await?.is_empty() {
+        return Ok(false);
+    }
+    match r.read_exact(buf).await {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(ProtocolError::TornMessage),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What [`read_or_shutdown`] got.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum ReadOutcome {
+    /// `buf` is filled.
+    Data,
+    /// The peer closed between messages.
+    Eof,
+    /// Shutdown was requested and nothing arrived within [`SHUTDOWN_GRACE`].
+    ShutdownIdle,
+}
+
+/// [`read_exact_or_eof`] that gives up [`SHUTDOWN_GRACE`] after `shutdown`
+/// fires, without losing a message that is already arriving.
+pub(super) async fn read_or_shutdown<R: AsyncRead + Unpin>(
+    r: &mut BufReader<R>,
+    buf: &mut [u8],
+    shutdown: &CancellationToken,
+) -> Result<ReadOutcome, ProtocolError> {
+    let fut = read_exact_or_eof(r, buf);
+    tokio::pin!(fut);
+    let map = |res: Result<bool, ProtocolError>| {
+        res.map(|got| {
+            if got {
+                ReadOutcome::Data
+            } else {
+                ReadOutcome::Eof
+            }
+        })
+    };
+    if !shutdown.is_cancelled() {
+        tokio::select! {
+            biased;
+            res = &mut fut => return map(res),
+            _ = shutdown.cancelled() => {}
+        }
+    }
+    match tokio::time::timeout(SHUTDOWN_GRACE, fut).await {
+        Ok(res) => map(res),
+        Err(_) => Ok(ReadOutcome::ShutdownIdle),
+    }
+}
+
+/// Per-connection negotiation state.
+struct State {
+    mode: ReplyMode,
+    base_allocation: bool,
+    no_zeroes: bool,
+    options: usize,
+    out: Vec<u8>,
+}
+
+/// Runs the handshake on a fresh connection. Returns the negotiated export
+/// together with the final reply (GO's last replies or the EXPORT_NAME
+/// reply), which the caller must still send; or `None` when the client
+/// aborted, went away, or the server is shutting down. Errors are protocol
+/// violations that end the connection.
+pub(super) async fn negotiate<R, W, B>(
+    r: &mut BufReader<R>,
+    w: &mut W,
+    exports: &[Export<B>],
+    shutdown: &CancellationToken,
+) -> Result<Option<(Negotiated, Vec<u8>)>, ProtocolError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    B: Backend,
+{
+    let offered = NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES;
+    w.write_all(&encode_greeting(offered)).await?;
+    w.flush().await?;
+
+    let mut cf = [0u8; 4];
+    if read_or_shutdown(r, &mut cf, shutdown).await? != ReadOutcome::Data {
+        return Ok(None);
+    }
+    let client_flags = u32::from_be_bytes(cf);
+    check_client_flags(client_flags, offered)?;
+    trace!(client_flags, "client flags");
+
+    let mut st = State {
+        mode: ReplyMode::Simple,
+        base_allocation: false,
+        no_zeroes: client_flags & NBD_FLAG_C_NO_ZEROES != 0,
+        options: 0,
+        out: Vec::with_capacity(256),
+    };
+
+    loop {
+        let mut hb = [0u8; OPTION_HEADER_LEN];
+        match read_or_shutdown(r, &mut hb, shutdown).await? {
+            ReadOutcome::Data => {}
+            ReadOutcome::Eof => {
+                debug!("client closed the connection during the handshake");
+                return Ok(None);
+            }
+            ReadOutcome::ShutdownIdle => return Ok(None),
+        }
+        let hdr = decode_option_header(&hb)?;
+        st.options += 1;
+        if st.options > MAX_OPTIONS {
+            return Err(ProtocolError::TooManyOptions { max: MAX_OPTIONS });
+        }
+        if hdr.len > MAX_OPTION_LEN {
+            return Err(ProtocolError::OptionTooLong {
+                option: hdr.option,
+                len: hdr.len,
+                max: MAX_OPTION_LEN,
+            });
+        }
+        let mut payload = vec![0u8; hdr.len as usize];
+        match r.read_exact(&mut payload).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(ProtocolError::TornMessage);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        debug!(option = %hdr.option, len = hdr.len, "option");
+
+        st.out.clear();
+        let done = handle_option(&mut st, hdr.option, &payload, exports, shutdown)?;
+        if let Step::Transmission(n) = done {
+            // The caller sends the final reply after Backend::connected, so
+            // the backend knows of the client before the client can act.
+            return Ok(Some((n, std::mem::take(&mut st.out))));
+        }
+        if !st.out.is_empty() {
+            w.write_all(&st.out).await?;
+            w.flush().await?;
+        }
+        if let Step::Close = done {
+            return Ok(None);
+        }
+    }
+}
+
+/// What to do after answering an option.
+enum Step {
+    Continue,
+    Close,
+    Transmission(Negotiated),
+}
+
+/// Finds an export by name; the empty name selects the first export unless
+/// an export is literally named "".
+fn find_export<B>(exports: &[Export<B>], name: &str) -> Option<usize> {
+    exports
+        .iter()
+        .position(|e| e.name == name)
+        .or_else(|| (name.is_empty() && !exports.is_empty()).then_some(0))
+}
+
+fn reply(st: &mut State, option: OptionCode, kind: ReplyType, payload: &[u8]) {
+    if kind.is_error() {
+        debug!(%option, reply = %kind, "option refused");
+    }
+    encode_option_reply(&mut st.out, option, kind, payload);
+}
+
+/// Answers one option into `st.out`.
+fn handle_option<B: Backend>(
+    st: &mut State,
+    option: OptionCode,
+    payload: &[u8],
+    exports: &[Export<B>],
+    shutdown: &CancellationToken,
+) -> Result<Step, ProtocolError> {
+    let shutting_down = shutdown.is_cancelled();
+    match option {
+        NBD_OPT_EXPORT_NAME => {
+            if st.mode == ReplyMode::Extended {
+                return Err(ProtocolError::ExportNameAfterExtendedHeaders);
+            }
+            let name = String::from_utf8_lossy(payload).into_owned();
+            let Some(idx) = find_export(exports, &name) else {
+                return Err(ProtocolError::UnknownExport { name });
+            };
+            if shutting_down {
+                // EXPORT_NAME cannot carry an error: closing is the answer.
+                return Ok(Step::Close);
+            }
+            let b = &exports[idx].backend;
+            let flags = transmission_flags(b.caps(), st.mode);
+            encode_export_name_reply(&mut st.out, b.size(), flags, st.no_zeroes);
+            Ok(Step::Transmission(Negotiated {
+                export: idx,
+                mode: st.mode,
+                base_allocation: st.base_allocation,
+                flags,
+            }))
+        }
+        NBD_OPT_ABORT => {
+            reply(st, option, NBD_REP_ACK, &[]);
+            Ok(Step::Close)
+        }
+        _ if shutting_down => {
+            reply(st, option, NBD_REP_ERR_SHUTDOWN, b"server shutting down");
+            Ok(Step::Continue)
+        }
+        NBD_OPT_LIST => {
+            if !payload.is_empty() {
+                reply(st, option, NBD_REP_ERR_INVALID, b"LIST takes no payload");
+                return Ok(Step::Continue);
+            }
+            for e in exports {
+                let p = encode_rep_server(&e.name, &e.description);
+                reply(st, option, NBD_REP_SERVER, &p);
+            }
+            reply(st, option, NBD_REP_ACK, &[]);
+            Ok(Step::Continue)
+        }
+        NBD_OPT_INFO | NBD_OPT_GO => {
+            let req = match decode_export_request(option, payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    debug!(%option, error = %e, "malformed option");
+                    reply(st, option, NBD_REP_ERR_INVALID, e.to_string().as_bytes());
+                    return Ok(Step::Continue);
+                }
+            };
+            let Some(idx) = find_export(exports, &req.name) else {
+                reply(st, option, NBD_REP_ERR_UNKNOWN, b"no such export");
+                return Ok(Step::Continue);
+            };
+            let e = &exports[idx];
+            let flags = transmission_flags(e.backend.caps(), st.mode);
+            reply(
+                st,
+                option,
+                NBD_REP_INFO,
+                &encode_info_export(e.backend.size(), flags),
+            );
+            if req.info.contains(&NBD_INFO_NAME) {
+                reply(
+                    st,
+                    option,
+                    NBD_REP_INFO,
+                    &encode_info_string(NBD_INFO_NAME, &e.name),
+                );
+            }
+            if req.info.contains(&NBD_INFO_DESCRIPTION) && !e.description.is_empty() {
+                let p = encode_info_string(NBD_INFO_DESCRIPTION, &e.description);
+                reply(st, option, NBD_REP_INFO, &p);
+            }
+            // Sent even when not asked for: with a minimum of 1 it
+            // constrains nothing, and it tells clients our payload limit.
+            let bs = encode_info_block_size(MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, MAX_PAYLOAD);
+            reply(st, option, NBD_REP_INFO, &bs);
+            reply(st, option, NBD_REP_ACK, &[]);
+            if option == NBD_OPT_GO {
+                Ok(Step::Transmission(Negotiated {
+                    export: idx,
+                    mode: st.mode,
+                    base_allocation: st.base_allocation,
+                    flags,
+                }))
+            } else {
+                Ok(Step::Continue)
+            }
+        }
+        NBD_OPT_STRUCTURED_REPLY => {
+            if !payload.is_empty() {
+                reply(
+                    st,
+                    option,
+                    NBD_REP_ERR_INVALID,
+                    b"STRUCTURED_REPLY takes no payload",
+                );
+            } else if st.mode == ReplyMode::Extended {
+                reply(
+                    st,
+                    option,
+                    NBD_REP_ERR_INVALID,
+                    b"extended headers already negotiated",
+                );
+            } else {
+                st.mode = ReplyMode::Structured;
+                reply(st, option, NBD_REP_ACK, &[]);
+            }
+            Ok(Step::Continue)
+        }
+        NBD_OPT_EXTENDED_HEADERS => {
+            if !payload.is_empty() {
+                reply(
+                    st,
+                    option,
+                    NBD_REP_ERR_INVALID,
+                    b"EXTENDED_HEADERS takes no payload",
+                );
+            } else {
+                st.mode = ReplyMode::Extended;
+                reply(st, option, NBD_REP_ACK, &[]);
+            }
+            Ok(Step::Continue)
+        }
+        NBD_OPT_LIST_META_CONTEXT | NBD_OPT_SET_META_CONTEXT => {
+            let set = option == NBD_OPT_SET_META_CONTEXT;
+            let req = match decode_meta_context_request(option, payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    debug!(%option, error = %e, "malformed option");
+                    reply(st, option, NBD_REP_ERR_INVALID, e.to_string().as_bytes());
+                    return Ok(Step::Continue);
+                }
+            };
+            if set && st.mode == ReplyMode::Simple {
+                reply(
+                    st,
+                    option,
+                    NBD_REP_ERR_INVALID,
+                    b"structured replies not negotiated",
+                );
+                return Ok(Step::Continue);
+            }
+            if find_export(exports, &req.name).is_none() {
+                reply(st, option, NBD_REP_ERR_UNKNOWN, b"no such export");
+                return Ok(Step::Continue);
+            }
+            let matched = if req.queries.is_empty() {
+                // Empty LIST = everything; empty SET = nothing.
+                !set
+            } else {
+                req.queries
+                    .iter()
+                    .any(|q| q == BASE_ALLOCATION || (!set && q == "base:"))
+            };
+            if matched {
+                let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                let p = encode_rep_meta_context(id, BASE_ALLOCATION);
+                reply(st, option, NBD_REP_META_CONTEXT, &p);
+            }
+            if set {
+                st.base_allocation = matched;
+            }
+            reply(st, option, NBD_REP_ACK, &[]);
+            Ok(Step::Continue)
+        }
+        NBD_OPT_STARTTLS => {
+            reply(st, option, NBD_REP_ERR_UNSUP, b"TLS is not supported");
+            Ok(Step::Continue)
+        }
+        _ => {
+            reply(st, option, NBD_REP_ERR_UNSUP, b"option not supported");
+            Ok(Step::Continue)
+        }
+    }
+}

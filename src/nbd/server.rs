@@ -1,0 +1,536 @@
+//! Listeners, exports, the connection limit and graceful shutdown.
+//!
+//! [`Server::run`] accepts connections on a [`Listener`] until the caller's
+//! [`CancellationToken`] fires, runs each connection (handshake, then
+//! transmission) in its own task, and on shutdown waits for every
+//! connection to answer its requests before it returns. Protocol details
+//! live in `nbd::handshake` and `nbd::transmission`.
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::backend::Backend;
+use super::handshake::{self, Negotiated};
+use super::transmission::{self, READ_BUFFER, Session};
+use super::wire::ProtocolError;
+
+/// Default for [`ServerConfig::max_connections`]. At the limit the server
+/// stops accepting; further clients wait in the kernel's listen backlog
+/// (and see a connect timeout or refusal only if that fills too). A backup
+/// needs one connection per drive; nbdcopy uses up to four per export.
+pub const MAX_CONNECTIONS: usize = 128;
+
+/// Default for [`ServerConfig::max_bytes_in_flight`]: payload bytes (WRITE
+/// data read but not yet stored, READ data not yet sent) one connection may
+/// hold. At the limit the server stops reading that socket until replies
+/// drain. 64 MiB is two maximum-size requests, or QEMU's 16 × 1 MiB four
+/// times over, so well-behaved clients never hit it.
+pub const MAX_BYTES_IN_FLIGHT: usize = 64 * 1024 * 1024;
+
+/// Default for [`ServerConfig::handshake_timeout`]: a client that has not
+/// reached transmission this long after connecting is disconnected, so idle
+/// or slow-loris peers cannot hold connection slots (qemu-nbd uses 10 s too).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest pause between retries after `accept` fails (e.g. out of file
+/// descriptors); the pause starts at 1 ms and doubles.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The tunable limits of a [`Server`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Connections served at once; see [`MAX_CONNECTIONS`].
+    pub max_connections: usize,
+    /// Per-connection byte budget; see [`MAX_BYTES_IN_FLIGHT`].
+    pub max_bytes_in_flight: usize,
+    /// Handshake deadline; see [`HANDSHAKE_TIMEOUT`].
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: MAX_CONNECTIONS,
+            max_bytes_in_flight: MAX_BYTES_IN_FLIGHT,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+/// One export: a name clients select, and the backend serving it.
+#[derive(Debug)]
+pub struct Export<B> {
+    /// Name clients pass to GO/EXPORT_NAME; the empty name selects the first
+    /// export unless one is literally named "". Names must be unique (a
+    /// later duplicate is unreachable) and at most 4096 bytes.
+    pub name: String,
+    /// Free text shown by `nbdinfo --list` (NBD_INFO_DESCRIPTION).
+    pub description: String,
+    /// The data side.
+    pub backend: Arc<B>,
+}
+
+impl<B> Clone for Export<B> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            backend: Arc::clone(&self.backend),
+        }
+    }
+}
+
+/// Where a [`Listener`] listens.
+///
+/// Parsed from `unix:PATH` or `tcp:HOST:PORT`. HOST is an IP literal
+/// (`[::1]` for IPv6) or `localhost`; an empty HOST (`tcp::10809`) or a bare
+/// port (`tcp:10809`) means 127.0.0.1, so nothing is exposed beyond the
+/// machine unless asked for. Displayed in the same syntax.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A Unix domain socket at this path.
+    Unix(PathBuf),
+    /// A TCP address.
+    Tcp(SocketAddr),
+}
+
+/// Why a [`ListenAddr`] did not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid listen address {input:?}: {reason} (expected unix:PATH or tcp:HOST:PORT)")]
+pub struct ListenAddrError {
+    input: String,
+    reason: &'static str,
+}
+
+impl FromStr for ListenAddr {
+    type Err = ListenAddrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason| ListenAddrError {
+            input: s.to_owned(),
+            reason,
+        };
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(err("empty socket path"));
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        let Some(rest) = s.strip_prefix("tcp:") else {
+            return Err(err("unknown scheme"));
+        };
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (h, p),
+            None => ("", rest),
+        };
+        let port: u16 = port.parse().map_err(|_| err("bad port"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let ip = match host {
+            "" | "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            h => h
+                .parse()
+                .map_err(|_| err("HOST must be an IP address or localhost"))?,
+        };
+        Ok(ListenAddr::Tcp(SocketAddr::new(ip, port)))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            ListenAddr::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// A bound listening socket.
+///
+/// Unix sockets are created with mode 0600 (only our user may connect):
+/// the socket is bound under a temporary name in the same directory,
+/// chmod-ed, then renamed into place, so it is never reachable at the final
+/// path with wider permissions. A file already at the path is replaced only
+/// if it is a *stale* socket (nobody accepts connections on it); a live
+/// socket gives `AddrInUse`, any other file `AlreadyExists`. The socket file
+/// is removed when the listener is dropped (if it is still ours).
+#[derive(Debug)]
+pub struct Listener {
+    inner: Inner,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Unix {
+        listener: UnixListener,
+        path: PathBuf,
+        /// (device, inode) of the socket file we created, so drop only
+        /// removes our own file.
+        id: (u64, u64),
+    },
+    Tcp(TcpListener),
+}
+
+/// An accepted connection.
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Listener {
+    /// Binds `addr`. Must be called from within a tokio runtime.
+    pub fn bind(addr: &ListenAddr) -> io::Result<Listener> {
+        match addr {
+            ListenAddr::Unix(path) => bind_unix(path),
+            ListenAddr::Tcp(a) => {
+                let l = std::net::TcpListener::bind(a)?;
+                l.set_nonblocking(true)?;
+                Ok(Listener {
+                    inner: Inner::Tcp(TcpListener::from_std(l)?),
+                })
+            }
+        }
+    }
+
+    /// The address actually bound (the real port when bound to port 0).
+    pub fn local_addr(&self) -> io::Result<ListenAddr> {
+        match &self.inner {
+            Inner::Unix { path, .. } => Ok(ListenAddr::Unix(path.clone())),
+            Inner::Tcp(l) => Ok(ListenAddr::Tcp(l.local_addr()?)),
+        }
+    }
+
+    async fn accept(&self) -> io::Result<(Stream, String)> {
+        match &self.inner {
+            Inner::Unix { listener, .. } => {
+                let (s, _) = listener.accept().await?;
+                Ok((Stream::Unix(s), "unix".to_owned()))
+            }
+            Inner::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                s.set_nodelay(true)?;
+                Ok((Stream::Tcp(s), peer.to_string()))
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Inner::Unix { path, id, .. } = &self.inner
+            && let Ok(m) = std::fs::symlink_metadata(path)
+            && (m.dev(), m.ino()) == *id
+        {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn bind_unix(path: &Path) -> io::Result<Listener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "{}: another server is listening on this socket",
+                        path.display()
+                    ),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                debug!(path = %path.display(), "removing stale socket");
+                std::fs::remove_file(path)?;
+            }
+            Err(e) => return Err(e),
+        },
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{}: exists and is not a socket", path.display()),
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let file = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(
+        ".{file}.{}.{}.{nanos:x}.tmp",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let listener = UnixListener::bind(&tmp)?;
+    let finish = || -> io::Result<(u64, u64)> {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, path)?;
+        let m = std::fs::symlink_metadata(path)?;
+        Ok((m.dev(), m.ino()))
+    };
+    match finish() {
+        Ok(id) => Ok(Listener {
+            inner: Inner::Unix {
+                listener,
+                path: path.to_owned(),
+                id,
+            },
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// What every connection task shares.
+struct Shared<B> {
+    exports: Vec<Export<B>>,
+    config: ServerConfig,
+}
+
+/// An NBD server: exports, limits, and the accept loop.
+pub struct Server<B: Backend> {
+    shared: Arc<Shared<B>>,
+}
+
+impl<B: Backend> fmt::Debug for Server<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field(
+                "exports",
+                &self
+                    .shared
+                    .exports
+                    .iter()
+                    .map(|e| &e.name)
+                    .collect::<Vec<_>>(),
+            )
+            .field("config", &self.shared.config)
+            .finish()
+    }
+}
+
+impl<B: Backend> Server<B> {
+    /// A server for `exports` with `config` limits.
+    pub fn new(exports: Vec<Export<B>>, config: ServerConfig) -> Self {
+        for (i, e) in exports.iter().enumerate() {
+            if exports[..i].iter().any(|o| o.name == e.name) {
+                warn!(export = %e.name, "duplicate export name; only the first is reachable");
+            }
+        }
+        Self {
+            shared: Arc::new(Shared { exports, config }),
+        }
+    }
+
+    /// Serves until `shutdown` fires. Then it stops accepting, lets each
+    /// connection finish the requests it has in flight (requests that still
+    /// arrive get ESHUTDOWN, options ERR_SHUTDOWN), waits for all of them,
+    /// removes the Unix socket file, and returns.
+    ///
+    /// Accept errors are logged and retried with back-off; the only errors
+    /// returned are ones that make serving impossible.
+    pub async fn run(self, listener: Listener, shutdown: CancellationToken) -> io::Result<()> {
+        ignore_sigpipe();
+        let addr = listener.local_addr()?;
+        info!(%addr, exports = self.shared.exports.len(), "NBD server listening");
+        let slots = Arc::new(Semaphore::new(self.shared.config.max_connections.max(1)));
+        let tracker = TaskTracker::new();
+        let mut backoff = Duration::from_millis(1);
+        let mut conn_id: u64 = 0;
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = Arc::clone(&slots).acquire_owned() => p.expect("connection semaphore is never closed"),
+            };
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            let (stream, peer) = match accepted {
+                Ok(s) => {
+                    backoff = Duration::from_millis(1);
+                    s
+                }
+                Err(e) => {
+                    warn!(error = %e, "accept failed; retrying in {backoff:?}");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+                    continue;
+                }
+            };
+            conn_id += 1;
+            let shared = Arc::clone(&self.shared);
+            let shutdown = shutdown.clone();
+            let span = info_span!("nbd_conn", id = conn_id, peer = %peer);
+            tracker.spawn(
+                async move {
+                    debug!("connected");
+                    match stream {
+                        Stream::Unix(s) => {
+                            let (r, w) = s.into_split();
+                            serve_connection(&shared, r, w, &shutdown).await;
+                        }
+                        Stream::Tcp(s) => {
+                            let (r, w) = s.into_split();
+                            serve_connection(&shared, r, w, &shutdown).await;
+                        }
+                    }
+                    debug!("connection closed");
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        }
+        info!(%addr, "NBD server shutting down; waiting for connections");
+        tracker.close();
+        tracker.wait().await;
+        drop(listener);
+        info!(%addr, "NBD server stopped");
+        Ok(())
+    }
+}
+
+/// Handshake, then transmission, on one connection.
+async fn serve_connection<B, R, W>(shared: &Shared<B>, r: R, mut w: W, shutdown: &CancellationToken)
+where
+    B: Backend,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut reader = BufReader::with_capacity(READ_BUFFER, r);
+    let timeout = shared.config.handshake_timeout;
+    let (negotiated, final_reply): (Negotiated, Vec<u8>) = match tokio::time::timeout(
+        timeout,
+        handshake::negotiate(&mut reader, &mut w, &shared.exports, shutdown),
+    )
+    .await
+    {
+        Err(_) => {
+            let e = ProtocolError::HandshakeTimeout {
+                secs: timeout.as_secs(),
+            };
+            warn!(error = %e, "closing connection");
+            return;
+        }
+        Ok(Err(ProtocolError::Io(e))) => {
+            debug!(error = %e, "connection lost during handshake");
+            return;
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, "closing connection during handshake");
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Ok(Some(n))) => n,
+    };
+    let export = &shared.exports[negotiated.export];
+    // Tell the backend before the client sees the final reply, so by the
+    // time the client's open returns the backend knows of it.
+    export.backend.connected();
+    let sent = async {
+        w.write_all(&final_reply).await?;
+        w.flush().await
+    }
+    .await;
+    if let Err(e) = sent {
+        debug!(error = %e, "connection lost sending the final handshake reply");
+        export.backend.disconnected(false);
+        return;
+    }
+    info!(export = %export.name, mode = ?negotiated.mode, flags = negotiated.flags, "client entered transmission");
+    let session = Session {
+        backend: Arc::clone(&export.backend),
+        export: Arc::from(export.name.as_str()),
+        negotiated,
+        max_bytes_in_flight: shared.config.max_bytes_in_flight,
+    };
+    let clean = transmission::serve(reader, w, session, shutdown).await;
+    info!(export = %export.name, clean, "client disconnected");
+    export.backend.disconnected(clean);
+}
+
+/// Makes sure a write to a closed socket yields EPIPE instead of killing
+/// the process. Rust binaries already ignore SIGPIPE; a host program
+/// (or a test harness) might not.
+fn ignore_sigpipe() {
+    // SAFETY: querying and setting a signal disposition; SIG_IGN has no
+    // handler code that could run concurrently.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(libc::SIGPIPE, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_DFL
+        {
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addr_parses_and_displays() {
+        assert_eq!(
+            "unix:/tmp/x.sock".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Unix("/tmp/x.sock".into())
+        );
+        assert_eq!(
+            "tcp:127.0.0.1:10809".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Tcp("127.0.0.1:10809".parse().unwrap())
+        );
+        assert_eq!(
+            "tcp::10809".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Tcp("127.0.0.1:10809".parse().unwrap())
+        );
+        assert_eq!(
+            "tcp:10809".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Tcp("127.0.0.1:10809".parse().unwrap())
+        );
+        assert_eq!(
+            "tcp:localhost:1".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Tcp("127.0.0.1:1".parse().unwrap())
+        );
+        assert_eq!(
+            "tcp:[::1]:5".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Tcp("[::1]:5".parse().unwrap())
+        );
+        for bad in [
+            "",
+            "unix:",
+            "tcp:",
+            "tcp:host:1",
+            "tcp:1.2.3.4:99999",
+            "udp:1",
+        ] {
+            assert!(bad.parse::<ListenAddr>().is_err(), "{bad}");
+        }
+        for s in ["unix:/a/b", "tcp:127.0.0.1:80", "tcp:[::1]:5"] {
+            assert_eq!(s.parse::<ListenAddr>().unwrap().to_string(), s);
+        }
+    }
+}

@@ -1,0 +1,831 @@
+//! The transmission phase of one connection: read a request, validate it,
+//! run it on the backend, reply.
+//!
+//! Each connection has one reader (the task that called [`serve`]) and one
+//! writer task. The reader decodes headers, validates each request once
+//! ([`validate`]), reads WRITE payloads straight into a buffer of the right
+//! size, and spawns one task per request; those tasks call the backend and
+//! hand their encoded reply to the writer through a channel. So requests run
+//! concurrently, replies go out in completion order, and the reader keeps
+//! reading while replies queue up (no deadlock against a client that is
+//! blocked sending a large WRITE while we have replies to send).
+//!
+//! Back-pressure: every request holds permits from a per-connection byte
+//! budget ([`ServerConfig::max_bytes_in_flight`]) until its reply has been
+//! written; when the budget is used up the reader stops reading the socket.
+//!
+//! Faults in one request are answered with an errno (via [`errno_of`], the
+//! single place where backend errors become NBD errors) and the connection
+//! carries on; only framing faults (bad magic, torn header, absurd length)
+//! end it. This module knows nothing of VMA or of listeners.
+//!
+//! [`ServerConfig::max_bytes_in_flight`]: super::ServerConfig::max_bytes_in_flight
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, trace, warn};
+
+use super::backend::{Backend, BackendCaps, BlockStatus};
+use super::handshake::{BASE_ALLOCATION_ID, Negotiated, ReadOutcome, ReplyMode, read_or_shutdown};
+use super::wire::*;
+
+/// Largest READ or WRITE payload we accept, advertised as the maximum in
+/// `NBD_INFO_BLOCK_SIZE`. Larger READs are answered EINVAL; larger WRITEs
+/// are drained (up to [`MAX_DRAIN`]) and answered EINVAL. 32 MiB is what
+/// common clients already respect (qemu-nbd uses the same limit), and QEMU
+/// keeps its 1 MiB backup chunks with it.
+pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+
+/// Largest refused WRITE payload we still read and discard to keep the
+/// stream in step. A header announcing more than this is taken as hostile
+/// or corrupt and the connection is closed (nbdkit draws the same line).
+pub const MAX_DRAIN: u64 = 128 * 1024 * 1024;
+
+/// Most extents one BLOCK_STATUS reply carries (the spec allows 2^20); the
+/// client asks again for the rest. Bounds reply size and backend time.
+pub const MAX_EXTENTS: usize = 64 * 1024;
+
+/// Budget charged for every request on top of its payload bytes, so a flood
+/// of payload-free requests (WRITE_ZEROES, FLUSH, ...) is bounded too: with
+/// the default budget at most 16 Ki such requests are in flight.
+pub const REQUEST_OVERHEAD: usize = 4096;
+
+/// Size of the buffer headers are read through. Small enough that the
+/// bytes of a WRITE payload that land in it (and are copied once more) are
+/// few; large enough for many pipelined headers per read call.
+pub const READ_BUFFER: usize = 16 * 1024;
+
+/// Replies smaller than this are copied into the writer's staging buffer
+/// (coalescing many small replies into one write); larger payloads are
+/// passed to the kernel as their own iovec.
+const COPY_THRESHOLD: usize = 8 * 1024;
+
+/// Most iovecs handed to one `writev`.
+const MAX_IOVECS: usize = 64;
+
+/// Most bytes the writer collects before it writes them out.
+const MAX_BATCH: usize = 4 * 1024 * 1024;
+
+/// What a validated request does once it reaches the backend.
+#[derive(Debug)]
+enum Output {
+    /// Success without data.
+    Done,
+    /// READ data.
+    Data(Bytes),
+    /// BLOCK_STATUS extents (already clamped to the request).
+    Extents(Vec<BlockStatus>),
+}
+
+/// Everything the request tasks of one connection share.
+struct Conn<B> {
+    backend: Arc<B>,
+    export: Arc<str>,
+    size: u64,
+    caps: BackendCaps,
+    mode: ReplyMode,
+    base_allocation: bool,
+    tx: mpsc::UnboundedSender<Frame>,
+}
+
+/// One encoded reply on its way to the writer.
+pub(super) struct Frame {
+    head: [u8; 40],
+    head_len: u8,
+    body: Bytes,
+    /// Byte budget of the request; released once the reply is written.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Frame {
+    fn new(head: &[u8], body: Bytes, permit: Option<OwnedSemaphorePermit>) -> Self {
+        let mut h = [0u8; 40];
+        h[..head.len()].copy_from_slice(head);
+        Self {
+            head: h,
+            head_len: head.len() as u8,
+            body,
+            _permit: permit,
+        }
+    }
+}
+
+/// Maps a backend error to the errno the client sees. The one place this
+/// happens; the real cause is logged first, since the client only sees the
+/// code.
+pub fn errno_of(err: &io::Error) -> NbdErrno {
+    let errno = match err.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES | libc::EROFS) => NBD_EPERM,
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => NBD_ENOSPC,
+        Some(libc::EINVAL) => NBD_EINVAL,
+        Some(libc::EOPNOTSUPP) => NBD_ENOTSUP,
+        Some(libc::ESHUTDOWN) => NBD_ESHUTDOWN,
+        Some(libc::EOVERFLOW) => NBD_EOVERFLOW,
+        Some(_) => NBD_EIO,
+        None => match err.kind() {
+            io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => NBD_EPERM,
+            io::ErrorKind::StorageFull
+            | io::ErrorKind::QuotaExceeded
+            | io::ErrorKind::FileTooLarge => NBD_ENOSPC,
+            io::ErrorKind::InvalidInput => NBD_EINVAL,
+            io::ErrorKind::Unsupported => NBD_ENOTSUP,
+            _ => NBD_EIO,
+        },
+    };
+    debug!(error = %err, %errno, "backend error");
+    errno
+}
+
+/// Why a request is refused before it reaches the backend.
+fn validate(
+    req: &Request,
+    caps: BackendCaps,
+    size: u64,
+    mode: ReplyMode,
+    base_allocation: bool,
+) -> Result<(), NbdErrno> {
+    let cmd = req.command;
+    let mut allowed = NBD_CMD_FLAG_FUA;
+    match cmd {
+        NBD_CMD_READ if mode != ReplyMode::Simple => allowed |= NBD_CMD_FLAG_DF,
+        NBD_CMD_WRITE if mode == ReplyMode::Extended => allowed |= NBD_CMD_FLAG_PAYLOAD_LEN,
+        NBD_CMD_WRITE_ZEROES => allowed |= NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO,
+        NBD_CMD_BLOCK_STATUS => allowed |= NBD_CMD_FLAG_REQ_ONE,
+        NBD_CMD_READ | NBD_CMD_WRITE | NBD_CMD_FLUSH | NBD_CMD_TRIM | NBD_CMD_CACHE => {}
+        _ => return Err(NBD_EINVAL),
+    }
+    if req.flags & !allowed != 0 {
+        return Err(NBD_EINVAL);
+    }
+    if caps.read_only && matches!(cmd, NBD_CMD_WRITE | NBD_CMD_WRITE_ZEROES | NBD_CMD_TRIM) {
+        return Err(NBD_EPERM);
+    }
+    if matches!(cmd, NBD_CMD_READ | NBD_CMD_WRITE) && req.len > u64::from(MAX_PAYLOAD) {
+        return Err(NBD_EINVAL);
+    }
+    if cmd == NBD_CMD_FLUSH {
+        return Ok(());
+    }
+    let in_range = req
+        .offset
+        .checked_add(req.len)
+        .is_some_and(|end| end <= size);
+    if !in_range {
+        return Err(if matches!(cmd, NBD_CMD_WRITE | NBD_CMD_WRITE_ZEROES) {
+            NBD_ENOSPC
+        } else {
+            NBD_EINVAL
+        });
+    }
+    if cmd == NBD_CMD_BLOCK_STATUS && (!base_allocation || req.len == 0) {
+        return Err(NBD_EINVAL);
+    }
+    Ok(())
+}
+
+/// Runs a validated request on the backend.
+async fn execute<B: Backend>(
+    conn: &Conn<B>,
+    req: &Request,
+    payload: Option<Bytes>,
+) -> Result<Output, NbdErrno> {
+    let b = &*conn.backend;
+    let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
+    let (off, len) = (req.offset, req.len);
+    let out = match req.command {
+        NBD_CMD_WRITE => {
+            if len > 0 {
+                let data = payload.unwrap_or_default();
+                b.write(off, data).await.map_err(|e| errno_of(&e))?;
+            }
+            Output::Done
+        }
+        NBD_CMD_WRITE_ZEROES => {
+            if req.flags & NBD_CMD_FLAG_FAST_ZERO != 0 && !conn.caps.fast_zero {
+                return Err(NBD_ENOTSUP);
+            }
+            if len > 0 {
+                let may_trim = req.flags & NBD_CMD_FLAG_NO_HOLE == 0;
+                b.write_zeroes(off, len, may_trim)
+                    .await
+                    .map_err(|e| errno_of(&e))?;
+            }
+            Output::Done
+        }
+        NBD_CMD_TRIM => {
+            if len > 0 && conn.caps.trim {
+                b.trim(off, len).await.map_err(|e| errno_of(&e))?;
+            }
+            Output::Done
+        }
+        NBD_CMD_FLUSH => {
+            b.flush().await.map_err(|e| errno_of(&e))?;
+            return Ok(Output::Done);
+        }
+        NBD_CMD_CACHE => return Ok(Output::Done),
+        NBD_CMD_READ => {
+            if len == 0 {
+                return Ok(Output::Data(Bytes::new()));
+            }
+            // len <= MAX_PAYLOAD was checked by validate().
+            let data = b.read(off, len as u32).await.map_err(|e| errno_of(&e))?;
+            if data.len() as u64 != len {
+                warn!(export = %conn.export, offset = off, len, got = data.len(),
+                      "backend read returned the wrong length");
+                return Err(NBD_EIO);
+            }
+            return Ok(Output::Data(data));
+        }
+        NBD_CMD_BLOCK_STATUS => {
+            let runs = b.block_status(off, len).await.map_err(|e| errno_of(&e))?;
+            let runs = clamp_extents(runs, len, req.flags & NBD_CMD_FLAG_REQ_ONE != 0);
+            if runs.is_empty() {
+                warn!(export = %conn.export, offset = off, len, "backend block status returned no extents");
+                return Err(NBD_EIO);
+            }
+            return Ok(Output::Extents(runs));
+        }
+        _ => return Err(NBD_EINVAL), // validate() lets no other command through
+    };
+    if fua {
+        b.flush().await.map_err(|e| errno_of(&e))?;
+    }
+    Ok(out)
+}
+
+/// Keeps the backend's extents inside the request: drops empty runs, cuts
+/// the total at `len`, obeys REQ_ONE and [`MAX_EXTENTS`].
+fn clamp_extents(runs: Vec<BlockStatus>, len: u64, req_one: bool) -> Vec<BlockStatus> {
+    let max = if req_one { 1 } else { MAX_EXTENTS };
+    let mut out = Vec::with_capacity(runs.len().min(max));
+    let mut left = len;
+    for r in runs {
+        if left == 0 || out.len() == max {
+            break;
+        }
+        if r.len == 0 {
+            continue;
+        }
+        let l = r.len.min(left);
+        out.push(BlockStatus {
+            len: l,
+            flags: r.flags,
+        });
+        left -= l;
+    }
+    out
+}
+
+/// Encodes the reply to `req` in the negotiated style.
+fn encode_reply(
+    mode: ReplyMode,
+    req: &Request,
+    outcome: Result<Output, NbdErrno>,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Frame {
+    let cookie = req.cookie;
+    let done = NBD_REPLY_FLAG_DONE;
+    match (mode, outcome) {
+        (ReplyMode::Simple, Ok(Output::Data(d))) => {
+            Frame::new(&encode_simple_reply(NBD_SUCCESS, cookie), d, permit)
+        }
+        (ReplyMode::Simple, Ok(_)) => Frame::new(
+            &encode_simple_reply(NBD_SUCCESS, cookie),
+            Bytes::new(),
+            permit,
+        ),
+        (ReplyMode::Simple, Err(e)) => {
+            Frame::new(&encode_simple_reply(e, cookie), Bytes::new(), permit)
+        }
+
+        (ReplyMode::Structured, Ok(Output::Data(d))) if !d.is_empty() => {
+            let mut h = [0u8; STRUCTURED_REPLY_LEN + 8];
+            let len = 8 + d.len() as u32;
+            h[..STRUCTURED_REPLY_LEN].copy_from_slice(&encode_structured_reply(
+                done,
+                NBD_REPLY_TYPE_OFFSET_DATA,
+                cookie,
+                len,
+            ));
+            h[STRUCTURED_REPLY_LEN..].copy_from_slice(&req.offset.to_be_bytes());
+            Frame::new(&h, d, permit)
+        }
+        (ReplyMode::Structured, Ok(Output::Extents(runs))) => {
+            let mut p = BytesMut::with_capacity(4 + runs.len() * 8);
+            p.put_u32(BASE_ALLOCATION_ID);
+            for r in &runs {
+                // Clamped to the request length, which is a u32 here.
+                p.put_u32(r.len.min(u64::from(u32::MAX)) as u32);
+                p.put_u32(r.flags);
+            }
+            let h =
+                encode_structured_reply(done, NBD_REPLY_TYPE_BLOCK_STATUS, cookie, p.len() as u32);
+            Frame::new(&h, p.freeze(), permit)
+        }
+        (ReplyMode::Structured, Ok(_)) if req.command == NBD_CMD_READ => {
+            // Zero-length read: nothing to send but the end of the reply.
+            let h = encode_structured_reply(done, NBD_REPLY_TYPE_NONE, cookie, 0);
+            Frame::new(&h, Bytes::new(), permit)
+        }
+        (ReplyMode::Structured, Ok(_)) => Frame::new(
+            &encode_simple_reply(NBD_SUCCESS, cookie),
+            Bytes::new(),
+            permit,
+        ),
+        (ReplyMode::Structured, Err(e)) => {
+            let mut h = [0u8; STRUCTURED_REPLY_LEN + 6];
+            h[..STRUCTURED_REPLY_LEN].copy_from_slice(&encode_structured_reply(
+                done,
+                NBD_REPLY_TYPE_ERROR,
+                cookie,
+                6,
+            ));
+            h[STRUCTURED_REPLY_LEN..STRUCTURED_REPLY_LEN + 4].copy_from_slice(&e.0.to_be_bytes());
+            Frame::new(&h, Bytes::new(), permit)
+        }
+
+        (ReplyMode::Extended, Ok(Output::Data(d))) if !d.is_empty() => {
+            let mut h = [0u8; EXTENDED_REPLY_LEN + 8];
+            h[..EXTENDED_REPLY_LEN].copy_from_slice(&encode_extended_reply(
+                done,
+                NBD_REPLY_TYPE_OFFSET_DATA,
+                cookie,
+                req.offset,
+                8 + d.len() as u64,
+            ));
+            h[EXTENDED_REPLY_LEN..].copy_from_slice(&req.offset.to_be_bytes());
+            Frame::new(&h, d, permit)
+        }
+        (ReplyMode::Extended, Ok(Output::Extents(runs))) => {
+            let mut p = BytesMut::with_capacity(8 + runs.len() * 16);
+            p.put_u32(BASE_ALLOCATION_ID);
+            p.put_u32(runs.len() as u32);
+            for r in &runs {
+                p.put_u64(r.len);
+                p.put_u64(u64::from(r.flags));
+            }
+            let h = encode_extended_reply(
+                done,
+                NBD_REPLY_TYPE_BLOCK_STATUS_EXT,
+                cookie,
+                req.offset,
+                p.len() as u64,
+            );
+            Frame::new(&h, p.freeze(), permit)
+        }
+        (ReplyMode::Extended, Ok(_)) => {
+            let h = encode_extended_reply(done, NBD_REPLY_TYPE_NONE, cookie, req.offset, 0);
+            Frame::new(&h, Bytes::new(), permit)
+        }
+        (ReplyMode::Extended, Err(e)) => {
+            let mut h = [0u8; EXTENDED_REPLY_LEN + 6];
+            h[..EXTENDED_REPLY_LEN].copy_from_slice(&encode_extended_reply(
+                done,
+                NBD_REPLY_TYPE_ERROR,
+                cookie,
+                req.offset,
+                6,
+            ));
+            h[EXTENDED_REPLY_LEN..EXTENDED_REPLY_LEN + 4].copy_from_slice(&e.0.to_be_bytes());
+            Frame::new(&h, Bytes::new(), permit)
+        }
+    }
+}
+
+/// Parameters of one transmission phase.
+pub(super) struct Session<B> {
+    /// The export's backend.
+    pub backend: Arc<B>,
+    /// Export name, for logs.
+    pub export: Arc<str>,
+    /// What the handshake agreed.
+    pub negotiated: Negotiated,
+    /// Per-connection byte budget.
+    pub max_bytes_in_flight: usize,
+}
+
+/// Serves requests until DISC, EOF, a framing fault, or shutdown; waits for
+/// every request in flight to be answered, then returns whether the client
+/// ended with DISC (a clean disconnect).
+pub(super) async fn serve<R, W, B>(
+    mut reader: BufReader<R>,
+    writer: W,
+    session: Session<B>,
+    shutdown: &CancellationToken,
+) -> bool
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+    B: Backend,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer_dead = CancellationToken::new();
+    let writer_task = tokio::spawn(write_loop(writer, rx, writer_dead.clone()).in_current_span());
+    let budget_total = session.max_bytes_in_flight.clamp(
+        REQUEST_OVERHEAD,
+        Semaphore::MAX_PERMITS.min(u32::MAX as usize),
+    );
+    let budget = Arc::new(Semaphore::new(budget_total));
+    let caps = session.backend.caps();
+    let conn = Arc::new(Conn {
+        size: session.backend.size(),
+        backend: session.backend,
+        export: session.export,
+        caps,
+        mode: session.negotiated.mode,
+        base_allocation: session.negotiated.base_allocation,
+        tx,
+    });
+    let tasks = TaskTracker::new();
+
+    let result = read_loop(
+        &mut reader,
+        &conn,
+        &budget,
+        budget_total,
+        &tasks,
+        shutdown,
+        &writer_dead,
+    )
+    .await;
+    let clean = match result {
+        Ok(clean) => clean,
+        Err(e) => {
+            warn!(export = %conn.export, error = %e, "closing connection");
+            false
+        }
+    };
+    // Let every request in flight reply, then let the writer drain and end.
+    tasks.close();
+    tasks.wait().await;
+    drop(conn);
+    if let Err(e) = writer_task.await {
+        warn!(error = %e, "reply writer task failed");
+    }
+    clean
+}
+
+/// The reader: returns `Ok(true)` after DISC, `Ok(false)` on EOF or
+/// shutdown, `Err` on a framing fault or socket error.
+async fn read_loop<R, B>(
+    reader: &mut BufReader<R>,
+    conn: &Arc<Conn<B>>,
+    budget: &Arc<Semaphore>,
+    budget_total: usize,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+    writer_dead: &CancellationToken,
+) -> Result<bool, ProtocolError>
+where
+    R: AsyncRead + Unpin,
+    B: Backend,
+{
+    let extended = conn.mode == ReplyMode::Extended;
+    let hlen = if extended {
+        EXTENDED_REQUEST_LEN
+    } else {
+        REQUEST_LEN
+    };
+    let mut hb = [0u8; EXTENDED_REQUEST_LEN];
+    loop {
+        let outcome = tokio::select! {
+            biased;
+            _ = writer_dead.cancelled() => return Ok(false),
+            r = read_or_shutdown(reader, &mut hb[..hlen], shutdown) => r?,
+        };
+        match outcome {
+            ReadOutcome::Data => {}
+            ReadOutcome::Eof => {
+                debug!(export = %conn.export, "client closed the connection without DISC");
+                return Ok(false);
+            }
+            ReadOutcome::ShutdownIdle => return Ok(false),
+        }
+        let req = decode_request(&hb[..hlen], extended)?;
+        trace!(export = %conn.export, cookie = req.cookie, offset = req.offset, len = req.len,
+               command = %req.command, flags = req.flags, "request");
+        if req.command == NBD_CMD_DISC {
+            debug!(export = %conn.export, "DISC");
+            return Ok(true);
+        }
+        let payload_len = req.payload_len(extended);
+
+        let mut verdict = if shutdown.is_cancelled() {
+            Err(NBD_ESHUTDOWN)
+        } else {
+            validate(&req, conn.caps, conn.size, conn.mode, conn.base_allocation)
+        };
+        if verdict.is_ok() && payload_len > 0 && req.command != NBD_CMD_WRITE {
+            verdict = Err(NBD_EINVAL); // payloads on other commands are not negotiated
+        }
+
+        if let Err(errno) = verdict {
+            debug!(export = %conn.export, cookie = req.cookie, offset = req.offset, len = req.len,
+                   command = %req.command, %errno, "request refused");
+            if payload_len > 0 {
+                if payload_len > MAX_DRAIN {
+                    return Err(ProtocolError::PayloadTooLarge {
+                        command: req.command,
+                        len: payload_len,
+                        max: MAX_DRAIN,
+                    });
+                }
+                drain(reader, payload_len).await?;
+            }
+            let _ = conn
+                .tx
+                .send(encode_reply(conn.mode, &req, Err(errno), None));
+            continue;
+        }
+
+        // Back-pressure: wait for budget before reading the payload or
+        // starting the request. A request larger than the whole budget takes
+        // all of it, so it can still run (alone).
+        let reply_bytes = if req.command == NBD_CMD_READ {
+            req.len as usize
+        } else {
+            0
+        };
+        let cost = (payload_len as usize + reply_bytes + REQUEST_OVERHEAD).min(budget_total);
+        let permit = tokio::select! {
+            biased;
+            _ = writer_dead.cancelled() => return Ok(false),
+            p = budget.clone().acquire_many_owned(cost as u32) => p.expect("budget semaphore is never closed"),
+        };
+
+        let payload = if payload_len > 0 {
+            Some(read_payload(reader, payload_len as usize).await?)
+        } else {
+            None
+        };
+
+        let conn = Arc::clone(conn);
+        tasks.spawn(
+            async move {
+                let outcome = execute(&conn, &req, payload).await;
+                if let Err(errno) = &outcome {
+                    debug!(export = %conn.export, cookie = req.cookie, offset = req.offset,
+                           len = req.len, command = %req.command, %errno, "request failed");
+                }
+                let frame = encode_reply(conn.mode, &req, outcome, Some(permit));
+                // Fails only when the writer is gone; nothing left to tell.
+                let _ = conn.tx.send(frame);
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+/// Reads a WRITE payload into a buffer of exactly its size: the bytes
+/// already buffered are copied, the rest is read from the socket directly.
+async fn read_payload<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    len: usize,
+) -> Result<Bytes, ProtocolError> {
+    let mut buf = BytesMut::with_capacity(len);
+    let buffered = reader.buffer();
+    let n = buffered.len().min(len);
+    buf.extend_from_slice(&buffered[..n]);
+    tokio::io::AsyncBufReadExt::consume(reader, n);
+    let inner = reader.get_mut();
+    while buf.len() < len {
+        let want = len - buf.len();
+        let mut limited = (&mut buf).limit(want);
+        let got = inner.read_buf(&mut limited).await?;
+        if got == 0 {
+            return Err(ProtocolError::TornMessage);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Reads and discards `len` payload bytes of a refused request.
+async fn drain<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    len: u64,
+) -> Result<(), ProtocolError> {
+    let copied = tokio::io::copy(&mut (&mut *reader).take(len), &mut tokio::io::sink()).await?;
+    if copied < len {
+        return Err(ProtocolError::TornMessage);
+    }
+    Ok(())
+}
+
+/// The writer: sends frames in the order they arrive, coalescing what is
+/// queued into vectored writes. Ends when every sender is gone, or on a
+/// socket error (then it cancels `dead` so the reader stops too).
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::UnboundedReceiver<Frame>,
+    dead: CancellationToken,
+) {
+    let mut staging = BytesMut::with_capacity(64 * 1024);
+    let mut segs: VecDeque<Bytes> = VecDeque::new();
+    let mut held: Vec<Frame> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut batch = 0usize;
+        let mut next = Some(first);
+        while let Some(mut f) = next.take() {
+            staging.extend_from_slice(&f.head[..f.head_len as usize]);
+            let body = std::mem::take(&mut f.body);
+            batch += f.head_len as usize + body.len();
+            if body.len() < COPY_THRESHOLD {
+                staging.extend_from_slice(&body);
+            } else {
+                segs.push_back(staging.split().freeze());
+                segs.push_back(body);
+            }
+            held.push(f);
+            if batch < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !staging.is_empty() {
+            segs.push_back(staging.split().freeze());
+        }
+        if let Err(e) = write_segments(&mut w, &mut segs).await {
+            debug!(error = %e, "writing replies failed");
+            dead.cancel();
+            return;
+        }
+        // Replies are on the wire: release their budget.
+        held.clear();
+    }
+    let _ = w.shutdown().await;
+}
+
+/// Writes every segment with `writev`, resuming after partial writes.
+async fn write_segments<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    segs: &mut VecDeque<Bytes>,
+) -> io::Result<()> {
+    while !segs.is_empty() {
+        let n = {
+            let iov: Vec<IoSlice<'_>> = segs
+                .iter()
+                .filter(|s| !s.is_empty())
+                .take(MAX_IOVECS)
+                .map(|s| IoSlice::new(s))
+                .collect();
+            if iov.is_empty() {
+                segs.clear();
+                break;
+            }
+            w.write_vectored(&iov).await?
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let mut left = n;
+        while left > 0 {
+            let front = segs.front_mut().expect("wrote more than was queued");
+            if front.len() <= left {
+                left -= front.len();
+                segs.pop_front();
+            } else {
+                bytes::Buf::advance(front, left);
+                left = 0;
+            }
+        }
+        while segs.front().is_some_and(|s| s.is_empty()) {
+            segs.pop_front();
+        }
+    }
+    w.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAPS: BackendCaps = BackendCaps {
+        read_only: false,
+        flush_is_global: true,
+        fast_zero: true,
+        trim: true,
+    };
+
+    fn req(command: Command, flags: u16, offset: u64, len: u64) -> Request {
+        Request {
+            flags,
+            command,
+            cookie: 1,
+            offset,
+            len,
+        }
+    }
+
+    #[test]
+    fn validation_follows_the_error_table() {
+        let v = |r: Request| validate(&r, CAPS, 1 << 20, ReplyMode::Structured, true);
+        assert_eq!(v(req(NBD_CMD_WRITE, 0, 0, 4096)), Ok(()));
+        assert_eq!(v(req(NBD_CMD_WRITE, 0, (1 << 20) - 1, 2)), Err(NBD_ENOSPC));
+        assert_eq!(
+            v(req(NBD_CMD_WRITE_ZEROES, 0, u64::MAX, 2)),
+            Err(NBD_ENOSPC)
+        );
+        assert_eq!(v(req(NBD_CMD_READ, 0, 1 << 20, 1)), Err(NBD_EINVAL));
+        assert_eq!(v(req(NBD_CMD_TRIM, 0, 1 << 20, 1)), Err(NBD_EINVAL));
+        assert_eq!(v(req(NBD_CMD_READ, 1 << 8, 0, 1)), Err(NBD_EINVAL));
+        assert_eq!(
+            v(req(NBD_CMD_WRITE, NBD_CMD_FLAG_NO_HOLE, 0, 1)),
+            Err(NBD_EINVAL)
+        );
+        assert_eq!(v(req(Command(42), 0, 0, 1)), Err(NBD_EINVAL));
+        assert_eq!(v(req(NBD_CMD_READ, NBD_CMD_FLAG_DF, 0, 1)), Ok(()));
+        assert_eq!(
+            v(req(NBD_CMD_READ, 0, 0, u64::from(MAX_PAYLOAD) + 1)),
+            Err(NBD_EINVAL)
+        );
+        assert_eq!(
+            v(req(NBD_CMD_BLOCK_STATUS, NBD_CMD_FLAG_REQ_ONE, 0, 1)),
+            Ok(())
+        );
+        assert_eq!(v(req(NBD_CMD_BLOCK_STATUS, 0, 0, 0)), Err(NBD_EINVAL));
+        assert_eq!(v(req(NBD_CMD_FLUSH, 0, 0, 0)), Ok(()));
+        let ro = BackendCaps {
+            read_only: true,
+            ..CAPS
+        };
+        assert_eq!(
+            validate(
+                &req(NBD_CMD_WRITE, 0, 0, 1),
+                ro,
+                10,
+                ReplyMode::Simple,
+                false
+            ),
+            Err(NBD_EPERM)
+        );
+        assert_eq!(
+            validate(
+                &req(NBD_CMD_BLOCK_STATUS, 0, 0, 1),
+                CAPS,
+                10,
+                ReplyMode::Structured,
+                false
+            ),
+            Err(NBD_EINVAL)
+        );
+        assert_eq!(
+            validate(
+                &req(NBD_CMD_READ, NBD_CMD_FLAG_DF, 0, 1),
+                CAPS,
+                10,
+                ReplyMode::Simple,
+                false
+            ),
+            Err(NBD_EINVAL)
+        );
+    }
+
+    #[test]
+    fn errno_mapping() {
+        assert_eq!(
+            errno_of(&io::Error::from_raw_os_error(libc::ENOSPC)),
+            NBD_ENOSPC
+        );
+        assert_eq!(
+            errno_of(&io::Error::from_raw_os_error(libc::EROFS)),
+            NBD_EPERM
+        );
+        assert_eq!(
+            errno_of(&io::Error::from_raw_os_error(libc::ESHUTDOWN)),
+            NBD_ESHUTDOWN
+        );
+        assert_eq!(
+            errno_of(&io::Error::from_raw_os_error(libc::EBADF)),
+            NBD_EIO
+        );
+        assert_eq!(errno_of(&io::Error::other("x")), NBD_EIO);
+        assert_eq!(errno_of(&io::ErrorKind::Unsupported.into()), NBD_ENOTSUP);
+        assert_eq!(errno_of(&io::ErrorKind::InvalidInput.into()), NBD_EINVAL);
+    }
+
+    #[test]
+    fn extents_are_clamped() {
+        let runs = vec![
+            BlockStatus { len: 10, flags: 0 },
+            BlockStatus { len: 0, flags: 3 },
+            BlockStatus { len: 100, flags: 3 },
+        ];
+        assert_eq!(
+            clamp_extents(runs.clone(), 50, false),
+            vec![
+                BlockStatus { len: 10, flags: 0 },
+                BlockStatus { len: 40, flags: 3 }
+            ]
+        );
+        assert_eq!(
+            clamp_extents(runs, 50, true),
+            vec![BlockStatus { len: 10, flags: 0 }]
+        );
+    }
+}

@@ -1,0 +1,408 @@
+//! Shared helpers for the NBD integration tests: an in-process server on a
+//! Unix socket in a temp dir, a backend wrapper that counts lifecycle
+//! calls, source-image makers, and a tiny blocking QMP client.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::runtime::Runtime;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use vma_writer::nbd::{
+    Backend, BackendCaps, BlockStatus, Export, ListenAddr, Listener, Server, ServerConfig,
+};
+
+/// Turns on server logs when `RUST_LOG` is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// Wraps a backend and counts `connected`, `disconnected` and `flush`.
+pub struct Counting<B> {
+    /// The wrapped backend.
+    pub inner: B,
+    /// `connected()` calls.
+    pub connects: AtomicUsize,
+    /// `disconnected(true)` calls.
+    pub clean_disconnects: AtomicUsize,
+    /// `disconnected(false)` calls.
+    pub unclean_disconnects: AtomicUsize,
+    /// `flush()` calls.
+    pub flushes: AtomicUsize,
+}
+
+impl<B> Counting<B> {
+    pub fn new(inner: B) -> Self {
+        Self {
+            inner,
+            connects: AtomicUsize::new(0),
+            clean_disconnects: AtomicUsize::new(0),
+            unclean_disconnects: AtomicUsize::new(0),
+            flushes: AtomicUsize::new(0),
+        }
+    }
+    pub fn disconnects(&self) -> usize {
+        self.clean_disconnects.load(Ordering::SeqCst)
+            + self.unclean_disconnects.load(Ordering::SeqCst)
+    }
+    /// Waits until `n` connections have ended (they end asynchronously
+    /// after the client exits).
+    pub fn wait_disconnects(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.disconnects() < n {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {n} disconnects"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl<B: Backend> Backend for Counting<B> {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn caps(&self) -> BackendCaps {
+        self.inner.caps()
+    }
+    async fn write(&self, offset: u64, data: Bytes) -> std::io::Result<()> {
+        self.inner.write(offset, data).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> std::io::Result<()> {
+        self.inner.write_zeroes(offset, len, may_trim).await
+    }
+    async fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.trim(offset, len).await
+    }
+    async fn flush(&self) -> std::io::Result<()> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        self.inner.flush().await
+    }
+    async fn read(&self, offset: u64, len: u32) -> std::io::Result<Bytes> {
+        self.inner.read(offset, len).await
+    }
+    async fn block_status(&self, offset: u64, len: u64) -> std::io::Result<Vec<BlockStatus>> {
+        self.inner.block_status(offset, len).await
+    }
+    fn connected(&self) {
+        self.connects.fetch_add(1, Ordering::SeqCst);
+    }
+    fn disconnected(&self, clean: bool) {
+        if clean {
+            self.clean_disconnects.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.unclean_disconnects.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The server running in its own tokio runtime, listening on a Unix socket
+/// in a temp dir. Dropping it shuts the server down gracefully.
+pub struct TestServer<B: Backend> {
+    pub rt: Runtime,
+    pub dir: tempfile::TempDir,
+    pub sock: PathBuf,
+    pub backends: Vec<Arc<B>>,
+    shutdown: CancellationToken,
+    handle: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl<B: Backend> TestServer<B> {
+    /// Starts a server with default limits.
+    pub fn start(exports: Vec<(&str, B)>) -> Self {
+        Self::start_with(exports, ServerConfig::default())
+    }
+
+    /// Starts a server with the given limits.
+    pub fn start_with(exports: Vec<(&str, B)>, config: ServerConfig) -> Self {
+        init_tracing();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sock = dir.path().join("nbd.sock");
+        let shutdown = CancellationToken::new();
+        let backends: Vec<Arc<B>> = Vec::new();
+        let mut list = Vec::new();
+        let mut backends = backends;
+        for (name, b) in exports {
+            let b = Arc::new(b);
+            backends.push(Arc::clone(&b));
+            list.push(Export {
+                name: name.to_owned(),
+                description: format!("test export {name}"),
+                backend: b,
+            });
+        }
+        let handle = {
+            let _g = rt.enter();
+            let listener = Listener::bind(&ListenAddr::Unix(sock.clone())).expect("bind");
+            let server = Server::new(list, config);
+            rt.spawn(server.run(listener, shutdown.clone()))
+        };
+        Self {
+            rt,
+            dir,
+            sock,
+            backends,
+            shutdown,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.sock.display())
+    }
+
+    /// Asks the server to stop and waits for `run` to return.
+    pub fn stop(mut self) {
+        self.stop_inner();
+        assert!(!self.sock.exists(), "socket file left behind");
+    }
+
+    fn stop_inner(&mut self) {
+        self.shutdown.cancel();
+        if let Some(h) = self.handle.take() {
+            let r = self
+                .rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(20), h).await });
+            r.expect("server did not stop within 20 s")
+                .expect("server task panicked")
+                .expect("server returned an error");
+        }
+    }
+}
+
+impl<B: Backend> Drop for TestServer<B> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.stop_inner();
+        } else {
+            self.shutdown.cancel();
+        }
+    }
+}
+
+/// Runs a command, returns its output; panics with stdout/stderr on failure.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Writes a sparse raw image of `size` bytes with data islands at
+/// `(offset, len)` and returns its full contents.
+pub fn make_sparse_image(path: &Path, size: u64, islands: &[(u64, usize)]) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).expect("create image");
+    f.set_len(size).expect("set_len");
+    let mut contents = vec![0u8; size as usize];
+    for (i, &(off, len)) in islands.iter().enumerate() {
+        let data = pseudo_random(len, 0x9e37_79b9_7f4a_7c15 ^ i as u64);
+        f.write_all_at(&data, off).expect("write island");
+        contents[off as usize..off as usize + len].copy_from_slice(&data);
+    }
+    contents
+}
+
+/// Index of the first differing byte, for readable assertion messages.
+pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    if a.len() != b.len() {
+        return Some(a.len().min(b.len()));
+    }
+    a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+/// Asserts two images are equal, naming the first differing offset.
+pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    if let Some(i) = first_difference(got, want) {
+        panic!(
+            "{what}: contents differ at byte {i} (len {} vs {})",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
+/// A minimal blocking QMP client (one command at a time, events kept).
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// Events received so far, oldest first.
+    pub events: Vec<Value>,
+}
+
+impl Qmp {
+    /// Connects (retrying while the socket appears), reads the greeting and
+    /// negotiates capabilities.
+    pub fn connect(path: &Path) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "QMP socket {}: {e}",
+                        path.display()
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let mut q = Qmp {
+            reader: BufReader::new(stream.try_clone().expect("clone")),
+            writer: stream,
+            events: Vec::new(),
+        };
+        let greeting = q.read_msg();
+        assert!(
+            greeting.get("QMP").is_some(),
+            "unexpected greeting {greeting}"
+        );
+        q.execute("qmp_capabilities", json!({}));
+        q
+    }
+
+    fn read_msg(&mut self) -> Value {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).expect("reading QMP");
+        assert!(n > 0, "QMP connection closed");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad QMP line {line:?}: {e}"))
+    }
+
+    /// Runs a command; returns `Ok(return)` or `Err(error)`.
+    pub fn try_execute(&mut self, cmd: &str, args: Value) -> Result<Value, Value> {
+        let msg = json!({"execute": cmd, "arguments": args});
+        writeln!(self.writer, "{msg}").expect("writing QMP");
+        loop {
+            let m = self.read_msg();
+            if let Some(r) = m.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = m.get("error") {
+                return Err(e.clone());
+            }
+            if m.get("event").is_some() {
+                self.events.push(m);
+            }
+        }
+    }
+
+    /// Runs a command and panics on a QMP error.
+    pub fn execute(&mut self, cmd: &str, args: Value) -> Value {
+        self.try_execute(cmd, args.clone())
+            .unwrap_or_else(|e| panic!("QMP {cmd} {args} failed: {e}"))
+    }
+
+    /// Waits for an event named `name` (already received or new).
+    pub fn wait_event(&mut self, name: &str) -> Value {
+        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+            return self.events.remove(i);
+        }
+        loop {
+            let m = self.read_msg();
+            if m["event"] == name {
+                return m;
+            }
+            if m.get("event").is_some() {
+                self.events.push(m);
+            }
+        }
+    }
+}
+
+/// A qemu-storage-daemon with one raw source drive and a QMP monitor; killed
+/// on drop.
+pub struct StorageDaemon {
+    pub child: Child,
+    pub qmp: Qmp,
+}
+
+impl StorageDaemon {
+    /// Starts `qemu-storage-daemon` serving `image` as node `node`.
+    pub fn start(dir: &Path, image: &Path, node: &str) -> Self {
+        let qmp_path = dir.join("qmp.sock");
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--chardev")
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=m0",
+                qmp_path.display()
+            ))
+            .args(["--monitor", "chardev=m0"])
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,filename={},node-name={node}-file",
+                image.display()
+            ))
+            .arg("--blockdev")
+            .arg(format!("driver=raw,file={node}-file,node-name={node}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning qemu-storage-daemon");
+        let qmp = Qmp::connect(&qmp_path);
+        StorageDaemon { child, qmp }
+    }
+}
+
+impl Drop for StorageDaemon {
+    fn drop(&mut self) {
+        // Ask politely; the daemon may already be gone.
+        let _ = writeln!(self.qmp.writer, "{}", json!({"execute": "quit"}));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => return,
+                _ if Instant::now() > deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return;
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
