@@ -14,6 +14,8 @@
 //!   implements. Knows nothing of VMA.
 //! - [`assembler`]: the NBD backend of each drive export; turns writes of any
 //!   shape into whole 64 KiB clusters for the archive writer.
+//! - [`target`]: the live-backup target: exports + assembler + the rules
+//!   for when the archive is final or the backup failed.
 //! - [`sink`]: bytes out: plain or zstd, fsync, temp-then-rename commit.
 //! - [`qmp`]: a small async client for QEMU's JSON monitor.
 //! - [`qemu`]: starting and stopping `qemu-storage-daemon` for `create`,
@@ -26,4 +28,5 @@ pub mod nbd;
 pub mod qemu;
 pub mod qmp;
 pub mod sink;
+pub mod target;
 pub mod vma;

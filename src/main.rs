@@ -7,6 +7,12 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // A file size limit (ulimit -f) must fail the write with EFBIG, not
+    // kill the process with SIGXFSZ before it can clean up.
+    // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = vma_writer::cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

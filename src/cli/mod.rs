@@ -11,7 +11,9 @@ mod config;
 mod create;
 mod extract;
 mod list;
+mod live;
 mod progress;
+pub mod serve;
 mod verify;
 
 /// Proxmox-compatible VMA archives from stock QEMU.
@@ -36,6 +38,8 @@ pub enum Command {
     Verify(verify::Args),
     /// Restore an archive's drives and configs into a new directory.
     Extract(extract::Args),
+    /// Be the NBD target of a live backup and write its archive.
+    Serve(serve::Args),
 }
 
 /// Runs the parsed command line.
@@ -46,5 +50,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(a) => config::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Extract(a) => extract::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
