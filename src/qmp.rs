@@ -906,40 +906,17 @@ impl Qmp {
     /// Every named block node (`query-named-block-nodes` with `flat`), with
     /// `drive_name` filled in from `query-block` for nodes a device uses.
     pub async fn block_nodes(&self) -> Result<Vec<BlockNode>, Error> {
+        let (nodes, _) = self.nodes_and_drives().await?;
+        Ok(nodes)
+    }
+
+    async fn nodes_and_drives(&self) -> Result<(Vec<BlockNode>, Vec<RawDrive>), Error> {
         let raw: Vec<RawNode> = self
             .call("query-named-block-nodes", Some(json!({"flat": true})))
             .await?;
-        let drives = self.drives().await?;
-        Ok(raw
-            .into_iter()
-            .map(|n| {
-                let drive_name = drives
-                    .iter()
-                    .find(|d| d.node_name.as_deref() == Some(n.node_name.as_str()))
-                    .and_then(RawDrive::name);
-                BlockNode {
-                    node_name: n.node_name,
-                    drive_name,
-                    size: n.image.virtual_size,
-                    read_only: n.ro,
-                    driver: n.drv,
-                    filename: n.file,
-                }
-            })
-            .collect())
-    }
-
-    async fn drives(&self) -> Result<Vec<RawDrive>, Error> {
-        let raw: Vec<RawBlockInfo> = self.call("query-block", None).await?;
-        Ok(raw
-            .into_iter()
-            .map(|b| RawDrive {
-                device: b.device,
-                qdev: b.qdev,
-                removable: b.removable,
-                node_name: b.inserted.and_then(|i| i.node_name),
-            })
-            .collect())
+        let drives: Vec<RawBlockInfo> = self.call("query-block", None).await?;
+        let drives: Vec<RawDrive> = drives.into_iter().map(RawDrive::from).collect();
+        Ok((merge_nodes(raw, &drives), drives))
     }
 
     /// The nodes `vma-writer backup --all` backs up, sorted by node name
@@ -959,19 +936,9 @@ impl Qmp {
     /// Call it before adding backup targets: NBD target nodes and the
     /// copy-before-write filters of running jobs are roots too.
     pub async fn all_drives(&self) -> Result<Vec<BlockNode>, Error> {
-        let nodes = self.block_nodes().await?;
-        let drives = self.drives().await?;
+        let (nodes, drives) = self.nodes_and_drives().await?;
         if !drives.is_empty() {
-            return Ok(drives
-                .iter()
-                .filter(|d| !d.removable)
-                .filter_map(|d| {
-                    let name = d.node_name.as_deref()?;
-                    nodes.iter().find(|n| n.node_name == name)
-                })
-                .filter(|n| !n.read_only)
-                .cloned()
-                .collect());
+            return Ok(vm_drives(&nodes, &drives));
         }
         let roots = match self
             .call::<RawGraph>("x-debug-query-block-graph", None)
@@ -1159,14 +1126,70 @@ struct RawDrive {
     node_name: Option<String>,
 }
 
-impl RawDrive {
-    fn name(&self) -> Option<String> {
-        if !self.device.is_empty() {
-            Some(self.device.clone())
-        } else {
-            self.qdev.clone().filter(|q| !q.is_empty())
+impl From<RawBlockInfo> for RawDrive {
+    fn from(b: RawBlockInfo) -> RawDrive {
+        RawDrive {
+            device: b.device,
+            qdev: b.qdev,
+            removable: b.removable,
+            node_name: b.inserted.and_then(|i| i.node_name),
         }
     }
+}
+
+/// Prefix of the QOM path of a guest device created with an `id`.
+const QOM_PERIPHERAL: &str = "/machine/peripheral/";
+
+impl RawDrive {
+    /// The drive's name: its BlockBackend name (`-drive id=`), else the
+    /// guest device's id (taken from a `/machine/peripheral/ID/...` QOM
+    /// path), else the whole qdev path.
+    fn name(&self) -> Option<String> {
+        if !self.device.is_empty() {
+            return Some(self.device.clone());
+        }
+        let qdev = self.qdev.as_deref().filter(|q| !q.is_empty())?;
+        let id = qdev
+            .strip_prefix(QOM_PERIPHERAL)
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or(qdev);
+        Some(id.to_string())
+    }
+}
+
+/// Builds [`BlockNode`]s, naming the drive of nodes a device uses.
+fn merge_nodes(raw: Vec<RawNode>, drives: &[RawDrive]) -> Vec<BlockNode> {
+    raw.into_iter()
+        .map(|n| {
+            let drive_name = drives
+                .iter()
+                .find(|d| d.node_name.as_deref() == Some(n.node_name.as_str()))
+                .and_then(RawDrive::name);
+            BlockNode {
+                node_name: n.node_name,
+                drive_name,
+                size: n.image.virtual_size,
+                read_only: n.ro,
+                driver: n.drv,
+                filename: n.file,
+            }
+        })
+        .collect()
+}
+
+/// `--all` on a VM: the top node of each non-removable drive with a medium,
+/// when writable, in `query-block` order.
+fn vm_drives(nodes: &[BlockNode], drives: &[RawDrive]) -> Vec<BlockNode> {
+    drives
+        .iter()
+        .filter(|d| !d.removable)
+        .filter_map(|d| {
+            let name = d.node_name.as_deref()?;
+            nodes.iter().find(|n| n.node_name == name)
+        })
+        .filter(|n| !n.read_only)
+        .cloned()
+        .collect()
 }
 
 /// `x-debug-query-block-graph`.
@@ -1490,6 +1513,58 @@ mod tests {
             {"name": "", "type": "block-backend", "id": 1}]});
         let g: RawGraph = Deserialize::deserialize(&v).unwrap();
         assert_eq!(graph_roots(&g), vec!["b".to_string(), "a".to_string()]);
+    }
+
+    #[test]
+    fn vm_drive_selection() {
+        // Shaped like qemu-system-x86_64 10.0: a -drive disk, a -blockdev
+        // disk on a device with an id, a read-only disk, an empty CD-ROM and
+        // a CD-ROM with a medium.
+        let blocks = json!([
+            {"device": "drive-virtio0", "qdev": "/machine/peripheral/virtio0/virtio-backend",
+             "removable": false, "locked": false, "type": "unknown",
+             "inserted": {"node-name": "#block123", "ro": false, "drv": "qcow2"}},
+            {"device": "", "qdev": "/machine/peripheral/scsi0/virtio-backend",
+             "removable": false, "locked": false, "type": "unknown",
+             "inserted": {"node-name": "drive-scsi0", "ro": false, "drv": "raw"}},
+            {"device": "", "qdev": "ro-disk", "removable": false, "locked": false,
+             "type": "unknown", "inserted": {"node-name": "ro0", "ro": true, "drv": "raw"}},
+            {"device": "ide2-cd0", "qdev": "ide2", "removable": true, "locked": false,
+             "tray_open": false, "type": "unknown"},
+            {"device": "ide3-cd0", "qdev": "ide3", "removable": true, "locked": false,
+             "tray_open": false, "type": "unknown",
+             "inserted": {"node-name": "#block9", "ro": true, "drv": "raw"}}
+        ]);
+        let node = |name: &str, size: u64, ro: bool, drv: &str| {
+            json!({"node-name": name, "ro": ro, "drv": drv, "file": format!("/img/{name}"),
+                   "image": {"virtual-size": size}})
+        };
+        let nodes = json!([
+            node("#block123", 1 << 30, false, "qcow2"),
+            node("#block045", 200_000, false, "file"),
+            node("drive-scsi0", 10_487_296, false, "raw"),
+            node("ro0", 4096, true, "raw"),
+            node("#block9", 1 << 20, true, "raw"),
+        ]);
+        let drives: Vec<RawDrive> = Vec::<RawBlockInfo>::deserialize(&blocks)
+            .unwrap()
+            .into_iter()
+            .map(RawDrive::from)
+            .collect();
+        let nodes = merge_nodes(Vec::<RawNode>::deserialize(&nodes).unwrap(), &drives);
+        let picked: Vec<_> = vm_drives(&nodes, &drives)
+            .into_iter()
+            .map(|n| (n.node_name, n.drive_name, n.size))
+            .collect();
+        assert_eq!(
+            picked,
+            [
+                ("#block123".into(), Some("drive-virtio0".into()), 1 << 30),
+                ("drive-scsi0".into(), Some("scsi0".into()), 10_487_296),
+            ]
+        );
+        let ro = nodes.iter().find(|n| n.node_name == "ro0").unwrap();
+        assert_eq!(ro.drive_name.as_deref(), Some("ro-disk"));
     }
 
     #[test]
