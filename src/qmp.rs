@@ -919,19 +919,22 @@ impl Qmp {
         Ok((merge_nodes(raw, &drives), drives))
     }
 
-    /// The nodes `vma-writer backup --all` backs up, sorted by node name
-    /// for the storage daemon and in `query-block` order for a VM:
+    /// The nodes `vma-writer backup --all` backs up, in `query-block` order
+    /// for a VM and sorted by node name for the storage daemon:
     ///
-    /// - When QEMU has drives (`query-block` lists any, i.e. a VM), the top
+    /// - When QEMU has drives (`query-block` lists any, i.e. a VM): the top
     ///   node of every drive that has a medium inserted, is not removable
-    ///   (CD-ROM, floppy) and is writable.
-    /// - Otherwise (qemu-storage-daemon, or a VM with no drives): every
-    ///   writable node that no other block node uses as a child (the graph
-    ///   roots from `x-debug-query-block-graph`), e.g. the `qcow2` node but
-    ///   not the `file` node under it. Users such as NBD exports or jobs do
-    ///   not count as parents. If that command is missing, a protocol node
-    ///   (`file`, `host_device`) is dropped when another node reports the
-    ///   same file name.
+    ///   (CD-ROM, floppy) and is writable. Read-only drives are install
+    ///   media or shared images, not VM state.
+    /// - Otherwise (qemu-storage-daemon, or a VM with no drives): every node
+    ///   that no other block node uses as a child (the roots of
+    ///   `x-debug-query-block-graph`), e.g. the `qcow2` node but not the
+    ///   `file` node under it; NBD exports and jobs do not count as parents.
+    ///   Read-only roots are included: there is no guest, and read-only is
+    ///   how `create`/`demo` open source images (QEMU backs them up fine).
+    ///   Without that command (it is unstable API), a protocol node (`file`,
+    ///   `host_device`) is dropped when another node reports the same file
+    ///   name.
     ///
     /// Call it before adding backup targets: NBD target nodes and the
     /// copy-before-write filters of running jobs are roots too.
@@ -953,7 +956,7 @@ impl Qmp {
         };
         let mut out: Vec<BlockNode> = nodes
             .into_iter()
-            .filter(|n| !n.read_only && roots.contains(&n.node_name))
+            .filter(|n| roots.contains(&n.node_name))
             .collect();
         out.sort_by(|a, b| a.node_name.cmp(&b.node_name));
         Ok(out)

@@ -80,10 +80,13 @@ async fn lists_nodes_with_exact_sizes() {
     assert_ne!(size("qcow0-file"), QCOW2_SIZE); // the qcow2 file itself
     assert!(nodes.iter().all(|n| n.drive_name.is_none()));
 
-    // --all: format nodes only, writable only.
+    // --all on the storage daemon: the format nodes (graph roots), also
+    // the read-only one.
     let all = qmp.all_drives().await.unwrap();
     let names: Vec<_> = all.iter().map(|n| n.node_name.as_str()).collect();
-    assert_eq!(names, ["qcow0", "raw0"]);
+    assert_eq!(names, ["qcow0", "raw0", "ro0"]);
+    // The start-up probes of the QMP sockets leave no noise.
+    assert_eq!(daemon.stderr(), "(no output)");
     drop(qmp);
     daemon.shutdown().await.unwrap();
 }
@@ -171,7 +174,8 @@ async fn backup_into_nbdkit_completes() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let opts = images(dir.path(), false);
+    // Includes a read-only source: QEMU backs those up too.
+    let opts = images(dir.path(), true);
     let sources = opts.images.clone();
     let daemon = StorageDaemon::start(opts).await.unwrap();
     let qmp = daemon.connect().await.unwrap();
@@ -396,6 +400,23 @@ async fn drop_leaves_no_process_and_shutdown_quits() {
     assert!(t0.elapsed() < qemu::QUIT_TIMEOUT, "quit was not used");
     assert!(!qmp_support::pid_alive(pid));
     drop(qmp);
+
+    // With both monitors busy, quit cannot connect: SIGTERM after
+    // QUIT_TIMEOUT, still a clean exit.
+    let daemon = StorageDaemon::start(images(dir.path(), false))
+        .await
+        .unwrap();
+    let pid = daemon.pid();
+    let main = daemon.connect().await.unwrap();
+    let spare = vma_writer::qmp::Qmp::connect(daemon.spare_qmp_socket())
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    let status = daemon.shutdown().await.unwrap();
+    assert!(t0.elapsed() >= qemu::QUIT_TIMEOUT);
+    assert!(status.success(), "{status}");
+    assert!(!qmp_support::pid_alive(pid));
+    drop((main, spare));
 }
 
 #[tokio::test]
