@@ -412,6 +412,22 @@ impl JobEvent {
     }
 }
 
+/// How one block job ended; see [`EventStream::wait_jobs_ended`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobOutcome {
+    /// True for `BLOCK_JOB_CANCELLED`, false for `BLOCK_JOB_COMPLETED`.
+    pub cancelled: bool,
+    /// The event's data; `end.device` is the job id.
+    pub end: BlockJobEnd,
+}
+
+impl JobOutcome {
+    /// Completed, without error, and copied everything.
+    pub fn is_success(&self) -> bool {
+        !self.cancelled && self.end.error.is_none() && self.end.offset == self.end.len
+    }
+}
+
 impl Event {
     /// Parses the job events; `Ok(None)` for any other event, an
     /// [`Error::Protocol`] when a job event lacks a field.
@@ -1300,6 +1316,43 @@ impl EventStream {
                 timeout,
             }),
         }
+    }
+
+    /// Waits up to `timeout` (in total) until every job in `job_ids` has
+    /// sent `BLOCK_JOB_COMPLETED` or `BLOCK_JOB_CANCELLED`, in any order,
+    /// and returns the outcomes in the order of `job_ids`. Other events are
+    /// dropped. Not cancel-safe: outcomes seen so far are lost when the
+    /// future is dropped; a lost connection ends it with [`Error::Closed`].
+    pub async fn wait_jobs_ended<S: AsRef<str>>(
+        &mut self,
+        job_ids: &[S],
+        timeout: Duration,
+    ) -> Result<Vec<JobOutcome>, Error> {
+        let mut found: Vec<Option<JobOutcome>> = vec![None; job_ids.len()];
+        let wait = async {
+            while found.iter().any(Option::is_none) {
+                let ev = self.recv().await?;
+                let (cancelled, end) = match ev.typed()? {
+                    Some(JobEvent::Completed(end)) => (false, end),
+                    Some(JobEvent::Cancelled(end)) => (true, end),
+                    _ => continue,
+                };
+                if let Some(i) = job_ids.iter().position(|j| j.as_ref() == end.device) {
+                    found[i] = Some(JobOutcome { cancelled, end });
+                }
+            }
+            Ok::<_, Error>(())
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(Error::Timeout {
+                    what: "wait for block jobs to end".into(),
+                    timeout,
+                });
+            }
+        }
+        Ok(found.into_iter().flatten().collect())
     }
 }
 

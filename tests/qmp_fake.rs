@@ -303,3 +303,32 @@ async fn wait_for_skips_other_events_and_times_out() {
         .await;
     assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
 }
+
+#[tokio::test]
+async fn wait_jobs_ended_collects_in_any_order() {
+    let server = Server::new();
+    let (qmp, mut fake) = connected(&server).await;
+    let mut events = qmp.subscribe();
+    let end = |job: &str, offset: u64| json!({"device": job, "len": 100, "offset": offset, "speed": 0, "type": "backup"});
+    fake.event("JOB_STATUS_CHANGE", json!({"id": "b", "status": "running"}))
+        .await;
+    fake.event("BLOCK_JOB_CANCELLED", end("b", 40)).await;
+    fake.event("BLOCK_JOB_COMPLETED", end("other", 100)).await;
+    fake.event("BLOCK_JOB_COMPLETED", end("a", 100)).await;
+    let got = events
+        .wait_jobs_ended(&["a", "b"], Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(got[0].end.device, "a");
+    assert!(got[0].is_success());
+    assert_eq!(got[1].end.device, "b");
+    assert!(got[1].cancelled && !got[1].is_success());
+
+    // A job that never ends: the lost connection ends the wait.
+    fake.event("BLOCK_JOB_COMPLETED", end("c", 100)).await;
+    drop(fake);
+    let r = events
+        .wait_jobs_ended(&["c", "d"], Duration::from_secs(5))
+        .await;
+    assert!(matches!(r, Err(Error::Closed { .. })), "{r:?}");
+}
