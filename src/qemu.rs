@@ -363,6 +363,13 @@ impl StorageDaemon {
         let nbd_socket = socket_path(dir, format!("{prefix}-nbd.sock"))?;
         let stderr_path = dir.join(format!("{prefix}-stderr.log"));
 
+        // Stale files exist only if an earlier process with our pid was
+        // killed hard. QEMU replaces its sockets itself; clearing them here
+        // also clears an NBD socket QEMU would only create later.
+        for p in qmp_sockets.iter().chain([&nbd_socket]) {
+            let _ = std::fs::remove_file(p);
+        }
+
         let mut cmd = Command::new(&binary);
         for img in &opts.images {
             for arg in blockdev_args(img)? {
