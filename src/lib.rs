@@ -16,6 +16,8 @@
 //!   shape into whole 64 KiB clusters for the archive writer.
 //! - [`target`]: the live-backup target: exports + assembler + the rules
 //!   for when the archive is final or the backup failed.
+//! - [`backup`]: a whole live backup driven over QMP (targets, one
+//!   transaction of jobs, completion, cleanup on failure).
 //! - [`sink`]: bytes out: plain or zstd, fsync, temp-then-rename commit.
 //! - [`qmp`]: a small async client for QEMU's JSON monitor.
 //! - [`qemu`]: starting and stopping `qemu-storage-daemon` for `create`,
@@ -23,6 +25,7 @@
 //! - [`cli`]: one module per subcommand of the `vma-writer` binary.
 
 pub mod assembler;
+pub mod backup;
 pub mod cli;
 pub mod nbd;
 pub mod qemu;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod archive_input;
+pub mod backup;
 mod config;
 mod create;
 mod extract;
@@ -40,6 +41,8 @@ pub enum Command {
     Extract(extract::Args),
     /// Be the NBD target of a live backup and write its archive.
     Serve(serve::Args),
+    /// Back up a running QEMU's drives over QMP into one archive.
+    Backup(backup::Args),
 }
 
 /// Runs the parsed command line.
@@ -51,5 +54,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify(a) => verify::run(a),
         Command::Extract(a) => extract::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Backup(a) => backup::run(a),
     }
 }

@@ -1,0 +1,304 @@
+//! A whole live backup driven over QMP: serve the drives on a private Unix
+//! socket, `blockdev-add` one NBD node per drive, start every
+//! `blockdev-backup` in one transaction (one point in time), wait for the
+//! jobs, `blockdev-del` the targets (QEMU then flushes and disconnects) and
+//! finish the archive. On a job error, a lost QMP connection, a target
+//! failure or a stop request it cancels the jobs, removes the targets and
+//! abandons the archive.
+//!
+//! Used by `backup`, `create` (non-raw images) and `demo`. Display is left
+//! to the caller through [`Observer`].
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::assembler::{DriveSpec, DriveStatus};
+use crate::nbd::ListenAddr;
+use crate::qmp::{self, BackupJob, JobEvent, Qmp};
+use crate::target::{BackupTarget, Report, TargetConfig, WaitOutcome, describe_incomplete};
+
+/// How long cancelled jobs get to report their end before we go on.
+pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the targets get to flush and disconnect after `blockdev-del`
+/// before the backup is declared failed.
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How often progress is reported to the [`Observer`].
+pub const TICK: Duration = Duration::from_millis(500);
+
+/// One drive to back up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupDrive {
+    /// QEMU node (or drive) name of the source.
+    pub node: String,
+    /// Device name in the archive and NBD export name.
+    pub name: String,
+    /// Exact size in bytes.
+    pub size: u64,
+}
+
+/// Receives progress; the CLI draws bars or prints JSON.
+pub trait Observer {
+    /// Called every [`TICK`] while the jobs run.
+    fn progress(&mut self, status: &[DriveStatus]);
+}
+
+impl<F: FnMut(&[DriveStatus])> Observer for F {
+    fn progress(&mut self, status: &[DriveStatus]) {
+        self(status)
+    }
+}
+
+/// Proxmox's device name for a QEMU drive: `drive-` + the drive id, unless
+/// it already starts with `drive-`.
+pub fn archive_name(id: &str) -> String {
+    if id.starts_with("drive-") {
+        id.to_string()
+    } else {
+        format!("drive-{id}")
+    }
+}
+
+/// Resolves `--drive NODE[=NAME]` and `--all` against what QEMU reports.
+pub async fn resolve_drives(
+    qmp: &Qmp,
+    specs: &[String],
+    all: bool,
+) -> anyhow::Result<Vec<BackupDrive>> {
+    let nodes = qmp
+        .block_nodes()
+        .await
+        .context("cannot list QEMU's block nodes")?;
+    let mut out = Vec::new();
+    if all {
+        for n in qmp
+            .all_drives()
+            .await
+            .context("cannot list QEMU's drives")?
+        {
+            let id = n.drive_name.clone().unwrap_or_else(|| n.node_name.clone());
+            out.push(BackupDrive {
+                node: n.node_name,
+                name: archive_name(&id),
+                size: n.size,
+            });
+        }
+    }
+    for s in specs {
+        let (node, name) = match s.split_once('=') {
+            Some((n, name)) => (n, Some(name.to_string())),
+            None => (s.as_str(), None),
+        };
+        let found = nodes
+            .iter()
+            .find(|n| n.node_name == node || n.drive_name.as_deref() == Some(node))
+            .with_context(|| format!("QEMU has no block node or drive named '{node}'"))?;
+        out.push(BackupDrive {
+            node: found.node_name.clone(),
+            name: name.unwrap_or_else(|| archive_name(node)),
+            size: found.size,
+        });
+    }
+    if out.is_empty() {
+        bail!("no drives to back up: name them with --drive NODE[=NAME] or use --all");
+    }
+    let mut seen = HashSet::new();
+    for d in &out {
+        if !seen.insert(d.name.clone()) {
+            bail!("drive name '{}' is used twice", d.name);
+        }
+    }
+    Ok(out)
+}
+
+fn target_node(i: usize) -> String {
+    format!("vmaw-tgt{i}")
+}
+
+fn job_id(i: usize) -> String {
+    format!("vmaw-job{i}")
+}
+
+/// Why a running backup stopped early.
+enum Abort {
+    Failed(String),
+    Stopped,
+}
+
+/// Runs the backup. `cfg.listen` must be a Unix socket QEMU can reach;
+/// `cfg.drives` is filled from `drives`. `stop` resolves on SIGINT/SIGTERM
+/// (or never). Returns the report of the finished archive.
+pub async fn run(
+    qmp: &Qmp,
+    drives: &[BackupDrive],
+    mut cfg: TargetConfig,
+    speed: Option<u64>,
+    observer: &mut dyn Observer,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<Report> {
+    let ListenAddr::Unix(socket) = cfg.listen.clone() else {
+        bail!("backup serves QEMU on a Unix socket");
+    };
+    cfg.drives = drives
+        .iter()
+        .map(|d| DriveSpec {
+            name: d.name.clone(),
+            size: d.size,
+        })
+        .collect();
+    let target = BackupTarget::start(cfg).await?;
+    let mut events = qmp.subscribe();
+    tokio::pin!(stop);
+
+    // Targets first: QEMU connects and negotiates in blockdev-add.
+    let mut added = Vec::new();
+    let mut abort: Option<Abort> = None;
+    for (i, d) in drives.iter().enumerate() {
+        match qmp
+            .blockdev_add_nbd(&target_node(i), socket.as_path(), &d.name)
+            .await
+        {
+            Ok(()) => added.push(target_node(i)),
+            Err(e) => {
+                abort = Some(Abort::Failed(format!(
+                    "QEMU cannot open the backup target for {}: {e}",
+                    d.name
+                )));
+                break;
+            }
+        }
+    }
+    let jobs: Vec<BackupJob> = drives
+        .iter()
+        .enumerate()
+        .map(|(i, d)| BackupJob {
+            job_id: job_id(i),
+            device: d.node.clone(),
+            target: target_node(i),
+            speed,
+            filter_node_name: Some(format!("vmaw-cbw{i}")),
+        })
+        .collect();
+    let mut running: HashSet<String> = HashSet::new();
+    if abort.is_none() {
+        match qmp.blockdev_backup_transaction(&jobs).await {
+            Ok(()) => running.extend(jobs.iter().map(|j| j.job_id.clone())),
+            Err(e) => abort = Some(Abort::Failed(format!("QEMU refused the backup jobs: {e}"))),
+        }
+    }
+
+    // Wait for every job, watching the target and the stop request.
+    if abort.is_none() {
+        let target_wait = target.wait(std::future::pending());
+        tokio::pin!(target_wait);
+        let mut tick = tokio::time::interval(TICK);
+        while !running.is_empty() {
+            tokio::select! {
+                _ = &mut stop => { abort = Some(Abort::Stopped); break; }
+                o = &mut target_wait => {
+                    abort = Some(Abort::Failed(match o {
+                        WaitOutcome::Failed(r) => r,
+                        other => format!("the backup target ended early ({other:?})"),
+                    }));
+                    break;
+                }
+                _ = tick.tick() => observer.progress(&target.status()),
+                ev = events.recv() => match ev {
+                    Err(qmp::Error::EventsLost { count }) => {
+                        tracing::warn!("{count} QMP events lost; checking the jobs");
+                        match qmp.query_block_jobs().await {
+                            Ok(list) => {
+                                let live: HashSet<String> = list.into_iter().map(|j| j.device).collect();
+                                if running.iter().any(|j| !live.contains(j)) {
+                                    abort = Some(Abort::Failed("lost track of a backup job's end (QMP events dropped)".into()));
+                                    break;
+                                }
+                            }
+                            Err(e) => { abort = Some(Abort::Failed(format!("QMP failed: {e}"))); break; }
+                        }
+                    }
+                    Err(e) => { abort = Some(Abort::Failed(format!("lost the QMP connection: {e}"))); break; }
+                    Ok(ev) => match ev.typed() {
+                        Ok(Some(JobEvent::Completed(end))) if running.contains(&end.device) => {
+                            running.remove(&end.device);
+                            if let Some(err) = end.error {
+                                abort = Some(Abort::Failed(format!("backup job {} failed: {err}", end.device)));
+                                break;
+                            }
+                            tracing::info!(job = %end.device, "backup job completed");
+                        }
+                        Ok(Some(JobEvent::Cancelled(end))) if running.contains(&end.device) => {
+                            running.remove(&end.device);
+                            abort = Some(Abort::Failed(format!("backup job {} was cancelled", end.device)));
+                            break;
+                        }
+                        Ok(Some(JobEvent::Error(e))) if running.contains(&e.device) => {
+                            tracing::warn!(job = %e.device, operation = %e.operation, "backup job I/O error");
+                        }
+                        _ => {}
+                    },
+                },
+            }
+        }
+    }
+
+    if abort.is_none() {
+        // Every job completed: removing the targets makes QEMU flush and
+        // disconnect, which settles the drives.
+        for n in added.drain(..) {
+            if let Err(e) = qmp.blockdev_del(&n).await {
+                abort = Some(Abort::Failed(format!(
+                    "cannot remove backup target {n}: {e}"
+                )));
+            }
+        }
+    }
+    if abort.is_none() {
+        let settled = tokio::time::timeout(SETTLE_TIMEOUT, target.wait(&mut stop)).await;
+        match settled {
+            Ok(WaitOutcome::Settled) => {
+                observer.progress(&target.status());
+                return target.finish().await;
+            }
+            Ok(WaitOutcome::Stopped) => abort = Some(Abort::Stopped),
+            Ok(WaitOutcome::Failed(r)) => abort = Some(Abort::Failed(r)),
+            Err(_) => {
+                abort = Some(Abort::Failed(format!(
+                    "jobs completed but the drives did not settle within {SETTLE_TIMEOUT:?}: {}",
+                    describe_incomplete(&target.status()).join("; ")
+                )))
+            }
+        }
+    }
+
+    // Failure: cancel what runs, remove the targets, drop the archive.
+    let reason = match abort.expect("set on every path that gets here") {
+        Abort::Failed(r) => r,
+        Abort::Stopped => "stopped by signal".to_string(),
+    };
+    for j in &running {
+        if let Err(e) = qmp.block_job_cancel(j, true).await {
+            tracing::warn!(job = %j, "cannot cancel backup job: {e}");
+        }
+    }
+    if !running.is_empty() {
+        let ids: Vec<&String> = running.iter().collect();
+        if let Err(e) = events.wait_jobs_ended(&ids, CANCEL_TIMEOUT).await {
+            tracing::warn!("cancelled jobs did not all report their end: {e}");
+        }
+    }
+    for n in &added {
+        if let Err(e) = qmp.blockdev_del(n).await {
+            tracing::warn!(node = %n, "cannot remove backup target: {e}");
+        }
+    }
+    let missing = target.abort().await;
+    if missing.is_empty() {
+        bail!("{reason}");
+    }
+    bail!("{reason}; incomplete drives: {}", missing.join("; "))
+}
