@@ -73,7 +73,7 @@ impl LiveDisplay {
             }
         }
         // JSON progress once a second, not on every tick.
-        if self.json && self.ticks % 2 == 0 {
+        if self.json && self.ticks.is_multiple_of(2) {
             json_line(json!({
                 "event": "progress",
                 "drives": status.iter().map(|s| json!({
