@@ -105,6 +105,7 @@ impl LiveDisplay {
                 "bytes": r.bytes,
                 "zero_bytes": r.zero_bytes,
                 "archive_bytes": r.summary.archive_bytes,
+                "copied_bytes": r.summary.copied_bytes,
                 "duration_s": r.duration.as_secs_f64(),
                 "mb_per_s": r.mb_per_s(),
                 "drives": r.summary.drives.iter().map(|(n, size, zero)| json!({"name": n, "size": size, "zero_bytes": zero})).collect::<Vec<_>>(),
