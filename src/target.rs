@@ -156,7 +156,6 @@ impl BackupTarget {
         &self.addr
     }
 
-
     /// Per-drive status.
     pub fn status(&self) -> Vec<DriveStatus> {
         self.assembler.status()

@@ -103,6 +103,9 @@ impl ArchiveOpts {
         drives: Vec<DriveSpec>,
         output: &str,
     ) -> anyhow::Result<TargetConfig> {
+        if output == "-" {
+            super::live::status_to_stderr();
+        }
         let mut configs = Vec::new();
         for c in &self.configs {
             let data =
