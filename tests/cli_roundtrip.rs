@@ -160,7 +160,7 @@ const SIZES: [usize; 5] = [1, 4096, 65536, 65536 + 512, 10 * 1024 * 1024 + 1536]
 
 fn conf(n: usize, seed: u64) -> Vec<u8> {
     let mut v = format!("# config {n}\nmemory: 2048\n").into_bytes();
-    let mut r = Rng::new(seed);
+    let mut r = XorShift::new(seed);
     for _ in 0..n {
         v.push(b'a' + r.below(26) as u8);
     }

@@ -34,11 +34,11 @@ pub const TEST_CTIME: i64 = 1_714_982_589;
 
 /// xorshift64*: deterministic pseudo-random bytes without the rand crate.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct XorShift(u64);
 
-impl Rng {
+impl XorShift {
     pub fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
 
     pub fn next_u64(&mut self) -> u64 {
@@ -68,7 +68,7 @@ impl Rng {
 /// of 4096 random bytes is impossible in practice, and we force byte 0).
 pub fn random_data(len: usize, seed: u64) -> Vec<u8> {
     let mut v = vec![0u8; len];
-    Rng::new(seed).fill(&mut v);
+    XorShift::new(seed).fill(&mut v);
     for b in v.chunks_mut(BLOCK) {
         b[0] |= 1;
     }
@@ -78,7 +78,7 @@ pub fn random_data(len: usize, seed: u64) -> Vec<u8> {
 /// Random data with holes: whole zero clusters, zero 4 KiB blocks and a few
 /// isolated non-zero bytes in otherwise zero blocks.
 pub fn holey_data(len: usize, seed: u64) -> Vec<u8> {
-    let mut rng = Rng::new(seed);
+    let mut rng = XorShift::new(seed);
     let mut v = random_data(len, seed ^ 0xABCD);
     for (ci, cluster) in v.chunks_mut(CLUSTER).enumerate() {
         match (ci % 4, rng.below(3)) {
