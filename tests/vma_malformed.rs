@@ -1044,3 +1044,86 @@ fn huge_device_size_is_an_error_not_an_abort() {
         assert!(err.contains("offset"), "{name}: {err}");
     }
 }
+
+// ------------------------------------------------- more header rules ----
+
+#[test]
+fn md5_is_checked_before_version() {
+    // §10 order: md5 (5) before version (6).
+    let mut a = good();
+    put32(&mut a, 4, 2);
+    assert!(matches!(
+        read_err(&a),
+        FormatError::BadChecksum { offset: 0, .. }
+    ));
+}
+
+#[test]
+fn a_size_0_slot_is_not_a_device() {
+    // §3.2: drive-scsi1's slot with size 0 is no device, so its clusters
+    // in extent 1 name an unknown device.
+    let mut a = good();
+    let at = dev_name_ptr_at(2) + 8;
+    a[at..at + 8].fill(0);
+    reseal_header(&mut a);
+    let (_, e1) = extents(&a);
+    let e = read_err(&a);
+    assert!(
+        matches!(e, FormatError::UnknownDevice { offset, dev: 2 } if offset == blockinfo_at(e1, 1) as u64),
+        "{e:?}"
+    );
+    let h = Reader::new(&a[..]).unwrap();
+    assert_eq!(h.header().devices.len(), 1);
+}
+
+#[test]
+fn device_names_must_be_utf8_without_inner_nul() {
+    for (i, bad) in [0xFFu8, 0].into_iter().enumerate() {
+        let mut a = good();
+        let at = find_blob(&a, b"drive-scsi1\0");
+        a[at + 2 + 3] = bad; // "driXe-scsi1"
+        reseal_header(&mut a);
+        let e = read_err(&a);
+        assert!(
+            matches!(e, FormatError::BadName { offset: 4160, .. }),
+            "case {i}: {e:?}"
+        );
+        assert_msg(&e, 4160, &["device 2 name"]);
+    }
+}
+
+#[test]
+fn a_blob_that_overruns_blob_buffer_size_does_not_resolve() {
+    // §3.4 walk: an entry with p + 2 + L > blob_buffer_size is not
+    // registered. Shrinking the size by one drops the last blob, the name
+    // of device 2.
+    let mut a = good();
+    let size = be32(&a, 52);
+    put32(&mut a, 52, size - 1);
+    reseal_header(&mut a);
+    let e = read_err(&a);
+    assert!(
+        matches!(e, FormatError::BadBlobPointer { offset: 4160, .. }),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn empty_names_are_read_but_refused_by_extract() {
+    // A name blob of just "\0" is a valid (empty) string for the format.
+    let mut a = good();
+    let at = find_blob(&a, b"drive-scsi1\0");
+    // Turn the 12-byte entry into a 1-byte "\0" entry followed by a
+    // 9-byte filler entry, keeping the walk aligned.
+    a[at..at + 2].copy_from_slice(&1u16.to_le_bytes());
+    a[at + 2] = 0;
+    a[at + 3..at + 5].copy_from_slice(&9u16.to_le_bytes());
+    reseal_header(&mut a);
+    let (h, _) = read_back(&a).unwrap();
+    assert_eq!(h.devices[1].name, "");
+    let env = TestEnv::new();
+    env.write("a.vma", &a);
+    let err = env.fails(["extract", "a.vma", "out"]);
+    assert!(err.contains("refusing"), "{err}");
+    assert!(!env.path("out").exists());
+}
