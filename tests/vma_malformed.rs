@@ -927,8 +927,17 @@ proptest! {
         if let Some(c) = cut {
             a.truncate(c % (a.len() + 1));
         }
+        // A device size past 2^40 makes the reader allocate a huge cluster
+        // bitmap and abort the whole process: the known BUG of
+        // `huge_device_size_is_an_error_not_an_abort`. Skip such cases here
+        // so that one bug does not hide every other finding.
+        let huge = (1..255).any(|slot| {
+            let at = dev_name_ptr_at(slot) + 8;
+            a.len() >= at + 8 && u64::from_be_bytes(a[at..at + 8].try_into().unwrap()) > 1 << 40
+        });
+        prop_assume!(!huge);
         // Ok or Err are both fine; a panic fails the test.
-        let res = read_back(&a);
+        let res = walk(&a);
         if a == base {
             prop_assert!(res.is_ok());
         }
@@ -1126,4 +1135,39 @@ fn empty_names_are_read_but_refused_by_extract() {
     let err = env.fails(["extract", "a.vma", "out"]);
     assert!(err.contains("refusing"), "{err}");
     assert!(!env.path("out").exists());
+}
+
+// ------------------------------------ unusual but valid: accepted ----
+
+#[test]
+fn blob_area_need_not_start_at_12288() {
+    // Readers require blob_buffer_offset >= 12288, not == (§3.1).
+    let base = good();
+    let mut a = base.clone();
+    let hs = header_size(&a) as u32;
+    a.splice(FIXED_HEADER..FIXED_HEADER, [0u8; 512]);
+    put32(&mut a, 48, 12800);
+    put32(&mut a, 56, hs + 512);
+    reseal_header(&mut a);
+    let (h, devs) = read_back(&a).unwrap();
+    let (h0, devs0) = read_back(&base).unwrap();
+    assert_eq!((h, devs), (h0, devs0));
+}
+
+#[test]
+fn empty_extents_are_legal_anywhere() {
+    let base = good();
+    let (e0, e1) = extents(&base);
+    let mut empty = [0u8; 512];
+    empty[..4].copy_from_slice(b"VMAE");
+    empty[8..24].copy_from_slice(TEST_UUID.as_bytes());
+    let d = md5::compute(empty);
+    empty[24..40].copy_from_slice(&d.0);
+    let mut a = base.clone();
+    a.extend_from_slice(&empty);
+    a.splice(e1..e1, empty);
+    a.splice(e0..e0, empty);
+    let (_, devs) = read_back(&a).unwrap();
+    assert_eq!(devs, read_back(&base).unwrap().1);
+    assert_eq!(extent_offsets(&a).len(), 5);
 }

@@ -204,6 +204,22 @@ pub fn read_back(archive: &[u8]) -> Result<(Header, Vec<Vec<u8>>), FormatError> 
     Ok((header, out))
 }
 
+/// Reads a whole archive like [`read_back`] but without keeping the
+/// devices: each cluster is expanded into a 64 KiB scratch buffer, so a
+/// corrupt device size cannot make the test allocate it.
+pub fn walk(archive: &[u8]) -> Result<u64, FormatError> {
+    let mut r = Reader::new(archive)?;
+    let mut scratch = vec![0u8; CLUSTER];
+    let mut clusters = 0;
+    while let Some(ext) = r.next_extent()? {
+        for c in ext.clusters() {
+            c.expand_into(&mut scratch);
+            clusters += 1;
+        }
+    }
+    Ok(clusters)
+}
+
 /// Header size field of an archive.
 pub fn header_size(archive: &[u8]) -> usize {
     be32(archive, 56) as usize
