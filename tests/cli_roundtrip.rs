@@ -765,3 +765,32 @@ fn truncated_zstd_archives_fail_verify() {
         assert!(!env.path(format!("out{cut}/disk-d.raw")).exists());
     }
 }
+
+#[test]
+fn verbose_create_to_stdout_keeps_the_stream_clean() {
+    // -v progress goes to stderr only: stdout stays a valid archive.
+    let env = TestEnv::new();
+    let data = holey_data(20 * CLUSTER + 100, 5);
+    env.write("img", &data);
+    let p = spawn_create_to_stdout(&env, &["create", "-", "-v", "-d", "drive-scsi0=img"])
+        .wait_with_output()
+        .unwrap();
+    assert_success(&p, &"create - -v");
+    let (_, devs) = read_back(&p.stdout).unwrap();
+    assert_eq!(devs[0], data);
+    let err = String::from_utf8(p.stderr).unwrap();
+    assert!(err.contains("progress 100%"), "{err}");
+    assert!(
+        err.contains(&format!("image drive-scsi0: size={}", data.len())),
+        "{err}"
+    );
+    // verify -v and extract -v work on it too.
+    env.write("a.vma", &p.stdout);
+    let out = env.run(["verify", "-v", "a.vma"]);
+    assert_success(&out, &"verify -v");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("devname: drive-scsi0"));
+    let out = env.run(["extract", "-v", "a.vma", "out"]);
+    assert_success(&out, &"extract -v");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("DEVINFO"));
+    check_drive(&env.path("out"), "drive-scsi0", &data);
+}

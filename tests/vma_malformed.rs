@@ -1171,3 +1171,36 @@ fn empty_extents_are_legal_anywhere() {
     assert_eq!(devs, read_back(&base).unwrap().1);
     assert_eq!(extent_offsets(&a).len(), 5);
 }
+
+#[test]
+fn a_sized_device_slot_with_a_zero_name_pointer_is_refused() {
+    // §3.2: a slot with size != 0 is a device, so its name must resolve;
+    // pointer 0 never does (Proxmox would silently drop the slot).
+    let mut a = good();
+    put32(&mut a, dev_name_ptr_at(2), 0);
+    reseal_header(&mut a);
+    let e = read_err(&a);
+    assert!(
+        matches!(
+            e,
+            FormatError::BadBlobPointer {
+                offset: 4160,
+                ptr: 0,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn header_size_need_not_be_a_multiple_of_512() {
+    // §10: "whether header_size is a multiple of 512" is not checked.
+    let base = good();
+    let hs = header_size(&base);
+    let mut a = base.clone();
+    a.insert(hs, 0);
+    put32(&mut a, 56, hs as u32 + 1);
+    reseal_header(&mut a);
+    assert_eq!(read_back(&a).unwrap(), read_back(&base).unwrap());
+}
