@@ -794,3 +794,25 @@ fn verbose_create_to_stdout_keeps_the_stream_clean() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("DEVINFO"));
     check_drive(&env.path("out"), "drive-scsi0", &data);
 }
+
+#[test]
+#[ignore = "BUG: create accepts drive names that its own extract refuses \
+            ('-d ../evil=img' writes a valid archive, then extract fails with \
+            'refusing device name'); src/cli/create.rs parse_drive/run do not apply \
+            extract's check_file_name"]
+fn create_refuses_drive_names_that_extract_would_refuse() {
+    let env = TestEnv::new();
+    env.write("img", &random_data(4096, 1));
+    for name in ["../evil", "a/b", "..", "."] {
+        let out = env.run(["create", "a.vma", "-d", &format!("{name}=img")]);
+        if out.status.success() {
+            // If create accepts it, extract must be able to restore it.
+            env.ok(["extract", "a.vma", "out"]);
+            std::fs::remove_dir_all(env.path("out")).unwrap();
+            std::fs::remove_file(env.path("a.vma")).unwrap();
+        } else {
+            assert_failure(&out, &name);
+            assert!(!env.path("a.vma").exists());
+        }
+    }
+}
