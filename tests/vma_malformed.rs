@@ -927,15 +927,6 @@ proptest! {
         if let Some(c) = cut {
             a.truncate(c % (a.len() + 1));
         }
-        // A device size past 2^40 makes the reader allocate a huge cluster
-        // bitmap and abort the whole process: the known BUG of
-        // `huge_device_size_is_an_error_not_an_abort`. Skip such cases here
-        // so that one bug does not hide every other finding.
-        let huge = (1..255).any(|slot| {
-            let at = dev_name_ptr_at(slot) + 8;
-            a.len() >= at + 8 && u64::from_be_bytes(a[at..at + 8].try_into().unwrap()) > 1 << 40
-        });
-        prop_assume!(!huge);
         // Ok or Err are both fine; a panic fails the test.
         let res = walk(&a);
         if a == base {
@@ -1031,9 +1022,6 @@ fn with_dev1_size(size: u64) -> Vec<u8> {
 }
 
 #[test]
-#[ignore = "BUG: Reader::new allocates a seen-bitmap of size/2^22 bytes for any \
-            device size in the header; size u64::MAX aborts with a 32 TiB allocation \
-            (src/vma/reader.rs Reader::new; Header::decode does not bound size to 2^48)"]
 fn huge_device_size_is_an_error_not_an_abort() {
     // A device size beyond VMA's 2^48-byte limit (§8: cluster numbers are
     // u32) must be refused, not turned into a per-cluster bitmap of 2^42

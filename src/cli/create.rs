@@ -76,9 +76,11 @@ pub fn parse_drive(s: &str) -> anyhow::Result<DriveSpec> {
     let (name, path) = rest
         .split_once('=')
         .with_context(|| format!("drive '{s}': expected NAME=IMAGE"))?;
-    if name.is_empty() || path.is_empty() {
-        bail!("drive '{s}': NAME and IMAGE must not be empty");
+    if path.is_empty() {
+        bail!("drive '{s}': IMAGE must not be empty");
     }
+    // extract makes disk-NAME.raw, so NAME must be a plain file name.
+    crate::vma::header::check_file_name("drive", name)?;
     Ok(DriveSpec {
         format,
         name: name.to_string(),

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 use super::live::{LiveDisplay, TICK, json_line};
 use crate::assembler::{AssemblerConfig, DriveSpec};
@@ -85,9 +85,7 @@ pub fn parse_drive_size(s: &str) -> anyhow::Result<DriveSpec> {
     let (name, size) = s
         .split_once('=')
         .with_context(|| format!("drive '{s}': expected NAME=SIZE"))?;
-    if name.is_empty() {
-        bail!("drive '{s}': empty name");
-    }
+    crate::vma::header::check_file_name("drive", name)?;
     let size = parse_size(size).map_err(|e| anyhow::anyhow!("drive '{s}': {e}"))?;
     Ok(DriveSpec {
         name: name.to_string(),
