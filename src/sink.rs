@@ -191,8 +191,12 @@ impl Sink {
             File::open(dir)?.sync_all()
         })();
         if let Err(e) = res {
+            // The bytes are complete; keep them where they are rather than
+            // delete a finished backup, and say where.
+            let msg = format!("{e}; the finished archive is left at {}", partial.display());
+            self.keep_partial = true;
             self.paths = Some((partial, path));
-            return Err(e);
+            return Err(io::Error::new(e.kind(), msg));
         }
         Ok(Some(path))
     }
