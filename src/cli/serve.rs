@@ -135,19 +135,24 @@ impl ArchiveOpts {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn stop_signal() {
+/// A future that resolves on SIGINT or SIGTERM. The handlers are installed
+/// when this is called (inside the runtime), not when the future is first
+/// polled, so a signal during set-up is not lost or fatal.
+pub fn stop_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
+    let signals = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = int.recv() => tracing::warn!("SIGINT received"),
-        _ = term.recv() => tracing::warn!("SIGTERM received"),
+    );
+    async move {
+        let (Ok(mut int), Ok(mut term)) = signals else {
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => tracing::warn!("SIGINT received"),
+            _ = term.recv() => tracing::warn!("SIGTERM received"),
+        }
     }
 }
 
