@@ -428,6 +428,11 @@ impl<W: Write> Writer<W> {
             .collect()
     }
 
+    /// Bytes in zero blocks over all devices so far (not stored).
+    pub fn zero_bytes(&self) -> u64 {
+        self.devs.iter().map(|d| d.zero_bytes).sum()
+    }
+
     /// Progress of every device.
     pub fn stats(&self) -> Vec<DeviceStats> {
         self.devs
