@@ -1,0 +1,215 @@
+//! Restore verification of `vma-writer backup` through a real
+//! qemu-storage-daemon: one drive, three drives in one transaction (64 MiB
+//! raw with holes, 10 MiB + 1536 B raw, 1 GiB sparse qcow2), and writes to
+//! the source while a throttled backup runs (copy-before-write). Each
+//! archive is listed, verified, extracted and compared byte for byte with
+//! the point-in-time source.
+
+mod common;
+mod live_support;
+
+use std::time::Duration;
+
+use live_support::{
+    CLUSTER, ODD_SIZE, Proc, QSD_TOOLS, RUN_TIMEOUT, check_archive, qcow2_scattered, qemu_io,
+    raw_islands, vma_cmd,
+};
+use vma_writer::qemu::{DaemonOptions, Image, StorageDaemon};
+
+const MIB: u64 = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_one_drive_64m_raw_with_holes() {
+    if !common::require_tools(QSD_TOOLS) {
+        return;
+    }
+    live_support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let src = raw_islands(&dir.join("scsi0.raw"), 64 * MIB, 1, 12, 2 * MIB);
+    let conf = dir.join("qemu-server.conf");
+    let conf_text = "memory: 512\nscsi0: local:vm-100-disk-0,size=64M\n";
+    std::fs::write(&conf, conf_text).unwrap();
+    let out_dir = dir.join("dump");
+    std::fs::create_dir(&out_dir).unwrap();
+
+    let daemon = StorageDaemon::start(
+        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
+    )
+    .await
+    .unwrap();
+    let mut cmd = vma_cmd(["backup", "--qmp"]);
+    cmd.arg(daemon.qmp_socket())
+        .args(["--drive", "scsi0", "--vmid", "100", "--json", "-c"])
+        .arg(&conf)
+        .arg("--output-dir")
+        .arg(&out_dir);
+    let ended = Proc::spawn(cmd, true).wait(RUN_TIMEOUT).await;
+    assert!(ended.status.success(), "backup failed: {}", ended.stderr);
+    let fin = ended
+        .events
+        .iter()
+        .find(|e| e["event"] == "finished")
+        .unwrap_or_else(|| panic!("no finished event: {:?}", ended.events));
+    assert_eq!(fin["bytes"], 64 * MIB);
+
+    // --output-dir --vmid: Proxmox's name, and nothing else in the dir.
+    let names: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(
+        names[0].starts_with("vzdump-qemu-100-") && names[0].ends_with(".vma"),
+        "{names:?}"
+    );
+    let archive = out_dir.join(&names[0]);
+    assert_eq!(
+        fin["archive"].as_str(),
+        Some(archive.to_str().unwrap()),
+        "{fin}"
+    );
+    check_archive(&archive, &[("drive-scsi0", 64 * MIB, &src)], dir).await;
+    // The config blob is stored under its file name.
+    let listed = live_support::run_ok(vma_cmd(["list".as_ref(), archive.as_os_str()])).await;
+    let cfg_line = format!("CFG: size: {} name: qemu-server.conf", conf_text.len());
+    assert!(listed.contains(&cfg_line), "{listed}");
+    daemon.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_three_drives_in_one_transaction() {
+    if !common::require_tools(QSD_TOOLS) {
+        return;
+    }
+    live_support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let big = raw_islands(&dir.join("scsi0.raw"), 64 * MIB, 2, 10, 3 * MIB);
+    let odd = raw_islands(&dir.join("scsi1.raw"), ODD_SIZE, 3, 6, MIB);
+    let qcow = dir.join("virtio0.qcow2");
+    let qcow_expected = dir.join("virtio0.expected.raw");
+    let t = std::time::Instant::now();
+    qcow2_scattered(&qcow, 1 << 30, &qcow_expected).await;
+    eprintln!("sources made in {:?}", t.elapsed());
+
+    let daemon = StorageDaemon::start(
+        DaemonOptions::new(dir.join("run"))
+            .image(Image::new("scsi0", &big, "raw"))
+            .image(Image::new("scsi1", &odd, "raw"))
+            .image(Image::new("virtio0", &qcow, "qcow2")),
+    )
+    .await
+    .unwrap();
+    let archive = dir.join("three.vma");
+    let mut cmd = vma_cmd(["backup", "--qmp"]);
+    cmd.arg(daemon.qmp_socket())
+        .args([
+            "--drive",
+            "scsi0",
+            "--drive",
+            "scsi1=drive-odd",
+            "--drive",
+            "virtio0",
+            "-o",
+        ])
+        .arg(&archive);
+    let ended = Proc::spawn(cmd, false).wait(RUN_TIMEOUT).await;
+    eprintln!("backup done in {:?}", ended.elapsed);
+    assert!(ended.status.success(), "backup failed: {}", ended.stderr);
+    // The closing summary names the archive.
+    assert!(
+        ended.stderr.contains(&archive.display().to_string()),
+        "{}",
+        ended.stderr
+    );
+    check_archive(
+        &archive,
+        &[
+            ("drive-scsi0", 64 * MIB, &big),
+            ("drive-odd", ODD_SIZE, &odd),
+            ("drive-virtio0", 1 << 30, &qcow_expected),
+        ],
+        dir,
+    )
+    .await;
+    // The daemon still works and holds no job or node of ours.
+    let qmp = daemon.connect().await.unwrap();
+    live_support::assert_no_leftovers(&qmp).await;
+    drop(qmp);
+    daemon.shutdown().await.unwrap();
+}
+
+/// Copy-before-write: the source is exported (writable) by the daemon and
+/// written with qemu-io while a throttled backup runs. The archive must
+/// hold the image as it was when the backup started; the source must hold
+/// the new data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_backup_leave_point_in_time_image() {
+    if !common::require_tools(QSD_TOOLS) {
+        return;
+    }
+    live_support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let size = 64 * MIB;
+    let src = raw_islands(&dir.join("scsi0.raw"), size, 4, 16, 4 * MIB);
+    let snapshot = dir.join("snapshot.raw");
+    std::fs::copy(&src, &snapshot).unwrap();
+
+    let mut daemon = StorageDaemon::start(
+        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
+    )
+    .await
+    .unwrap();
+    let sock = daemon.export_nbd("scsi0", "live", true).await.unwrap();
+    let uri = format!("nbd+unix:///live?socket={}", sock.display());
+
+    let archive = dir.join("cbw.vma");
+    let mut cmd = vma_cmd(["backup", "--qmp"]);
+    cmd.arg(daemon.qmp_socket())
+        .args(["--drive", "scsi0", "--speed", "8M", "--json", "-o"])
+        .arg(&archive);
+    let mut backup = Proc::spawn(cmd, true);
+    // Wait until the job has copied something, so the writes land both
+    // behind and ahead of the job's position.
+    backup
+        .next_event(Duration::from_secs(30), |e| {
+            live_support::progress_done(e, "drive-scsi0").is_some_and(|d| d > 0)
+        })
+        .await;
+    let writes: [(u8, u64, u64); 6] = [
+        (0x61, 0, 64 * 1024),
+        (0x62, MIB + 12345, 100_000),
+        (0x63, 30 * MIB, 64 * 1024),
+        (0x64, 40 * MIB - 1000, 3 * CLUSTER),
+        (0x65, 50 * MIB + 7, 1),
+        (0x66, size - 100_000, 100_000),
+    ];
+    let cmds: Vec<String> = writes
+        .iter()
+        .map(|(p, off, len)| format!("write -P {p:#x} {off} {len}"))
+        .collect();
+    qemu_io(&uri, "raw", &cmds).await;
+    assert!(
+        !backup.has_exited(),
+        "the backup ended before the writes were done; stderr:\n{}",
+        backup.stderr()
+    );
+
+    let ended = backup.wait(RUN_TIMEOUT).await;
+    assert!(ended.status.success(), "backup failed: {}", ended.stderr);
+    check_archive(&archive, &[("drive-scsi0", size, &snapshot)], dir).await;
+
+    // The source changed: every write is there.
+    let now = std::fs::read(&src).unwrap();
+    for (p, off, len) in writes {
+        let r = &now[off as usize..(off + len) as usize];
+        assert!(
+            r.iter().all(|&b| b == p),
+            "write {p:#x} at {off} is not in the source"
+        );
+    }
+    assert_ne!(now, std::fs::read(&snapshot).unwrap());
+    daemon.shutdown().await.unwrap();
+}
