@@ -633,3 +633,13 @@ pub async fn assert_no_leftovers(qmp: &Qmp) {
         .collect();
     assert!(left.is_empty(), "nodes left: {left:?}");
 }
+
+/// Creates a dense raw image of `size` random bytes (nothing for QEMU to
+/// skip, so a throttled backup really takes size/speed seconds).
+pub fn dense_random(path: &Path, size: u64, seed: u64) -> PathBuf {
+    let mut rng = Rng::new(seed);
+    let mut data = vec![0u8; size as usize];
+    rng.fill(&mut data);
+    std::fs::write(path, &data).unwrap();
+    path.to_path_buf()
+}
