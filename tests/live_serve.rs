@@ -219,3 +219,143 @@ async fn serve_tcp_zstd_finalises_after_flush() {
     std::fs::write(&expected_path, &expected).unwrap();
     check_archive(&archive, &[("drive-scsi0", size, &expected_path)], dir).await;
 }
+
+/// A client that writes part of a drive, disconnects, and a new client
+/// that connects within the reconnect timeout: the backup goes on. The
+/// new client replays an archived cluster with identical content
+/// (accepted) and tries to change it (EIO); the archive keeps the first
+/// content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_client_reconnects_and_replays() {
+    if !common::require_tools(&["qemu-io"]) {
+        return;
+    }
+    live_support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let size = 2 * MIB;
+    let sock = dir.join("nbd.sock");
+    let archive = dir.join("reconnect.vma");
+    let mut cmd = vma_cmd(["serve", "--json", "--reconnect-timeout", "10", "--listen"]);
+    cmd.arg(format!("unix:{}", sock.display()))
+        .arg("--drive")
+        .arg(format!("drive-scsi0={size}"))
+        .arg("-o")
+        .arg(&archive);
+    let mut serve = Proc::spawn(cmd, true);
+    serve
+        .next_event(Duration::from_secs(10), |e| e["event"] == "listening")
+        .await;
+    let uri = nbd_uri(&sock, "drive-scsi0");
+    // First client: the first MiB, then it leaves.
+    live_support::qemu_io(&uri, "raw", &[format!("write -P 0x71 0 {MIB}")]).await;
+    serve
+        .next_event(Duration::from_secs(10), |e| {
+            e["event"] == "progress" && e["drives"][0]["connections"] == 0
+        })
+        .await;
+    assert!(!serve.has_exited(), "serve gave up at once");
+    // Second client: an identical replay of cluster 0 is accepted ...
+    live_support::qemu_io(&uri, "raw", &["write -P 0x71 0 64k".to_string()]).await;
+    // ... a different one is refused ...
+    let out = live_support::run_with_timeout(
+        Command::new("qemu-io")
+            .args(["-f", "raw", &uri, "-c", "write -P 0x99 0 64k"])
+            .env("LC_ALL", "C"),
+        live_support::CMD_TIMEOUT,
+    )
+    .await;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("Input/output error"),
+        "rewrite with other content was not refused: {text}"
+    );
+    // ... and the rest completes the drive.
+    live_support::qemu_io(&uri, "raw", &[format!("write -P 0x72 {MIB} {MIB}")]).await;
+    let ended = serve.wait(RUN_TIMEOUT).await;
+    assert!(ended.status.success(), "serve failed: {}", ended.stderr);
+    let mut expected = vec![0x71u8; size as usize];
+    expected[MIB as usize..].fill(0x72);
+    let dir2 = live_support::extract(&archive, dir).await;
+    live_support::assert_file_is(&live_support::restored(&dir2, "drive-scsi0"), &expected);
+}
+
+/// `--json` with the archive on stdout (`-o -`): the archive stream must
+/// stay a valid archive (the JSON lines belong elsewhere, or the
+/// combination must be refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "BUG: serve --json -o - writes its JSON status lines into the archive stream on stdout"]
+async fn serve_json_with_archive_on_stdout() {
+    if !common::require_tools(&["qemu-io"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let stream = dir.join("stream.vma");
+    let sock = dir.join("nbd.sock");
+    let mut cmd = vma_cmd(["serve", "--json", "--listen"]);
+    cmd.arg(format!("unix:{}", sock.display()))
+        .args(["--drive", "drive-scsi0=1M", "-o", "-"])
+        .stdout(std::fs::File::create(&stream).unwrap());
+    let serve = Proc::spawn(cmd, false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        if std::time::Instant::now() > deadline {
+            // Refusing the combination is fine too.
+            let ended = serve.wait(Duration::from_secs(5)).await;
+            assert!(!ended.status.success(), "{}", ended.stderr);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    live_support::qemu_io(
+        &nbd_uri(&sock, "drive-scsi0"),
+        "raw",
+        &[format!("write -P 0x42 0 {MIB}")],
+    )
+    .await;
+    let ended = serve.wait(RUN_TIMEOUT).await;
+    assert!(ended.status.success(), "{}", ended.stderr);
+    live_support::verify_ok(&stream).await;
+}
+
+/// The `finished` event's `archive_bytes` is the size of the archive
+/// written (uncompressed, so the file size).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "BUG: Assembler::finish takes archive_bytes before the final extent is written"]
+async fn finished_event_archive_bytes_is_file_size() {
+    if !common::require_tools(&["qemu-io"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let sock = dir.join("nbd.sock");
+    let archive = dir.join("size.vma");
+    let mut cmd = vma_cmd(["serve", "--json", "--listen"]);
+    cmd.arg(format!("unix:{}", sock.display()))
+        .args(["--drive", "drive-scsi0=1M", "-o"])
+        .arg(&archive);
+    let mut serve = Proc::spawn(cmd, true);
+    serve
+        .next_event(Duration::from_secs(10), |e| e["event"] == "listening")
+        .await;
+    live_support::qemu_io(
+        &nbd_uri(&sock, "drive-scsi0"),
+        "raw",
+        &[format!("write -P 0x42 0 {MIB}")],
+    )
+    .await;
+    let ended = serve.wait(RUN_TIMEOUT).await;
+    assert!(ended.status.success(), "{}", ended.stderr);
+    let fin = ended
+        .events
+        .iter()
+        .find(|e| e["event"] == "finished")
+        .expect("finished event");
+    assert_eq!(
+        fin["archive_bytes"].as_u64(),
+        Some(std::fs::metadata(&archive).unwrap().len()),
+        "{fin}"
+    );
+}
