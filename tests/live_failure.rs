@@ -394,8 +394,9 @@ async fn backup_refused_while_node_busy() {
 
 /// `backup --speed` of a 32 MiB dense drive gets `sig` once data flows:
 /// it exits non-zero, its jobs are cancelled, its target and filter nodes
-/// are gone, and no archive file remains.
-async fn backup_stopped_by(sig: libc::c_int) {
+/// are gone, and no archive file remains (with `keep_partial`, only
+/// ARCHIVE.partial, which `verify` rejects).
+async fn backup_stopped_by(sig: libc::c_int, keep_partial: bool) {
     if !common::require_tools(QSD_TOOLS) {
         return;
     }
@@ -416,6 +417,9 @@ async fn backup_stopped_by(sig: libc::c_int) {
     cmd.arg(daemon.qmp_socket())
         .args(["--drive", "scsi0", "--speed", "2M", "--json", "-o"])
         .arg(&archive);
+    if keep_partial {
+        cmd.arg("--keep-partial");
+    }
     let mut backup = Proc::spawn(cmd, true);
     backup
         .next_event(PROGRESS_TIMEOUT, |e| {
@@ -444,19 +448,28 @@ async fn backup_stopped_by(sig: libc::c_int) {
     let outcome = job_outcome(&mut events, "vmaw-job0").await;
     assert!(outcome.cancelled, "job0 was not cancelled: {outcome:?}");
     assert_no_leftovers(&spare).await;
-    assert_no_archive(&archive, false);
+    assert_no_archive(&archive, keep_partial);
+    if keep_partial {
+        let partial = vma_writer::sink::partial_path(&archive);
+        let out = live_support::run_with_timeout(
+            vma_cmd(["verify".as_ref(), partial.as_os_str()]),
+            live_support::CMD_TIMEOUT,
+        )
+        .await;
+        assert!(!out.status.success(), "verify accepted the partial archive");
+    }
     drop(spare);
     daemon.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_sigterm_cancels_jobs() {
-    backup_stopped_by(libc::SIGTERM).await;
+    backup_stopped_by(libc::SIGTERM, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backup_sigint_cancels_jobs() {
-    backup_stopped_by(libc::SIGINT).await;
+async fn backup_sigint_keep_partial_cancels_jobs() {
+    backup_stopped_by(libc::SIGINT, true).await;
 }
 
 /// SIGTERM to serve while a client has written half a drive.
@@ -486,6 +499,49 @@ async fn serve_sigterm_mid_backup() {
     let ended = serve.wait(FAIL_TIMEOUT).await;
     drop(writer);
     assert_failed_naming(&ended, &["drive-scsi0: 1048576 of 2097152 bytes missing"]);
+    assert!(
+        ended.stderr.contains("stopped by signal"),
+        "{}",
+        ended.stderr
+    );
+    assert_no_archive(&archive, false);
+}
+
+/// SIGTERM to serve while a client's write waits for partial-buffer room
+/// (`--buffer-limit 1M` = 16 partial clusters; the client writes 4 KiB
+/// into each of 32 clusters, then would go on): serve must stop promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "BUG: SIGTERM waits for writes blocked on the partial-buffer limit (partial_wait, 30 s)"]
+async fn serve_sigterm_during_back_pressure() {
+    if !common::require_tools(&["qemu-io"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let archive = dir.join("pressure.vma");
+    let (mut serve, sock) = start_serve(
+        dir,
+        &[("drive-scsi0", 4 * MIB)],
+        archive.to_str().unwrap(),
+        &["--buffer-limit", "1M"],
+    )
+    .await;
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]).arg(nbd_uri(&sock, "drive-scsi0"));
+    for i in 0..32u64 {
+        c.arg("-c").arg(format!("write -P 0x11 {} 4k", i * 65536));
+    }
+    c.stdout(Stdio::null());
+    let writer = Proc::spawn(c, false);
+    // Wait until the client is stuck: no progress, it is still there.
+    serve
+        .next_event(PROGRESS_TIMEOUT, |e| e["event"] == "progress")
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    serve.signal(libc::SIGTERM);
+    let ended = serve.wait(Duration::from_secs(5)).await;
+    drop(writer);
+    assert!(!ended.status.success(), "{}", ended.stderr);
     assert!(
         ended.stderr.contains("stopped by signal"),
         "{}",
