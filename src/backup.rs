@@ -108,6 +108,7 @@ pub async fn resolve_drives(
     }
     let mut seen = HashSet::new();
     for d in &out {
+        crate::vma::header::check_file_name("drive", &d.name)?;
         if !seen.insert(d.name.clone()) {
             bail!("drive name '{}' is used twice", d.name);
         }

@@ -174,17 +174,16 @@ impl Sink {
         let res = (|| {
             file.sync_all()?;
             drop(file);
-            if path.exists() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
+            rename_noreplace(&partial, &path).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
                     format!(
-                        "{} appeared while writing; archive left at {}",
-                        path.display(),
-                        partial.display()
+                        "cannot rename {} to {}: {e}",
+                        partial.display(),
+                        path.display()
                     ),
-                ));
-            }
-            std::fs::rename(&partial, &path)?;
+                )
+            })?;
             let dir = match path.parent() {
                 Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
                 _ => PathBuf::from("."),
@@ -192,10 +191,48 @@ impl Sink {
             File::open(dir)?.sync_all()
         })();
         if let Err(e) = res {
+            // The bytes are complete; keep them where they are rather than
+            // delete a finished backup, and say where.
+            let msg = format!("{e}; the finished archive is left at {}", partial.display());
+            self.keep_partial = true;
             self.paths = Some((partial, path));
-            return Err(e);
+            return Err(io::Error::new(e.kind(), msg));
         }
         Ok(Some(path))
+    }
+}
+
+/// Renames without ever replacing an existing file (an archive that
+/// appeared at the final name while we wrote is not clobbered).
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let cstr = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+    };
+    let (f, t) = (cstr(from)?, cstr(to)?);
+    // SAFETY: both pointers are valid NUL-terminated strings for the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        // The filesystem cannot do it: link + unlink is no-replace too.
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        _ => Err(e),
     }
 }
 
@@ -256,6 +293,12 @@ mod tests {
         assert!(!partial_path(&path).exists());
         // never overwrite
         assert!(Sink::create(&Target::File(path.clone()), &SinkOptions::default()).is_err());
+        // not even a file that appears while writing
+        let late = dir.path().join("late.vma");
+        let s = Sink::create(&Target::File(late.clone()), &SinkOptions::default()).unwrap();
+        std::fs::write(&late, b"someone else's").unwrap();
+        assert!(s.commit().is_err());
+        assert_eq!(std::fs::read(&late).unwrap(), b"someone else's");
 
         let other = dir.path().join("b.vma");
         let mut s = Sink::create(&Target::File(other.clone()), &SinkOptions::default()).unwrap();

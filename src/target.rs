@@ -81,7 +81,7 @@ pub struct Report {
     pub bytes: u64,
     /// Bytes in zero blocks.
     pub zero_bytes: u64,
-    /// From start to final rename.
+    /// From the first client's connection to the final rename.
     pub duration: Duration,
 }
 
@@ -156,11 +156,6 @@ impl BackupTarget {
         &self.addr
     }
 
-    /// Where the archive is being written (`ARCHIVE.partial`), for a file.
-    pub fn started(&self) -> Instant {
-        self.started
-    }
-
     /// Per-drive status.
     pub fn status(&self) -> Vec<DriveStatus> {
         self.assembler.status()
@@ -226,7 +221,9 @@ impl BackupTarget {
     /// Stops serving and completes the archive (last extent, fsync, rename).
     pub async fn finish(mut self) -> anyhow::Result<Report> {
         self.stop_server().await;
-        let started = self.started;
+        // Throughput counts from the first client, not from when we started
+        // waiting for one.
+        let started = self.assembler.first_connect().unwrap_or(self.started);
         let summary = self
             .assembler
             .finish()

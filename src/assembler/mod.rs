@@ -102,6 +102,9 @@ pub struct Shared {
     readback: Option<(File, Arc<Mutex<Locations>>)>,
     changed: watch::Sender<u64>,
     copied_bytes: AtomicU64,
+    /// When the first client of any drive connected (the backup's start,
+    /// for throughput figures).
+    first_connect: std::sync::OnceLock<Instant>,
 }
 
 impl Shared {
@@ -661,6 +664,7 @@ impl Backend for Drive {
     }
 
     fn connected(&self) {
+        self.shared.first_connect.get_or_init(Instant::now);
         let mut s = lock(&self.state);
         s.connections += 1;
         s.ever_connected = true;
@@ -754,6 +758,7 @@ impl Assembler {
                 .map(|(f, l)| (f.try_clone().expect("dup"), l.clone())),
             changed: changed_tx,
             copied_bytes: AtomicU64::new(0),
+            first_connect: std::sync::OnceLock::new(),
         });
         let thread = writer_thread::spawn(writer, rx, shared.clone(), readback.map(|(_, l)| l))?;
         let drives = drives
@@ -801,6 +806,11 @@ impl Assembler {
     /// Bytes copied into partial-cluster buffers so far.
     pub fn copied_bytes(&self) -> u64 {
         self.shared.copied_bytes.load(Ordering::Relaxed)
+    }
+
+    /// When the first client connected, if one has.
+    pub fn first_connect(&self) -> Option<Instant> {
+        self.shared.first_connect.get().copied()
     }
 
     /// A receiver that changes whenever a drive connects, disconnects,

@@ -13,7 +13,11 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use bytes::BytesMut;
 
+use super::backup::run_with_display;
 use super::progress::{Progress, Style};
+use super::serve::ArchiveOpts;
+use crate::backup::BackupDrive;
+use crate::qemu::{DaemonOptions, Image, StorageDaemon};
 use crate::sink::{Sink, SinkOptions, Target};
 use crate::vma::consts::VMA_CLUSTER_SIZE;
 use crate::vma::{DevId, Writer, WriterBuilder};
@@ -72,9 +76,11 @@ pub fn parse_drive(s: &str) -> anyhow::Result<DriveSpec> {
     let (name, path) = rest
         .split_once('=')
         .with_context(|| format!("drive '{s}': expected NAME=IMAGE"))?;
-    if name.is_empty() || path.is_empty() {
-        bail!("drive '{s}': NAME and IMAGE must not be empty");
+    if path.is_empty() {
+        bail!("drive '{s}': IMAGE must not be empty");
     }
+    // extract makes disk-NAME.raw, so NAME must be a plain file name.
+    crate::vma::header::check_file_name("drive", name)?;
     Ok(DriveSpec {
         format,
         name: name.to_string(),
@@ -185,20 +191,87 @@ fn zero_total<W: std::io::Write>(w: &Writer<W>) -> u64 {
     w.stats().iter().map(|s| s.zero_bytes).sum()
 }
 
+/// `create` with images QEMU must read (qcow2, vmdk, ...): the same live
+/// backup path as `backup`, through a qemu-storage-daemon that opens every
+/// image read-only and is stopped afterwards.
+fn create_via_qemu(a: &Args, specs: &[DriveSpec]) -> anyhow::Result<ExitCode> {
+    let opts = ArchiveOpts {
+        configs: a.configs.clone(),
+        zstd: a.zstd,
+        zstd_threads: a.zstd_threads,
+        keep_partial: false,
+        buffer_limit: crate::assembler::DEFAULT_PARTIAL_LIMIT as u64,
+        reconnect_timeout: crate::target::DEFAULT_RECONNECT_TIMEOUT.as_secs(),
+        clusters_per_extent: a.clusters_per_extent,
+        json: false,
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let dir = tempfile::Builder::new()
+            .prefix("vma-writer-qsd-")
+            .tempdir()
+            .context("cannot create a runtime directory")?;
+        let mut dopts = DaemonOptions::new(dir.path());
+        for (i, s) in specs.iter().enumerate() {
+            let path = std::path::absolute(&s.path)
+                .with_context(|| format!("image {}", s.path.display()))?;
+            dopts = dopts.image(Image::new(format!("vmaw{i}"), path, &s.format).read_only());
+        }
+        let daemon = StorageDaemon::start(dopts)
+            .await
+            .context("cannot start qemu-storage-daemon to read the images")?;
+        let res = async {
+            let qmp = daemon.connect().await?;
+            let nodes = qmp.block_nodes().await?;
+            let mut drives = Vec::new();
+            for (i, s) in specs.iter().enumerate() {
+                let node = format!("vmaw{i}");
+                let size = nodes
+                    .iter()
+                    .find(|n| n.node_name == node)
+                    .map(|n| n.size)
+                    .with_context(|| {
+                        format!("qemu-storage-daemon did not open {}", s.path.display())
+                    })?;
+                drives.push(BackupDrive {
+                    node,
+                    name: s.name.clone(),
+                    size,
+                });
+            }
+            run_with_display(&qmp, &drives, &opts, &a.archive, None).await
+        }
+        .await;
+        if let Err(e) = daemon.shutdown().await {
+            tracing::warn!("qemu-storage-daemon did not stop cleanly: {e}");
+        }
+        let report = res?;
+        if a.verbose {
+            for (name, size, zero) in &report.summary.drives {
+                eprintln!(
+                    "image {name}: size={size} zeros={zero} saved={}",
+                    size - zero
+                );
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
 /// Runs `create`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let specs = a
+        .drives
+        .iter()
+        .map(|d| parse_drive(d))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if specs.iter().any(|s| s.format != "raw") {
+        return create_via_qemu(&a, &specs);
+    }
     let mut builder = WriterBuilder::new().clusters_per_extent(a.clusters_per_extent)?;
     add_configs(&mut builder, &a.configs)?;
     let mut images = Vec::new();
-    for d in &a.drives {
-        let spec = parse_drive(d)?;
-        if spec.format != "raw" {
-            bail!(
-                "drive '{}': format '{}' is not supported by create yet; convert it to raw first",
-                spec.name,
-                spec.format
-            );
-        }
+    for spec in specs {
         let mut f = File::open(&spec.path)
             .with_context(|| format!("cannot open image {}", spec.path.display()))?;
         let size = image_size(&mut f, &spec.path)?;

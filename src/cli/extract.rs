@@ -3,7 +3,7 @@
 //! never written) as `tmp-disk-NAME.raw` and renamed to `disk-NAME.raw` only
 //! once the whole archive has been read and found complete.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 use super::archive_input;
 use super::progress::{Progress, Style};
 use super::verify::print_totals;
+use crate::vma::header::check_file_name;
 use crate::vma::{DevId, Reader};
 
 /// Arguments of `extract`.
@@ -31,15 +32,6 @@ pub struct Args {
     pub verbose: bool,
 }
 
-/// Refuses a name that would not stay a plain file name inside the target
-/// directory.
-pub fn check_file_name(what: &str, name: &str) -> anyhow::Result<()> {
-    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
-        bail!("refusing {what} name {name:?}: it would escape or clobber the target directory");
-    }
-    Ok(())
-}
-
 struct Out {
     file: File,
     tmp: PathBuf,
@@ -52,11 +44,34 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let mut reader =
         Reader::new(input).with_context(|| format!("{}: not a valid VMA archive", a.archive))?;
     let header = reader.header().clone();
+    let refuse = |e: crate::vma::FormatError| {
+        anyhow::anyhow!(
+            "{e}; refusing to extract: the name would escape or clobber the target directory"
+        )
+    };
+    let mut config_names = HashSet::new();
     for c in &header.configs {
-        check_file_name("config", &c.name)?;
+        check_file_name("config", &c.name).map_err(refuse)?;
+        if !config_names.insert(c.name.as_str()) {
+            bail!(
+                "the archive holds two configs named '{}'; refusing to extract either",
+                c.name
+            );
+        }
     }
     for d in &header.devices {
-        check_file_name("device", &d.name)?;
+        check_file_name("device", &d.name).map_err(refuse)?;
+        for file in [
+            format!("disk-{}.raw", d.name),
+            format!("tmp-disk-{}.raw", d.name),
+        ] {
+            if config_names.contains(file.as_str()) {
+                bail!(
+                    "config '{file}' would collide with the image of drive '{}'; refusing to extract",
+                    d.name
+                );
+            }
+        }
     }
     for want in &a.drives {
         if header.devices.iter().all(|d| &d.name != want) {

@@ -34,11 +34,16 @@ pub fn print_header(out: &mut impl Write, h: &Header) -> std::io::Result<()> {
         writeln!(out, "CFG: size: {} name: {}", c.data.len(), c.name)?;
     }
     for d in &h.devices {
-        writeln!(
-            out,
-            "DEV: dev_id={} size: {} devname: {}",
-            d.id, d.size, d.name
-        )?;
+        if d.name == "vmstate" {
+            // Legacy VM-state stream: Proxmox prints its size as memory.
+            writeln!(out, "VMSTATE: dev_id={} memory: {}", d.id, d.size)?;
+        } else {
+            writeln!(
+                out,
+                "DEV: dev_id={} size: {} devname: {}",
+                d.id, d.size, d.name
+            )?;
+        }
     }
     writeln!(out, "CTIME: {}", ctime_string(h.ctime))
 }

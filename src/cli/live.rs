@@ -3,6 +3,7 @@
 //! closing summary either way.
 
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -21,8 +22,22 @@ pub struct LiveDisplay {
     ticks: u64,
 }
 
-/// Prints one JSON line on stdout (machine-readable status).
+/// Set when the archive itself goes to stdout: status lines then go to
+/// stderr, so they never mix into the archive stream.
+static STATUS_TO_STDERR: AtomicBool = AtomicBool::new(false);
+
+/// Sends JSON status lines to stderr instead of stdout (for `-o -`).
+pub fn status_to_stderr() {
+    STATUS_TO_STDERR.store(true, Ordering::Relaxed);
+}
+
+/// Prints one JSON line of machine-readable status (stdout, or stderr when
+/// the archive is on stdout).
 pub fn json_line(v: serde_json::Value) {
+    if STATUS_TO_STDERR.load(Ordering::Relaxed) {
+        eprintln!("{v}");
+        return;
+    }
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{v}");
     let _ = out.flush();
@@ -105,6 +120,7 @@ impl LiveDisplay {
                 "bytes": r.bytes,
                 "zero_bytes": r.zero_bytes,
                 "archive_bytes": r.summary.archive_bytes,
+                "copied_bytes": r.summary.copied_bytes,
                 "duration_s": r.duration.as_secs_f64(),
                 "mb_per_s": r.mb_per_s(),
                 "drives": r.summary.drives.iter().map(|(n, size, zero)| json!({"name": n, "size": size, "zero_bytes": zero})).collect::<Vec<_>>(),

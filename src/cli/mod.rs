@@ -10,6 +10,7 @@ mod archive_input;
 pub mod backup;
 mod config;
 mod create;
+mod demo;
 mod extract;
 mod list;
 mod live;
@@ -43,6 +44,8 @@ pub enum Command {
     Serve(serve::Args),
     /// Back up a running QEMU's drives over QMP into one archive.
     Backup(backup::Args),
+    /// Run a self-contained live backup and restore check, end to end.
+    Demo(demo::Args),
 }
 
 /// Runs the parsed command line.
@@ -55,5 +58,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Extract(a) => extract::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Backup(a) => backup::run(a),
+        Command::Demo(a) => demo::run(a),
     }
 }

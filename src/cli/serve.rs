@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 use super::live::{LiveDisplay, TICK, json_line};
 use crate::assembler::{AssemblerConfig, DriveSpec};
@@ -85,9 +85,7 @@ pub fn parse_drive_size(s: &str) -> anyhow::Result<DriveSpec> {
     let (name, size) = s
         .split_once('=')
         .with_context(|| format!("drive '{s}': expected NAME=SIZE"))?;
-    if name.is_empty() {
-        bail!("drive '{s}': empty name");
-    }
+    crate::vma::header::check_file_name("drive", name)?;
     let size = parse_size(size).map_err(|e| anyhow::anyhow!("drive '{s}': {e}"))?;
     Ok(DriveSpec {
         name: name.to_string(),
@@ -103,6 +101,9 @@ impl ArchiveOpts {
         drives: Vec<DriveSpec>,
         output: &str,
     ) -> anyhow::Result<TargetConfig> {
+        if output == "-" {
+            super::live::status_to_stderr();
+        }
         let mut configs = Vec::new();
         for c in &self.configs {
             let data =
@@ -134,19 +135,24 @@ impl ArchiveOpts {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn stop_signal() {
+/// A future that resolves on SIGINT or SIGTERM. The handlers are installed
+/// when this is called (inside the runtime), not when the future is first
+/// polled, so a signal during set-up is not lost or fatal.
+pub fn stop_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
+    let signals = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = int.recv() => tracing::warn!("SIGINT received"),
-        _ = term.recv() => tracing::warn!("SIGTERM received"),
+    );
+    async move {
+        let (Ok(mut int), Ok(mut term)) = signals else {
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => tracing::warn!("SIGINT received"),
+            _ = term.recv() => tracing::warn!("SIGTERM received"),
+        }
     }
 }
 

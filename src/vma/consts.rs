@@ -90,6 +90,9 @@ pub mod offset {
     pub const EXT_BLOCKINFO: usize = 40;
 }
 
+/// Largest device: cluster numbers are u32 (§8).
+pub const MAX_DEVICE_SIZE: u64 = (1u64 << 32) * VMA_CLUSTER_SIZE as u64;
+
 /// Largest header our writer produces: Proxmox's writer builds its header
 /// in a 512 KiB buffer and fails past it, so no archive Proxmox could have
 /// written is larger (§8).

@@ -59,11 +59,15 @@ pub struct Header {
     pub devices: Vec<Device>,
 }
 
-/// Proxmox's blob table: starts at offset 1, grows by whole 512-byte steps
-/// sized to the entry that did not fit.
+/// Proxmox's blob table: starts at offset 1; when an entry does not fit,
+/// the table's size grows by the entry's length rounded up to 512 (§3.4).
 struct BlobTable {
     buf: Vec<u8>,
     pos: usize,
+    /// Proxmox's size counter. It can end up one byte short of `pos` (an
+    /// entry that exactly fills a step does not fit, because the table
+    /// starts at 1); [`BlobTable::table_len`] mends that.
+    size: usize,
 }
 
 impl BlobTable {
@@ -71,28 +75,35 @@ impl BlobTable {
         BlobTable {
             buf: Vec::new(),
             pos: 1,
+            size: 0,
         }
     }
 
     fn push(&mut self, data: &[u8]) -> u32 {
         debug_assert!(data.len() <= VMA_MAX_BLOB_LEN);
         let need = self.pos + 2 + data.len();
+        if self.size == 0 || self.size < need {
+            self.size += (data.len() + 2).div_ceil(VMA_BLOB_TABLE_ALIGN) * VMA_BLOB_TABLE_ALIGN;
+        }
         if self.buf.len() < need {
-            let grow = (data.len() + 2).div_ceil(VMA_BLOB_TABLE_ALIGN) * VMA_BLOB_TABLE_ALIGN;
-            let mut size = self.buf.len() + grow;
-            // Proxmox overflows its table by one byte when the first blob is
-            // 510, 1022, ... bytes (the table starts at offset 1); we add
-            // another step instead, which keeps the archive readable.
-            while size < need {
-                size += VMA_BLOB_TABLE_ALIGN;
-            }
-            self.buf.resize(size, 0);
+            self.buf.resize(need, 0);
         }
         let at = self.pos;
         self.buf[at..at + 2].copy_from_slice(&(data.len() as u16).to_le_bytes());
         self.buf[at + 2..need].copy_from_slice(data);
         self.pos = need;
         at as u32
+    }
+
+    /// The table as written: Proxmox's size, plus one more 512-byte step
+    /// where Proxmox would write past its table (and produce a header its
+    /// own reader refuses).
+    fn table_len(&self) -> usize {
+        let mut len = self.size;
+        while len < self.pos {
+            len += VMA_BLOB_TABLE_ALIGN;
+        }
+        len
     }
 }
 
@@ -132,6 +143,29 @@ pub fn check_name(what: &'static str, name: &str) -> Result<(), FormatError> {
         return bad("longer than a blob can hold");
     }
     Ok(())
+}
+
+/// Checks that `name` works as a file name inside a directory, as
+/// `extract` needs of config and device names: not empty, not `.` or `..`,
+/// no `/`, no NUL. Not a format rule (VMA allows any NUL-free name), so the
+/// writer does not enforce it; the CLI does for the names it is given.
+pub fn check_file_name(what: &'static str, name: &str) -> Result<(), FormatError> {
+    let rule = if name.is_empty() {
+        "empty"
+    } else if name == "." || name == ".." {
+        "a directory reference"
+    } else if name.contains('/') {
+        "contains '/'"
+    } else if name.contains('\0') {
+        "contains a NUL byte"
+    } else {
+        return Ok(());
+    };
+    Err(FormatError::InvalidName {
+        what,
+        name: name.to_string(),
+        rule,
+    })
 }
 
 impl Header {
@@ -185,11 +219,13 @@ impl Header {
             put32(&mut fixed, at, ptr);
             fixed[at + 8..at + 16].copy_from_slice(&d.size.to_be_bytes());
         }
-        if blobs.buf.is_empty() {
+        if blobs.size == 0 {
             // header_size would be 12288, which Proxmox's reader rejects.
             return Err(FormatError::EmptyArchive);
         }
-        let header_size = VMA_HEADER_SIZE + blobs.buf.len();
+        let mut table = std::mem::take(&mut blobs.buf);
+        table.resize(blobs.table_len(), 0);
+        let header_size = VMA_HEADER_SIZE + table.len();
         if header_size > MAX_WRITE_HEADER_SIZE {
             return Err(FormatError::HeaderTooLarge {
                 size: header_size,
@@ -205,7 +241,7 @@ impl Header {
         // allocated table size.
         put32(&mut fixed, offset::BLOB_BUFFER_SIZE, blobs.pos as u32);
         put32(&mut fixed, offset::HEADER_SIZE, header_size as u32);
-        fixed.extend_from_slice(&blobs.buf);
+        fixed.extend_from_slice(&table);
         let digest = md5::compute(&fixed);
         fixed[offset::MD5SUM..offset::MD5SUM + 16].copy_from_slice(&digest.0);
         Ok(fixed)
@@ -315,6 +351,14 @@ impl Header {
             if size == 0 {
                 // Proxmox's reader skips such a slot; a writer never makes one.
                 continue;
+            }
+            if size > MAX_DEVICE_SIZE {
+                return Err(FormatError::BadHeaderField {
+                    offset: (at + 8) as u64,
+                    field: "device size",
+                    value: size,
+                    rule: "larger than 2^32 clusters of 64 KiB (256 TiB)",
+                });
             }
             // Stricter than Proxmox, which silently drops a slot whose name
             // does not resolve: a sized slot is a device, and its name must

@@ -232,9 +232,13 @@ impl<R: Read> Reader<R> {
             if t.seen_count == t.clusters {
                 continue;
             }
-            let first = (0..t.clusters)
-                .find(|c| t.seen[(c / 64) as usize] & (1 << (c % 64)) == 0)
-                .unwrap_or(0);
+            // Word by word: a huge device is not walked bit by bit.
+            let first = t
+                .seen
+                .iter()
+                .enumerate()
+                .find(|(_, w)| **w != u64::MAX)
+                .map_or(0, |(i, w)| i as u64 * 64 + u64::from(w.trailing_ones()));
             missing.push(MissingClusters {
                 dev: d.id,
                 name: d.name.clone(),

@@ -22,9 +22,6 @@ use super::{DevId, FormatError, MissingClusters};
 /// Zero bytes used to pad the block that straddles a device's end.
 static ZERO_BLOCK: [u8; VMA_BLOCK_SIZE] = [0; VMA_BLOCK_SIZE];
 
-/// Largest device: cluster numbers are u32 (§2.6).
-pub const MAX_DEVICE_SIZE: u64 = (1u64 << 32) * VMA_CLUSTER_SIZE as u64;
-
 /// Collects configs and devices; nothing is written until [`start`](Self::start).
 #[derive(Debug, Clone)]
 pub struct WriterBuilder {
@@ -175,6 +172,7 @@ impl WriterBuilder {
             header_len: bytes.len() as u64,
             poisoned: false,
             observer: None,
+            extents: 0,
         })
     }
 }
@@ -222,6 +220,7 @@ pub struct Writer<W: Write> {
     header_len: u64,
     poisoned: bool,
     observer: Option<ExtentObserver>,
+    extents: u64,
 }
 
 impl<W: Write> Writer<W> {
@@ -394,6 +393,7 @@ impl<W: Write> Writer<W> {
             return Err(e.into());
         }
         self.pos += len as u64;
+        self.extents += 1;
         self.pending.clear();
         if let Some(f) = self.observer.as_mut() {
             f(at, &entries);
@@ -407,15 +407,18 @@ impl<W: Write> Writer<W> {
             .iter()
             .filter_map(|d| {
                 let clusters = d.dev.clusters();
-                let mut first = None;
-                let mut missing = 0;
-                for c in 0..clusters {
-                    if d.seen[(c / 64) as usize] & (1 << (c % 64)) == 0 {
-                        missing += 1;
-                        first.get_or_insert(c);
-                    }
+                let missing = clusters
+                    - d.seen
+                        .iter()
+                        .map(|w| u64::from(w.count_ones()))
+                        .sum::<u64>();
+                if missing == 0 {
+                    return None;
                 }
-                first.map(|first| MissingClusters {
+                // Whole words at a time: a huge device is not walked bit by bit.
+                let (w, word) = d.seen.iter().enumerate().find(|(_, w)| **w != u64::MAX)?;
+                let first = w as u64 * 64 + u64::from(word.trailing_ones());
+                Some(MissingClusters {
                     dev: d.dev.id,
                     name: d.dev.name.clone(),
                     missing,
@@ -440,8 +443,10 @@ impl<W: Write> Writer<W> {
     }
 
     /// Completes the archive: checks that every cluster of every device was
-    /// written, writes the last extent (an empty one if nothing is pending,
-    /// as Proxmox does), flushes the output and returns it.
+    /// written, writes the last extent, flushes the output and returns it.
+    /// The last extent is written when clusters are pending, and also when
+    /// no extent was written at all (an archive without devices is a header
+    /// plus one empty extent, as Proxmox writes it).
     ///
     /// On error nothing more is written, so the output lacks its last
     /// extent and a strict reader reports the missing clusters.
@@ -453,7 +458,9 @@ impl<W: Write> Writer<W> {
         if self.poisoned {
             return Err(io::Error::other("an earlier write to the archive failed").into());
         }
-        self.write_extent()?;
+        if !self.pending.is_empty() || self.extents == 0 {
+            self.write_extent()?;
+        }
         self.out.flush()?;
         Ok(self.out)
     }
