@@ -111,7 +111,8 @@ pub struct Ended {
     pub status: ExitStatus,
     /// Everything it wrote to stderr.
     pub stderr: String,
-    /// Every JSON line it printed on stdout (with `--json`).
+    /// Every line it printed on stdout (with `--json`), parsed; lines that
+    /// are not JSON appear as JSON strings.
     pub events: Vec<Value>,
     /// How long after spawning it ended.
     pub elapsed: Duration,
@@ -171,8 +172,9 @@ impl Proc {
             let task = tokio::spawn(async move {
                 let mut lines = BufReader::new(out).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    let v = serde_json::from_str(&line)
-                        .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"));
+                    // A line that is not JSON is kept as a JSON string, so
+                    // tests can assert on it.
+                    let v = serde_json::from_str(&line).unwrap_or(Value::String(line));
                     if tx.send(v).is_err() {
                         break;
                     }
@@ -642,4 +644,41 @@ pub fn dense_random(path: &Path, size: u64, seed: u64) -> PathBuf {
     rng.fill(&mut data);
     std::fs::write(path, &data).unwrap();
     path.to_path_buf()
+}
+
+/// Live processes whose command line mentions `needle` (e.g. a temp dir
+/// holding their images or sockets), as (pid, command line).
+pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        // Zombies have an empty command line.
+        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmd.contains(needle) {
+            out.push((pid, cmd));
+        }
+    }
+    out
+}
+
+/// Waits up to `timeout` until no process mentions `needle`; panics
+/// listing those left.
+pub async fn assert_no_process_mentions(needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = processes_mentioning(needle);
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "processes left behind: {left:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
