@@ -213,3 +213,35 @@ async fn writes_during_backup_leave_point_in_time_image() {
     assert_ne!(now, std::fs::read(&snapshot).unwrap());
     daemon.shutdown().await.unwrap();
 }
+
+/// `backup --json -o -`: the archive streams to stdout (here into a
+/// file), the JSON status goes elsewhere, and the stream restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_to_stdout_with_json_status() {
+    if !common::require_tools(QSD_TOOLS) {
+        return;
+    }
+    live_support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let src = raw_islands(&dir.join("scsi0.raw"), ODD_SIZE, 5, 8, MIB);
+    let daemon = StorageDaemon::start(
+        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
+    )
+    .await
+    .unwrap();
+    let stream = dir.join("stream.vma");
+    let mut cmd = vma_cmd(["backup", "--json", "--qmp"]);
+    cmd.arg(daemon.qmp_socket())
+        .args(["--drive", "scsi0", "-o", "-"])
+        .stdout(std::fs::File::create(&stream).unwrap());
+    let ended = Proc::spawn(cmd, false).wait(RUN_TIMEOUT).await;
+    assert!(ended.status.success(), "backup failed: {}", ended.stderr);
+    assert!(
+        ended.stderr.contains("\"event\":\"finished\""),
+        "no JSON status on stderr: {}",
+        ended.stderr
+    );
+    check_archive(&stream, &[("drive-scsi0", ODD_SIZE, &src)], dir).await;
+    daemon.shutdown().await.unwrap();
+}

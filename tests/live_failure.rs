@@ -916,3 +916,41 @@ async fn concurrent_backup_does_not_disturb_running_one() {
     drop(qmp);
     daemon.shutdown().await.unwrap();
 }
+
+/// `backup -o ARCHIVE` where ARCHIVE (or ARCHIVE.partial) already
+/// exists: refused, the file is untouched, QEMU is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_never_overwrites() {
+    if !common::require_tools(QSD_TOOLS) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let src = live_support::raw_islands(&dir.join("scsi0.raw"), 4 * MIB, 121, 2, MIB);
+    let daemon = StorageDaemon::start(
+        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
+    )
+    .await
+    .unwrap();
+    let qmp = Qmp::connect(daemon.spare_qmp_socket()).await.unwrap();
+    for existing in ["old.vma", "old2.vma.partial"] {
+        let archive = dir.join(existing.trim_end_matches(".partial"));
+        let path = dir.join(existing);
+        std::fs::write(&path, b"precious").unwrap();
+        let mut cmd = vma_cmd(["backup", "--qmp"]);
+        cmd.arg(daemon.qmp_socket())
+            .args(["--drive", "scsi0", "-o"])
+            .arg(&archive);
+        let ended = Proc::spawn(cmd, false).wait(FAIL_TIMEOUT).await;
+        assert!(!ended.status.success(), "{}", ended.stderr);
+        assert!(
+            ended.stderr.contains(existing),
+            "{existing} not named: {}",
+            ended.stderr
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+        assert_no_leftovers(&qmp).await;
+    }
+    drop(qmp);
+    daemon.shutdown().await.unwrap();
+}
