@@ -362,3 +362,88 @@ async fn finished_event_archive_bytes_is_file_size() {
         "{fin}"
     );
 }
+
+/// READ during a backup: archived clusters read back from the archive
+/// file, buffered partial clusters from memory, unwritten ranges as
+/// zeros (qemu-io `read -P` checks each); with `--zstd` an archived
+/// cluster cannot be read back and the READ gets EIO. Both archives
+/// restore to what was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reads_back_during_backup() {
+    if !common::require_tools(&["qemu-io"]) {
+        return;
+    }
+    live_support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let size: u64 = 256 * 1024;
+    let mut expected = vec![0x33u8; size as usize];
+    expected[..65536].fill(0x11);
+    expected[70_000..71_000].fill(0x22);
+    let expected_path = dir.join("expected.raw");
+    std::fs::write(&expected_path, &expected).unwrap();
+    for zstd in [false, true] {
+        let sock = dir.join(format!("nbd-{zstd}.sock"));
+        let archive = dir.join(if zstd { "read.vma.zst" } else { "read.vma" });
+        let mut cmd = vma_cmd(["serve", "--listen"]);
+        cmd.arg(format!("unix:{}", sock.display()))
+            .arg("--drive")
+            .arg(format!("drive-scsi0={size}"))
+            .arg("-o")
+            .arg(&archive);
+        if zstd {
+            cmd.arg("--zstd");
+        }
+        let serve = Proc::spawn(cmd, false);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(std::time::Instant::now() < deadline, "serve did not listen");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let uri = nbd_uri(&sock, "drive-scsi0");
+        live_support::qemu_io(
+            &uri,
+            "raw",
+            &[
+                "write -P 0x11 0 64k".into(),
+                "write -P 0x22 70000 1000".into(),
+                // Buffered data, and zeros around it in the same cluster.
+                "read -P 0x22 70000 1000".into(),
+                "read -P 0 65536 4464".into(),
+                // Never written.
+                "read -P 0 200000 1000".into(),
+            ],
+        )
+        .await;
+        // An archived cluster, straddling into the buffered one.
+        let out = live_support::run_with_timeout(
+            Command::new("qemu-io")
+                .args(["-f", "raw", &uri, "-c", "read -P 0x11 60000 5536"])
+                .env("LC_ALL", "C"),
+            live_support::CMD_TIMEOUT,
+        )
+        .await;
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        if zstd {
+            assert!(text.contains("Input/output error"), "{text}");
+        } else {
+            assert!(
+                text.contains("read 5536/5536") && !text.contains("failed"),
+                "{text}"
+            );
+        }
+        live_support::qemu_io(
+            &uri,
+            "raw",
+            &[
+                "write -P 0x33 65536 4464".into(),
+                format!("write -P 0x33 71000 {}", size - 71_000),
+            ],
+        )
+        .await;
+        let ended = serve.wait(RUN_TIMEOUT).await;
+        assert!(ended.status.success(), "serve failed: {}", ended.stderr);
+        check_archive(&archive, &[("drive-scsi0", size, &expected_path)], dir).await;
+    }
+}
