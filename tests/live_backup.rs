@@ -8,6 +8,7 @@
 mod common;
 mod live_support;
 
+use std::path::Path;
 use std::time::Duration;
 
 use live_support::{
@@ -142,23 +143,20 @@ async fn backup_three_drives_in_one_transaction() {
 
 /// Copy-before-write: the source is exported (writable) by the daemon and
 /// written with qemu-io while a throttled backup runs. The archive must
-/// hold the image as it was when the backup started; the source must hold
-/// the new data.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_during_backup_leave_point_in_time_image() {
-    if !common::require_tools(QSD_TOOLS) {
-        return;
-    }
-    live_support::init_tracing();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let size = 64 * MIB;
-    let src = raw_islands(&dir.join("scsi0.raw"), size, 4, 16, 4 * MIB);
-    let snapshot = dir.join("snapshot.raw");
-    std::fs::copy(&src, &snapshot).unwrap();
-
+/// hold the image as it was when the backup started (`snapshot`, raw); the
+/// source must hold the new data afterwards. `writes` are (pattern,
+/// offset, length).
+async fn writes_during_backup(
+    dir: &Path,
+    src: &Path,
+    format: &str,
+    size: u64,
+    snapshot: &Path,
+    speed: &str,
+    writes: &[(u8, u64, u64)],
+) {
     let mut daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
+        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", src, format)),
     )
     .await
     .unwrap();
@@ -168,7 +166,7 @@ async fn writes_during_backup_leave_point_in_time_image() {
     let archive = dir.join("cbw.vma");
     let mut cmd = vma_cmd(["backup", "--qmp"]);
     cmd.arg(daemon.qmp_socket())
-        .args(["--drive", "scsi0", "--speed", "8M", "--json", "-o"])
+        .args(["--drive", "scsi0", "--speed", speed, "--json", "-o"])
         .arg(&archive);
     let mut backup = Proc::spawn(cmd, true);
     // Wait until the job has copied something, so the writes land both
@@ -178,14 +176,6 @@ async fn writes_during_backup_leave_point_in_time_image() {
             live_support::progress_done(e, "drive-scsi0").is_some_and(|d| d > 0)
         })
         .await;
-    let writes: [(u8, u64, u64); 6] = [
-        (0x61, 0, 64 * 1024),
-        (0x62, MIB + 12345, 100_000),
-        (0x63, 30 * MIB, 64 * 1024),
-        (0x64, 40 * MIB - 1000, 3 * CLUSTER),
-        (0x65, 50 * MIB + 7, 1),
-        (0x66, size - 100_000, 100_000),
-    ];
     let cmds: Vec<String> = writes
         .iter()
         .map(|(p, off, len)| format!("write -P {p:#x} {off} {len}"))
@@ -199,19 +189,86 @@ async fn writes_during_backup_leave_point_in_time_image() {
 
     let ended = backup.wait(RUN_TIMEOUT).await;
     assert!(ended.status.success(), "backup failed: {}", ended.stderr);
-    check_archive(&archive, &[("drive-scsi0", size, &snapshot)], dir).await;
+    check_archive(&archive, &[("drive-scsi0", size, snapshot)], dir).await;
+    daemon.shutdown().await.unwrap();
 
     // The source changed: every write is there.
-    let now = std::fs::read(&src).unwrap();
-    for (p, off, len) in writes {
-        let r = &now[off as usize..(off + len) as usize];
-        assert!(
-            r.iter().all(|&b| b == p),
-            "write {p:#x} at {off} is not in the source"
-        );
+    let reads: Vec<String> = writes
+        .iter()
+        .map(|(p, off, len)| format!("read -P {p:#x} {off} {len}"))
+        .collect();
+    qemu_io(src.to_str().unwrap(), format, &reads).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_backup_leave_point_in_time_image() {
+    if !common::require_tools(QSD_TOOLS) {
+        return;
     }
-    assert_ne!(now, std::fs::read(&snapshot).unwrap());
-    daemon.shutdown().await.unwrap();
+    live_support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let size = 64 * MIB;
+    let src = raw_islands(&dir.join("scsi0.raw"), size, 4, 16, 4 * MIB);
+    let snapshot = dir.join("snapshot.raw");
+    std::fs::copy(&src, &snapshot).unwrap();
+    let writes = [
+        (0x61, 0, 64 * 1024),
+        (0x62, MIB + 12345, 100_000),
+        (0x63, 30 * MIB, 64 * 1024),
+        (0x64, 40 * MIB - 1000, 3 * CLUSTER),
+        (0x65, 50 * MIB + 7, 1),
+        (0x66, size - 100_000, 100_000),
+    ];
+    writes_during_backup(dir, &src, "raw", size, &snapshot, "8M", &writes).await;
+    assert_ne!(
+        std::fs::read(&src).unwrap(),
+        std::fs::read(&snapshot).unwrap()
+    );
+}
+
+/// The same with a sparse qcow2 source: writes into unallocated clusters,
+/// into zero clusters and over data, ahead of and behind the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_backup_of_qcow2() {
+    if !common::require_tools(QSD_TOOLS) {
+        return;
+    }
+    live_support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let size = 128 * MIB;
+    let src = dir.join("scsi0.qcow2");
+    live_support::run_ok(
+        tokio::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&src)
+            .arg(size.to_string()),
+    )
+    .await;
+    let setup: Vec<String> = vec![
+        "write -P 0x11 0 1M".into(),
+        format!("write -P 0x22 {} {}", 60 * MIB + 999, 2 * MIB),
+        format!("write -z {} {}", 80 * MIB, 4 * MIB),
+        format!("write -P 0x33 {} {}", size - MIB, MIB),
+    ];
+    qemu_io(src.to_str().unwrap(), "qcow2", &setup).await;
+    let snapshot = dir.join("snapshot.raw");
+    live_support::run_ok(
+        tokio::process::Command::new("qemu-img")
+            .args(["convert", "-f", "qcow2", "-O", "raw"])
+            .arg(&src)
+            .arg(&snapshot),
+    )
+    .await;
+    let writes = [
+        (0x71, 4096, 8192),                  // over data, behind the job
+        (0x72, 40 * MIB + 3, 200_000),       // unallocated
+        (0x73, 61 * MIB, 64 * 1024),         // over data
+        (0x74, 81 * MIB + 512, 1024 * 1024), // zero clusters
+        (0x75, size - 70_000, 70_000),       // over data at the end
+    ];
+    writes_during_backup(dir, &src, "qcow2", size, &snapshot, "16M", &writes).await;
 }
 
 /// `backup --json -o -`: the archive streams to stdout (here into a

@@ -877,7 +877,7 @@ async fn concurrent_backup_does_not_disturb_running_one() {
     let a_archive = dir.join("a.vma");
     let mut cmd = vma_cmd(["backup", "--qmp"]);
     cmd.arg(daemon.qmp_socket())
-        .args(["--drive", "scsi0", "--speed", "8M", "--json", "-o"])
+        .args(["--drive", "scsi0", "--speed", "4M", "--json", "-o"])
         .arg(&a_archive);
     let mut a = Proc::spawn(cmd, true);
     a.next_event(PROGRESS_TIMEOUT, |e| {
