@@ -954,3 +954,46 @@ async fn backup_never_overwrites() {
     drop(qmp);
     daemon.shutdown().await.unwrap();
 }
+
+/// SIGTERM at several moments of `backup`'s start-up (connecting,
+/// adding targets, starting the transaction, first copies): whenever it
+/// lands, backup exits non-zero and leaves no archive, no partial file and
+/// no job or node in QEMU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_sigterm_at_any_moment_leaves_nothing() {
+    if !common::require_tools(QSD_TOOLS) {
+        return;
+    }
+    live_support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let size = 16 * MIB;
+    let src = dense_random(&dir.join("scsi0.raw"), size, 131);
+    let daemon = StorageDaemon::start(
+        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
+    )
+    .await
+    .unwrap();
+    let spare = Qmp::connect(daemon.spare_qmp_socket()).await.unwrap();
+    for delay_ms in [0u64, 10, 30, 60, 100, 150, 250, 400] {
+        let archive = dir.join(format!("t{delay_ms}.vma"));
+        let mut cmd = vma_cmd(["backup", "--qmp"]);
+        cmd.arg(daemon.qmp_socket())
+            .args(["--drive", "scsi0", "--speed", "2M", "-o"])
+            .arg(&archive);
+        let p = Proc::spawn(cmd, false);
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        p.signal(libc::SIGTERM);
+        let ended = p.wait(FAIL_TIMEOUT).await;
+        assert!(
+            !ended.status.success(),
+            "SIGTERM after {delay_ms} ms: exit 0: {}",
+            ended.stderr
+        );
+        assert_no_archive(&archive, false);
+        // backup waits for its cancelled jobs to end before it exits.
+        assert_no_leftovers(&spare).await;
+    }
+    drop(spare);
+    daemon.shutdown().await.unwrap();
+}
