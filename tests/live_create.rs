@@ -159,8 +159,10 @@ async fn demo_runs_and_its_archive_restores() {
     let work = tmp.path().join("demo");
     let mut cmd = vma_cmd(["demo", "--dir"]);
     cmd.arg(&work);
-    let ended = Proc::spawn(cmd, false).wait(RUN_TIMEOUT).await;
+    // Capture stdout (its narrative) as lines.
+    let ended = Proc::spawn(cmd, true).wait(RUN_TIMEOUT).await;
     assert!(ended.status.success(), "demo failed: {}", ended.stderr);
+    let stdout: Vec<&str> = ended.events.iter().filter_map(|e| e.as_str()).collect();
     let archives: Vec<_> = std::fs::read_dir(&work)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -168,9 +170,11 @@ async fn demo_runs_and_its_archive_restores() {
         .collect();
     assert_eq!(archives.len(), 1, "{archives:?}");
     let archive = &archives[0];
+    let says_where = stdout.iter().any(|l| l.contains(archive.to_str().unwrap()))
+        || ended.stderr.contains(archive.to_str().unwrap());
     assert!(
-        ended.stderr.contains(archive.to_str().unwrap()),
-        "demo does not say where the archive is: {}",
+        says_where,
+        "demo does not say where the archive is: {stdout:?} {}",
         ended.stderr
     );
     live_support::verify_ok(archive).await;

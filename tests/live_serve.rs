@@ -207,7 +207,8 @@ async fn serve_tcp_zstd_finalises_after_flush() {
         .arg(format!("nbd://{hostport}/drive-scsi0"))
         .args(["-c", &format!("write -P 0x5a 0 {}", size - 4096)])
         .args(["-c", &format!("write -P 0xa5 {} 4096", size - 4096)])
-        .args(["-c", "flush", "-c", "sleep 20000"]);
+        .args(["-c", "flush", "-c", "sleep 20000"])
+        .stdout(std::process::Stdio::null());
     let client = Proc::spawn(io, false);
     let ended = serve.wait(Duration::from_secs(15)).await;
     drop(client);
