@@ -302,3 +302,77 @@ async fn backup_to_stdout_with_json_status() {
     check_archive(&stream, &[("drive-scsi0", ODD_SIZE, &src)], dir).await;
     daemon.shutdown().await.unwrap();
 }
+
+/// QEMU's blockdev-backup driven by the test into `serve`, with many
+/// parallel workers and large chunks (x-perf), two drives in one
+/// transaction over one listener: many requests in flight at once, in any
+/// order. The archive restores to the sources.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_backup_into_serve_with_parallel_workers() {
+    if !common::require_tools(QSD_TOOLS) {
+        return;
+    }
+    live_support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let a = live_support::dense_random(&dir.join("a.raw"), 24 * MIB, 301);
+    let b = raw_islands(&dir.join("b.raw"), ODD_SIZE, 302, 8, MIB);
+    let daemon = StorageDaemon::start(
+        DaemonOptions::new(dir.join("run"))
+            .image(Image::new("a", &a, "raw"))
+            .image(Image::new("b", &b, "raw")),
+    )
+    .await
+    .unwrap();
+    let sock = dir.join("nbd.sock");
+    let archive = dir.join("workers.vma");
+    let mut cmd = vma_cmd(["serve", "--json", "--buffer-limit", "1M", "--listen"]);
+    cmd.arg(format!("unix:{}", sock.display()))
+        .arg("--drive")
+        .arg(format!("drive-a={}", 24 * MIB))
+        .arg("--drive")
+        .arg(format!("drive-b={ODD_SIZE}"))
+        .arg("-o")
+        .arg(&archive);
+    let mut serve = Proc::spawn(cmd, true);
+    serve
+        .next_event(Duration::from_secs(10), |e| e["event"] == "listening")
+        .await;
+    let qmp = daemon.connect().await.unwrap();
+    let mut events = qmp.subscribe();
+    let mut actions = Vec::new();
+    for (node, export) in [("a", "drive-a"), ("b", "drive-b")] {
+        qmp.blockdev_add_nbd(&format!("tgt-{node}"), sock.as_path(), export)
+            .await
+            .unwrap();
+        actions.push(serde_json::json!({"type": "blockdev-backup", "data": {
+            "job-id": format!("job-{node}"), "device": node, "target": format!("tgt-{node}"),
+            "sync": "full", "x-perf": {"max-workers": 32, "max-chunk": 4 * MIB}}}));
+    }
+    qmp.execute(
+        "transaction",
+        Some(serde_json::json!({ "actions": actions })),
+    )
+    .await
+    .unwrap();
+    let ends = events
+        .wait_jobs_ended(&["job-a", "job-b"], Duration::from_secs(60))
+        .await
+        .unwrap();
+    for e in &ends {
+        assert!(e.is_success(), "{e:?}");
+    }
+    for node in ["a", "b"] {
+        qmp.blockdev_del(&format!("tgt-{node}")).await.unwrap();
+    }
+    let ended = serve.wait(RUN_TIMEOUT).await;
+    assert!(ended.status.success(), "serve failed: {}", ended.stderr);
+    check_archive(
+        &archive,
+        &[("drive-a", 24 * MIB, &a), ("drive-b", ODD_SIZE, &b)],
+        dir,
+    )
+    .await;
+    drop(qmp);
+    daemon.shutdown().await.unwrap();
+}
