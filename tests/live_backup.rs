@@ -376,3 +376,147 @@ async fn qemu_backup_into_serve_with_parallel_workers() {
     drop(qmp);
     daemon.shutdown().await.unwrap();
 }
+
+/// A Unix-socket proxy between QEMU and serve whose connections the test
+/// can cut, to make QEMU's NBD client reconnect mid-backup.
+struct CutProxy {
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CutProxy {
+    fn start(listen: &Path, upstream: &Path) -> CutProxy {
+        let listener = tokio::net::UnixListener::bind(listen).unwrap();
+        let upstream = upstream.to_path_buf();
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (c2, a2) = (conns.clone(), accepted.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                a2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let up = upstream.clone();
+                let h = tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::UnixStream::connect(&up).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+                c2.lock().unwrap().push(h.abort_handle());
+            }
+        });
+        CutProxy {
+            conns,
+            accepted,
+            task,
+        }
+    }
+
+    /// Closes every current connection (both directions).
+    fn cut(&self) {
+        for h in self.conns.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
+    }
+}
+
+/// QEMU's NBD client loses its connection to serve twice mid-backup and
+/// reconnects (`reconnect-delay`), replaying the requests in flight;
+/// serve accepts the identical replays and the archive restores to the
+/// source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_reconnects_mid_backup() {
+    if !common::require_tools(QSD_TOOLS) {
+        return;
+    }
+    live_support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let size = 24 * MIB;
+    let src = live_support::dense_random(&dir.join("scsi0.raw"), size, 311);
+    let daemon = StorageDaemon::start(
+        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
+    )
+    .await
+    .unwrap();
+    let sock = dir.join("nbd.sock");
+    let archive = dir.join("reconnect.vma");
+    let mut cmd = vma_cmd(["serve", "--json", "--reconnect-timeout", "20", "--listen"]);
+    cmd.arg(format!("unix:{}", sock.display()))
+        .arg("--drive")
+        .arg(format!("drive-scsi0={size}"))
+        .arg("-o")
+        .arg(&archive);
+    let mut serve = Proc::spawn(cmd, true);
+    serve
+        .next_event(Duration::from_secs(10), |e| e["event"] == "listening")
+        .await;
+    let proxy_sock = dir.join("proxy.sock");
+    let proxy = CutProxy::start(&proxy_sock, &sock);
+
+    let qmp = daemon.connect().await.unwrap();
+    let mut events = qmp.subscribe();
+    qmp.execute(
+        "blockdev-add",
+        Some(serde_json::json!({"driver": "nbd", "node-name": "tgt",
+            "server": {"type": "unix", "path": proxy_sock.to_str().unwrap()},
+            "export": "drive-scsi0", "reconnect-delay": 10})),
+    )
+    .await
+    .unwrap();
+    qmp.blockdev_backup_transaction(&[vma_writer::qmp::BackupJob {
+        job_id: "job0".into(),
+        device: "scsi0".into(),
+        target: "tgt".into(),
+        speed: Some(4 * MIB),
+        filter_node_name: None,
+    }])
+    .await
+    .unwrap();
+    let mut last = 0;
+    for _ in 0..2 {
+        serve
+            .next_event(Duration::from_secs(20), |e| {
+                live_support::progress_done(e, "drive-scsi0").is_some_and(|d| d > last)
+            })
+            .await;
+        proxy.cut();
+        let before = proxy.accepted();
+        // QEMU reconnects on its own.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while proxy.accepted() == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "QEMU did not reconnect"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        last = serve
+            .next_event(Duration::from_secs(20), |e| e["event"] == "progress")
+            .await["drives"][0]["done"]
+            .as_u64()
+            .unwrap();
+    }
+    let ends = events
+        .wait_jobs_ended(&["job0"], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(ends[0].is_success(), "{ends:?}");
+    qmp.blockdev_del("tgt").await.unwrap();
+    let ended = serve.wait(RUN_TIMEOUT).await;
+    assert!(ended.status.success(), "serve failed: {}", ended.stderr);
+    assert!(proxy.accepted() >= 3, "{} connections", proxy.accepted());
+    check_archive(&archive, &[("drive-scsi0", size, &src)], dir).await;
+    drop(qmp);
+    daemon.shutdown().await.unwrap();
+}
