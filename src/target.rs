@@ -242,6 +242,9 @@ impl BackupTarget {
     /// Stops serving and abandons the archive; returns the incomplete
     /// drives' descriptions.
     pub async fn abort(mut self) -> Vec<String> {
+        // Fail pending requests first, so the server's shutdown does not
+        // wait for writes blocked on buffer room.
+        self.assembler.fail("the backup was abandoned");
         self.stop_server().await;
         let missing = describe_incomplete(&self.assembler.status());
         self.assembler.abort().await;

@@ -865,8 +865,9 @@ impl Assembler {
                 return Err(e);
             }
             let stats = writer.stats();
-            let archive_bytes = writer.position();
             let sink = writer.finish().map_err(io::Error::from)?;
+            // Counted after the last extent, before compression.
+            let archive_bytes = sink.written();
             let path = sink.commit()?;
             Ok(Summary {
                 path,
@@ -880,6 +881,15 @@ impl Assembler {
         })
         .await
         .map_err(|e| io::Error::other(format!("archive finishing task failed: {e}")))?
+    }
+
+    /// Makes every request in progress or to come fail with `reason`:
+    /// writes waiting for partial-buffer room give up at once, so a server
+    /// shutting down does not wait for them.
+    pub fn fail(&self, reason: &str) {
+        self.shared
+            .fail_with(io::Error::other("backup aborted"), reason);
+        self.shared.partial_permits.close();
     }
 
     /// Abandons the archive: the partial file is removed (or kept, as the
