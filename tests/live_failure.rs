@@ -511,7 +511,6 @@ async fn serve_sigterm_mid_backup() {
 /// (`--buffer-limit 1M` = 16 partial clusters; the client writes 4 KiB
 /// into each of 32 clusters, then would go on): serve must stop promptly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: SIGTERM waits for writes blocked on the partial-buffer limit (partial_wait, 30 s)"]
 async fn serve_sigterm_during_back_pressure() {
     if !common::require_tools(&["qemu-io"]) {
         return;

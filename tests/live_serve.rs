@@ -325,7 +325,6 @@ async fn serve_json_with_archive_on_stdout() {
 /// not flush (nbdcopy without --flush) and the final extent still holds
 /// clusters at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: Assembler::finish takes archive_bytes before the final extent is written"]
 async fn finished_event_archive_bytes_is_file_size() {
     if !common::require_tools(&["nbdcopy"]) {
         return;
