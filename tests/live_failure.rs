@@ -549,6 +549,50 @@ async fn serve_sigterm_during_back_pressure() {
     assert_no_archive(&archive, false);
 }
 
+/// A client killed while its write waits for partial-buffer room: serve
+/// must see it gone and fail after the reconnect timeout (2 s), not only
+/// once the blocked write gives up (`partial_wait`, 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "BUG: a connection's end waits for its requests blocked on the buffer limit (30 s) before the reconnect clock starts"]
+async fn serve_client_killed_during_back_pressure() {
+    if !common::require_tools(&["qemu-io"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let archive = dir.join("pressure-kill.vma");
+    let (mut serve, sock) = start_serve(
+        dir,
+        &[("drive-scsi0", 4 * MIB)],
+        archive.to_str().unwrap(),
+        &[
+            "--buffer-limit",
+            "1M",
+            "--reconnect-timeout",
+            &RECONNECT_SECS.to_string(),
+        ],
+    )
+    .await;
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]).arg(nbd_uri(&sock, "drive-scsi0"));
+    for i in 0..32u64 {
+        c.arg("-c").arg(format!("write -P 0x11 {} 4k", i * 65536));
+    }
+    c.stdout(Stdio::null());
+    let writer = Proc::spawn(c, false);
+    serve
+        .next_event(PROGRESS_TIMEOUT, |e| {
+            e["event"] == "progress" && e["drives"][0]["connections"] == 1
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    writer.signal(libc::SIGKILL);
+    let ended = serve.wait(Duration::from_secs(RECONNECT_SECS + 8)).await;
+    drop(writer);
+    assert_failed_naming(&ended, &["drive-scsi0: 4194304 of 4194304 bytes missing"]);
+    assert_no_archive(&archive, false);
+}
+
 // ---------------------------------------------------------------------
 // Output write failures
 // ---------------------------------------------------------------------
