@@ -520,3 +520,79 @@ async fn qemu_reconnects_mid_backup() {
     drop(qmp);
     daemon.shutdown().await.unwrap();
 }
+
+/// `backup --all --zstd --output-dir --vmid`: every image of the daemon
+/// (in node-name order), a compressed archive named `.vma.zst`, restored
+/// byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_all_drives_zstd() {
+    if !common::require_tools(QSD_TOOLS) {
+        return;
+    }
+    live_support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let odd = raw_islands(&dir.join("b.raw"), ODD_SIZE, 321, 6, MIB);
+    let qcow = dir.join("a.qcow2");
+    live_support::run_ok(
+        tokio::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&qcow)
+            .arg((32 * MIB).to_string()),
+    )
+    .await;
+    qemu_io(
+        qcow.to_str().unwrap(),
+        "qcow2",
+        &[
+            "write -P 0x21 1000 300000".into(),
+            format!("write -P 0x22 {} 65536", 31 * MIB),
+        ],
+    )
+    .await;
+    let qcow_expected = dir.join("a.expected.raw");
+    live_support::run_ok(
+        tokio::process::Command::new("qemu-img")
+            .args(["convert", "-f", "qcow2", "-O", "raw"])
+            .arg(&qcow)
+            .arg(&qcow_expected),
+    )
+    .await;
+    let daemon = StorageDaemon::start(
+        DaemonOptions::new(dir.join("run"))
+            .image(Image::new("scsi1", &odd, "raw"))
+            .image(Image::new("scsi0", &qcow, "qcow2")),
+    )
+    .await
+    .unwrap();
+    let out_dir = dir.join("dump");
+    std::fs::create_dir(&out_dir).unwrap();
+    let mut cmd = vma_cmd(["backup", "--all", "--zstd", "--vmid", "7", "--qmp"]);
+    cmd.arg(daemon.qmp_socket())
+        .arg("--output-dir")
+        .arg(&out_dir);
+    let ended = Proc::spawn(cmd, false).wait(RUN_TIMEOUT).await;
+    assert!(ended.status.success(), "backup failed: {}", ended.stderr);
+    let names: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(
+        names[0].starts_with("vzdump-qemu-7-") && names[0].ends_with(".vma.zst"),
+        "{names:?}"
+    );
+    let archive = out_dir.join(&names[0]);
+    let head = std::fs::read(&archive).unwrap();
+    assert_eq!(&head[..4], &[0x28, 0xb5, 0x2f, 0xfd], "not zstd");
+    check_archive(
+        &archive,
+        &[
+            ("drive-scsi0", 32 * MIB, &qcow_expected),
+            ("drive-scsi1", ODD_SIZE, &odd),
+        ],
+        dir,
+    )
+    .await;
+    daemon.shutdown().await.unwrap();
+}
