@@ -323,10 +323,11 @@ async fn backup_refuses_unknown_node() {
     daemon.shutdown().await.unwrap();
 }
 
-/// `backup` of a node another block job already uses (a mirror; QEMU
-/// allows two backups of one node, but not a backup of a node being
-/// mirrored): QEMU refuses the transaction after the targets were added;
-/// backup removes them, leaves no file and does not disturb the other job.
+/// `backup` of two drives, one of which another block job already uses (a
+/// mirror; QEMU allows two backups of one node, but not a backup of a node
+/// being mirrored): QEMU refuses the whole transaction after the targets
+/// were added; backup removes both, leaves no file and does not disturb
+/// the other job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_refused_while_node_busy() {
     if !common::require_tools(QSD_TOOLS) {
@@ -337,12 +338,15 @@ async fn backup_refused_while_node_busy() {
     let dir = tmp.path();
     let size = 8 * MIB;
     let src = dense_random(&dir.join("scsi0.raw"), size, 51);
+    let src1 = dense_random(&dir.join("scsi1.raw"), size, 52);
     let daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
+        DaemonOptions::new(dir.join("run"))
+            .image(Image::new("scsi0", &src, "raw"))
+            .image(Image::new("scsi1", &src1, "raw")),
     )
     .await
     .unwrap();
-    // A mirror of scsi0 (into a null target), crawling along.
+    // A mirror of scsi1 (into a null target), crawling along.
     let spare = Qmp::connect(daemon.spare_qmp_socket()).await.unwrap();
     spare
         .execute(
@@ -354,21 +358,23 @@ async fn backup_refused_while_node_busy() {
     spare
         .execute(
             "blockdev-mirror",
-            Some(serde_json::json!({"job-id": "other", "device": "scsi0",
+            Some(serde_json::json!({"job-id": "other", "device": "scsi1",
                 "target": "other-tgt", "sync": "full", "speed": 65536})),
         )
         .await
         .unwrap();
 
+    // Both drives in one transaction: QEMU refuses all of it, after both
+    // targets were added.
     let archive = dir.join("busy.vma");
     let mut cmd = vma_cmd(["backup", "--qmp"]);
     cmd.arg(daemon.qmp_socket())
-        .args(["--drive", "scsi0", "-o"])
+        .args(["--drive", "scsi0", "--drive", "scsi1", "-o"])
         .arg(&archive);
     let ended = Proc::spawn(cmd, false).wait(FAIL_TIMEOUT).await;
     assert!(!ended.status.success(), "{}", ended.stderr);
     assert!(
-        ended.stderr.contains("QEMU refused the backup jobs"),
+        ended.stderr.contains("QEMU refused the backup jobs") && ended.stderr.contains("'scsi1'"),
         "{}",
         ended.stderr
     );
