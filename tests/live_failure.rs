@@ -736,11 +736,20 @@ async fn backup_stdout_reader_goes_away() {
     daemon.shutdown().await.unwrap();
 }
 
-/// `serve -o -` into a pipe whose reader closes early, with QEMU's
-/// blockdev-backup driven by the test: QEMU's writes get errors, its job
-/// fails (BLOCK_JOB_COMPLETED with an error), and serve exits non-zero.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_output_pipe_closed_fails_qemu_job() {
+/// How `serve`'s output fails in [`serve_output_failure_fails_qemu_job`].
+#[derive(Clone, Copy, Debug)]
+enum OutputFailure {
+    /// `-o -` into a pipe whose reader closes after the header.
+    PipeClosed,
+    /// `-o FILE` under `ulimit -f 2048`.
+    FileSizeLimit,
+}
+
+/// `serve`'s output write fails while QEMU's blockdev-backup (driven by
+/// the test) runs into it: QEMU's writes get errors, its job fails
+/// (BLOCK_JOB_ERROR, then BLOCK_JOB_COMPLETED with an error), and serve
+/// exits non-zero naming the write failure, leaving no archive.
+async fn serve_output_failure_fails_qemu_job(how: OutputFailure) {
     if !common::require_tools(QSD_TOOLS) {
         return;
     }
@@ -755,22 +764,48 @@ async fn serve_output_pipe_closed_fails_qemu_job() {
     .await
     .unwrap();
     let sock = dir.join("nbd.sock");
-    let mut cmd = vma_cmd(["serve", "--reconnect-timeout", "1", "--listen"]);
-    cmd.arg(format!("unix:{}", sock.display()))
+    let archive = dir.join("efbig.vma");
+    let mut cmd = match how {
+        OutputFailure::PipeClosed => vma_cmd(["serve"]),
+        OutputFailure::FileSizeLimit => {
+            let mut c = Command::new("sh");
+            c.args(["-c", "ulimit -f 2048; exec \"$0\" \"$@\"", BIN, "serve"]);
+            c
+        }
+    };
+    cmd.args(["--reconnect-timeout", "1", "--listen"])
+        .arg(format!("unix:{}", sock.display()))
         .arg("--drive")
         .arg(format!("drive-scsi0={size}"))
-        .args(["-o", "-"])
-        .stdout(Stdio::piped());
+        .arg("-o");
+    match how {
+        OutputFailure::PipeClosed => {
+            cmd.arg("-").stdout(Stdio::piped());
+        }
+        OutputFailure::FileSizeLimit => {
+            cmd.arg(&archive);
+        }
+    }
     let mut serve = Proc::spawn(cmd, false);
-    let mut out = serve.take_stdout();
-    // Read the header, then stop reading and close.
-    let mut buf = vec![0u8; 4096];
-    tokio::time::timeout(Duration::from_secs(10), out.read_exact(&mut buf))
-        .await
-        .expect("no header within 10 s")
-        .unwrap();
-    assert_eq!(&buf[..4], b"VMA\0");
-    drop(out);
+    match how {
+        OutputFailure::PipeClosed => {
+            let mut out = serve.take_stdout();
+            // Read the header, then stop reading and close.
+            let mut buf = vec![0u8; 4096];
+            tokio::time::timeout(Duration::from_secs(10), out.read_exact(&mut buf))
+                .await
+                .expect("no header within 10 s")
+                .unwrap();
+            assert_eq!(&buf[..4], b"VMA\0");
+        }
+        OutputFailure::FileSizeLimit => {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !sock.exists() {
+                assert!(Instant::now() < deadline, "serve did not listen");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
 
     let qmp = daemon.connect().await.unwrap();
     let mut events = qmp.subscribe();
@@ -803,9 +838,24 @@ async fn serve_output_pipe_closed_fails_qemu_job() {
     let _ = qmp.blockdev_del("tgt0").await;
     let ended = serve.wait(FAIL_TIMEOUT).await;
     assert!(!ended.status.success(), "{}", ended.stderr);
-    assert!(ended.stderr.contains("Broken pipe"), "{}", ended.stderr);
+    let why = match how {
+        OutputFailure::PipeClosed => "Broken pipe",
+        OutputFailure::FileSizeLimit => "File too large",
+    };
+    assert!(ended.stderr.contains(why), "{}", ended.stderr);
+    assert_no_archive(&archive, false);
     drop(qmp);
     daemon.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_output_pipe_closed_fails_qemu_job() {
+    serve_output_failure_fails_qemu_job(OutputFailure::PipeClosed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_file_size_limit_fails_qemu_job() {
+    serve_output_failure_fails_qemu_job(OutputFailure::FileSizeLimit).await;
 }
 
 /// `serve -o -` into a file when the client dies: the stream ends without
