@@ -1,0 +1,254 @@
+//! `create` with non-raw images (the live path through a private
+//! qemu-storage-daemon) and `demo`, checked from outside: archives are
+//! listed, verified, extracted and compared byte for byte with their
+//! sources; no process outlives the command, also after Ctrl-C.
+
+mod common;
+mod live_support;
+
+use std::time::Duration;
+
+use live_support::{
+    ODD_SIZE, Proc, QSD_TOOLS, RUN_TIMEOUT, assert_no_archive, assert_no_process_mentions,
+    check_archive, qcow2_scattered, raw_islands, vma_cmd,
+};
+
+const MIB: u64 = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_qcow2_and_raw_through_qemu() {
+    if !common::require_tools(QSD_TOOLS) {
+        return;
+    }
+    live_support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let qcow = dir.join("virtio0.qcow2");
+    let qcow_expected = dir.join("virtio0.expected.raw");
+    qcow2_scattered(&qcow, 1 << 30, &qcow_expected).await;
+    let raw = raw_islands(&dir.join("scsi0.raw"), ODD_SIZE, 201, 6, MIB);
+    let conf = dir.join("qemu-server.conf");
+    std::fs::write(&conf, "memory: 1024\n").unwrap();
+    let archive = dir.join("created.vma");
+    let mut cmd = vma_cmd(["create", "-c"]);
+    cmd.arg(&conf)
+        .arg("-d")
+        .arg(format!("format=qcow2:drive-virtio0={}", qcow.display()))
+        .arg("-d")
+        .arg(format!("drive-scsi0={}", raw.display()))
+        .arg(&archive);
+    let ended = Proc::spawn(cmd, false).wait(RUN_TIMEOUT).await;
+    assert!(ended.status.success(), "create failed: {}", ended.stderr);
+    check_archive(
+        &archive,
+        &[
+            ("drive-virtio0", 1 << 30, &qcow_expected),
+            ("drive-scsi0", ODD_SIZE, &raw),
+        ],
+        dir,
+    )
+    .await;
+    // The sources are untouched and no daemon is left.
+    assert_no_process_mentions(qcow.to_str().unwrap(), Duration::from_secs(5)).await;
+    let out = live_support::run_ok(
+        tokio::process::Command::new("qemu-img")
+            .args(["compare", "-f", "qcow2", "-F", "raw"])
+            .arg(&qcow)
+            .arg(&qcow_expected),
+    )
+    .await;
+    assert!(out.contains("identical"), "{out}");
+}
+
+/// Runs `create -d format=qcow2:drive-virtio0=IMAGE` for a bad image:
+/// it must fail, write no archive and leave no daemon. Returns stderr.
+async fn create_bad_qcow2(dir: &std::path::Path, image: &std::path::Path) -> String {
+    let archive = dir.join("bad.vma");
+    let mut cmd = vma_cmd(["create", "-d"]);
+    cmd.arg(format!("format=qcow2:drive-virtio0={}", image.display()))
+        .arg(&archive);
+    let ended = Proc::spawn(cmd, false).wait(RUN_TIMEOUT).await;
+    assert!(!ended.status.success(), "{}", ended.stderr);
+    assert_no_archive(&archive, false);
+    assert_no_process_mentions(image.to_str().unwrap(), Duration::from_secs(5)).await;
+    ended.stderr
+}
+
+/// A qcow2 that does not exist: create fails naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_through_qemu_refuses_missing_image() {
+    if !common::require_tools(QSD_TOOLS) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("missing.qcow2");
+    let stderr = create_bad_qcow2(tmp.path(), &image).await;
+    assert!(
+        stderr.contains(image.to_str().unwrap()),
+        "image not named: {stderr}"
+    );
+}
+
+/// A "qcow2" that is a raw file: create fails, and the message must say
+/// which drive or image QEMU could not open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "BUG: create's error for an image QEMU cannot open names only the internal node vmaw0"]
+async fn create_through_qemu_names_image_of_wrong_format() {
+    if !common::require_tools(QSD_TOOLS) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let image = raw_islands(&tmp.path().join("plain.raw"), MIB, 202, 2, 4096);
+    let stderr = create_bad_qcow2(tmp.path(), &image).await;
+    assert!(
+        stderr.contains("plain.raw") || stderr.contains("drive-virtio0"),
+        "neither image nor drive named: {stderr}"
+    );
+}
+
+/// A raw image whose size is not a multiple of 512: `create` stores its
+/// exact size when all drives are raw, but once another drive is qcow2
+/// (so everything goes through QEMU, which counts whole sectors) the same
+/// raw drive grows to the next 512 bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "BUG: create rounds a raw drive's size up to 512 B when another drive is non-raw"]
+async fn create_keeps_exact_raw_size_next_to_qcow2() {
+    if !common::require_tools(QSD_TOOLS) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let raw = dir.join("odd.raw");
+    std::fs::write(&raw, [0x42u8; 1000]).unwrap();
+    let qcow = dir.join("small.qcow2");
+    live_support::run_ok(
+        tokio::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&qcow)
+            .arg("1M"),
+    )
+    .await;
+    let archive = dir.join("mixed.vma");
+    let mut cmd = vma_cmd(["create", "-d"]);
+    cmd.arg(format!("format=qcow2:drive-virtio0={}", qcow.display()))
+        .arg("-d")
+        .arg(format!("drive-scsi0={}", raw.display()))
+        .arg(&archive);
+    let ended = Proc::spawn(cmd, false).wait(RUN_TIMEOUT).await;
+    assert!(ended.status.success(), "{}", ended.stderr);
+    let devs = live_support::list_devices(&archive).await;
+    assert_eq!(
+        devs,
+        [
+            ("drive-virtio0".to_string(), MIB),
+            ("drive-scsi0".to_string(), 1000)
+        ]
+    );
+}
+
+/// `demo` end to end, checked independently: its archive restores to the
+/// untouched second drive exactly, and to the first drive as it was
+/// before the guest's 1 MiB write at 48 MiB (the only bytes where the
+/// restored image and today's source differ).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_and_its_archive_restores() {
+    if !common::require_tools(&["qemu-storage-daemon"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("demo");
+    let mut cmd = vma_cmd(["demo", "--dir"]);
+    cmd.arg(&work);
+    // Capture stdout (its narrative) as lines.
+    let ended = Proc::spawn(cmd, true).wait(RUN_TIMEOUT).await;
+    assert!(ended.status.success(), "demo failed: {}", ended.stderr);
+    let stdout: Vec<&str> = ended.events.iter().filter_map(|e| e.as_str()).collect();
+    let archives: Vec<_> = std::fs::read_dir(&work)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "vma"))
+        .collect();
+    assert_eq!(archives.len(), 1, "{archives:?}");
+    let archive = &archives[0];
+    let says_where = stdout.iter().any(|l| l.contains(archive.to_str().unwrap()))
+        || ended.stderr.contains(archive.to_str().unwrap());
+    assert!(
+        says_where,
+        "demo does not say where the archive is: {stdout:?} {}",
+        ended.stderr
+    );
+    live_support::verify_ok(archive).await;
+    let devs = live_support::list_devices(archive).await;
+    let names: Vec<&str> = devs.iter().map(|d| d.0.as_str()).collect();
+    assert_eq!(names, ["drive-scsi0", "drive-scsi1"]);
+    let restored = live_support::extract(archive, tmp.path()).await;
+    live_support::assert_same_file(
+        &live_support::restored(&restored, "drive-scsi1"),
+        &work.join("scsi1.raw"),
+    );
+    let now = std::fs::read(work.join("scsi0.raw")).unwrap();
+    let back = std::fs::read(live_support::restored(&restored, "drive-scsi0")).unwrap();
+    assert_eq!(now.len(), back.len());
+    let (a, b) = ((48 * MIB) as usize, (49 * MIB) as usize);
+    assert!(now[a..b].iter().all(|&x| x == 0x77), "guest write missing");
+    assert_ne!(
+        &back[a..b],
+        &now[a..b],
+        "the archive holds the guest's write"
+    );
+    assert_eq!(&back[..a], &now[..a]);
+    assert_eq!(&back[b..], &now[b..]);
+    assert_no_process_mentions(work.to_str().unwrap(), Duration::from_secs(5)).await;
+}
+
+/// `demo --json`: every stdout line is JSON, as for serve and backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "BUG: demo --json prints its narrative on stdout between the JSON lines"]
+async fn demo_json_stdout_is_json_lines() {
+    if !common::require_tools(&["qemu-storage-daemon"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = vma_cmd(["demo", "--json", "--dir"]);
+    cmd.arg(tmp.path().join("demo"));
+    let ended = Proc::spawn(cmd, true).wait(RUN_TIMEOUT).await;
+    assert!(ended.status.success(), "demo failed: {}", ended.stderr);
+    let text: Vec<&str> = ended.events.iter().filter_map(|e| e.as_str()).collect();
+    assert!(text.is_empty(), "non-JSON lines on stdout: {text:?}");
+    assert!(ended.events.iter().any(|e| e["event"] == "finished"));
+}
+
+/// Ctrl-C during demo's (slowed) backup: demo exits non-zero, leaves no
+/// archive and no qemu-storage-daemon behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_ctrl_c_cleans_up() {
+    if !common::require_tools(&["qemu-storage-daemon"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("demo");
+    let mut cmd = vma_cmd(["demo", "--json", "--speed", "1M", "--dir"]);
+    cmd.arg(&work);
+    let mut demo = Proc::spawn(cmd, true);
+    demo.next_event(Duration::from_secs(30), |e| {
+        e["event"] == "progress"
+            && e["drives"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|d| d["done"].as_u64() > Some(0)))
+    })
+    .await;
+    assert!(
+        !live_support::processes_mentioning(work.to_str().unwrap()).is_empty(),
+        "no daemon running mid-demo"
+    );
+    demo.signal(libc::SIGINT);
+    let ended = demo.wait(Duration::from_secs(30)).await;
+    assert!(!ended.status.success(), "{}", ended.stderr);
+    assert_no_process_mentions(work.to_str().unwrap(), Duration::from_secs(5)).await;
+    let left: Vec<_> = std::fs::read_dir(&work)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".vma"))
+        .collect();
+    assert!(left.is_empty(), "archive files left: {left:?}");
+}

@@ -1,0 +1,449 @@
+//! Restore verification of `vma-writer serve` with real NBD clients, all
+//! writing at once to several drives on one listener: qemu-img convert,
+//! nbdcopy (multi-conn) and qemu-io with unaligned, overlapping, zeroing
+//! and trimming writes made before their clusters are complete. The
+//! archive must restore to exactly the bytes the clients wrote.
+
+mod common;
+mod live_support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use live_support::{Proc, RUN_TIMEOUT, check_archive, raw_islands, run_ok, vma_cmd};
+use tokio::process::Command;
+
+const MIB: u64 = 1 << 20;
+
+/// A drive for qemu-io: 1 MiB + 1536 B (ends inside a cluster).
+const IO_SIZE: u64 = MIB + 1536;
+
+/// One step of the qemu-io client: its command, and what it does to the
+/// expected image.
+enum Step {
+    Write(u8, u64, u64),
+    Zero(u64, u64),
+    Discard(u64, u64),
+}
+
+/// Unaligned and overlapping writes before their clusters are complete,
+/// zeroes and a trim overwritten in part, then the gaps filled.
+/// Clusters are 64 KiB: 65536, 131072, 196608, 262144, ...
+fn io_steps() -> Vec<Step> {
+    use Step::*;
+    vec![
+        Write(0x11, 1000, 5000),
+        // Overlaps the previous write and crosses into cluster 1.
+        Write(0x22, 3000, 70_000),
+        // WRITE_ZEROES: completes cluster 4 (as zeros); clusters 3 and 7
+        // stay partial.
+        Zero(200_000, 300_000),
+        // Data over buffered zeros of partial cluster 3.
+        Write(0x33, 250_000, 10_000),
+        // TRIM of part of clusters 9 and 10, then data over part of it.
+        Discard(600_000, 65_536),
+        Write(0x34, 640_000, 100),
+        // Fill the rest.
+        Write(0x44, 0, 1000),
+        Write(0x55, 73_000, 127_000),
+        Write(0x66, 500_000, 100_000),
+        Write(0x77, 665_536, IO_SIZE - 665_536),
+    ]
+}
+
+fn io_commands(steps: &[Step]) -> Vec<String> {
+    steps
+        .iter()
+        .map(|s| match *s {
+            Step::Write(p, off, len) => format!("write -P {p:#x} {off} {len}"),
+            Step::Zero(off, len) => format!("write -z {off} {len}"),
+            Step::Discard(off, len) => format!("discard {off} {len}"),
+        })
+        .collect()
+}
+
+fn io_expected(steps: &[Step], size: u64) -> Vec<u8> {
+    let mut img = vec![0u8; size as usize];
+    for s in steps {
+        let (v, off, len) = match *s {
+            Step::Write(p, off, len) => (p, off, len),
+            Step::Zero(off, len) | Step::Discard(off, len) => (0, off, len),
+        };
+        img[off as usize..(off + len) as usize].fill(v);
+    }
+    img
+}
+
+fn nbd_uri(sock: &Path, export: &str) -> String {
+    format!("nbd+unix:///{export}?socket={}", sock.display())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_three_clients_on_one_listener() {
+    if !common::require_tools(&["qemu-img", "qemu-io", "nbdcopy"]) {
+        return;
+    }
+    live_support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let a_size = 8 * MIB + 512;
+    let b_size = 24 * MIB;
+    let src_a = raw_islands(&dir.join("a.raw"), a_size, 11, 8, MIB);
+    let src_b = raw_islands(&dir.join("b.raw"), b_size, 12, 12, 2 * MIB);
+    let steps = io_steps();
+    let expected_c = dir.join("c.expected.raw");
+    std::fs::write(&expected_c, io_expected(&steps, IO_SIZE)).unwrap();
+
+    let sock = dir.join("nbd.sock");
+    let archive = dir.join("serve.vma");
+    let mut cmd = vma_cmd(["serve", "--json", "--listen"]);
+    cmd.arg(format!("unix:{}", sock.display()))
+        .arg("--drive")
+        .arg(format!("drive-a={a_size}"))
+        .arg("--drive")
+        .arg(format!("drive-b={b_size}"))
+        .arg("--drive")
+        .arg(format!("drive-c={IO_SIZE}"))
+        .arg("-o")
+        .arg(&archive)
+        // Connection logs, to count nbdcopy's connections.
+        .env("RUST_LOG", "vma_writer::assembler=info")
+        .env("NO_COLOR", "1");
+    let mut serve = Proc::spawn(cmd, true);
+    let listening = serve
+        .next_event(Duration::from_secs(10), |e| e["event"] == "listening")
+        .await;
+    assert_eq!(
+        listening["exports"],
+        serde_json::json!(["drive-a", "drive-b", "drive-c"])
+    );
+
+    let mut convert = Command::new("qemu-img");
+    convert
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&src_a)
+        .arg(nbd_uri(&sock, "drive-a"));
+    let mut copy = Command::new("nbdcopy");
+    copy.args(["-C", "4", "-T", "4", "--request-size=262144"])
+        .arg(&src_b)
+        .arg(nbd_uri(&sock, "drive-b"));
+    let c_uri = nbd_uri(&sock, "drive-c");
+    let c_cmds = io_commands(&steps);
+    tokio::join!(
+        run_ok(&mut convert),
+        run_ok(&mut copy),
+        live_support::qemu_io(&c_uri, "raw", &c_cmds),
+    );
+
+    let ended = serve.wait(RUN_TIMEOUT).await;
+    assert!(ended.status.success(), "serve failed: {}", ended.stderr);
+    let fin = ended
+        .events
+        .iter()
+        .find(|e| e["event"] == "finished")
+        .unwrap_or_else(|| panic!("no finished event: {:?}", ended.events));
+    assert_eq!(fin["bytes"], a_size + b_size + IO_SIZE);
+    let conns = |drive: &str| {
+        ended
+            .stderr
+            .lines()
+            .filter(|l| l.contains("client connected") && l.ends_with(&format!("drive={drive}")))
+            .count()
+    };
+    assert_eq!(conns("drive-a"), 1, "{}", ended.stderr);
+    assert!(
+        conns("drive-b") >= 2,
+        "nbdcopy used one connection: {}",
+        ended.stderr
+    );
+    assert_eq!(conns("drive-c"), 1, "{}", ended.stderr);
+    check_archive(
+        &archive,
+        &[
+            ("drive-a", a_size, &src_a),
+            ("drive-b", b_size, &src_b),
+            ("drive-c", IO_SIZE, &expected_c),
+        ],
+        dir,
+    )
+    .await;
+}
+
+/// TCP listener, zstd output, and a client that flushes and stays
+/// connected: serve must finalise on the flush, not wait for the
+/// disconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_tcp_zstd_finalises_after_flush() {
+    if !common::require_tools(&["qemu-io"]) {
+        return;
+    }
+    live_support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let size = 3 * MIB + 4096;
+    let archive = dir.join("tcp.vma.zst");
+    let mut cmd = vma_cmd([
+        "serve",
+        "--json",
+        "--zstd",
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--drive",
+    ]);
+    cmd.arg(format!("drive-scsi0={size}"))
+        .arg("-o")
+        .arg(&archive);
+    let mut serve = Proc::spawn(cmd, true);
+    let listening = serve
+        .next_event(Duration::from_secs(10), |e| e["event"] == "listening")
+        .await;
+    let addr = listening["address"].as_str().unwrap().to_string();
+    let hostport = addr.strip_prefix("tcp:").unwrap_or(&addr).to_string();
+    assert!(!hostport.ends_with(":0"), "no real port in {listening}");
+
+    // qemu-io writes everything, flushes, then sleeps while connected.
+    let mut io = Command::new("qemu-io");
+    io.args(["-f", "raw"])
+        .arg(format!("nbd://{hostport}/drive-scsi0"))
+        .args(["-c", &format!("write -P 0x5a 0 {}", size - 4096)])
+        .args(["-c", &format!("write -P 0xa5 {} 4096", size - 4096)])
+        .args(["-c", "flush", "-c", "sleep 20000"])
+        .stdout(std::process::Stdio::null());
+    let client = Proc::spawn(io, false);
+    let ended = serve.wait(Duration::from_secs(15)).await;
+    drop(client);
+    assert!(ended.status.success(), "serve failed: {}", ended.stderr);
+
+    let mut expected = vec![0x5au8; size as usize];
+    expected[(size - 4096) as usize..].fill(0xa5);
+    let expected_path = dir.join("expected.raw");
+    std::fs::write(&expected_path, &expected).unwrap();
+    check_archive(&archive, &[("drive-scsi0", size, &expected_path)], dir).await;
+}
+
+/// A client that writes part of a drive, disconnects, and a new client
+/// that connects within the reconnect timeout: the backup goes on. The
+/// new client replays an archived cluster with identical content
+/// (accepted) and tries to change it (EIO); the archive keeps the first
+/// content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_client_reconnects_and_replays() {
+    if !common::require_tools(&["qemu-io"]) {
+        return;
+    }
+    live_support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let size = 2 * MIB;
+    let sock = dir.join("nbd.sock");
+    let archive = dir.join("reconnect.vma");
+    let mut cmd = vma_cmd(["serve", "--json", "--reconnect-timeout", "10", "--listen"]);
+    cmd.arg(format!("unix:{}", sock.display()))
+        .arg("--drive")
+        .arg(format!("drive-scsi0={size}"))
+        .arg("-o")
+        .arg(&archive);
+    let mut serve = Proc::spawn(cmd, true);
+    serve
+        .next_event(Duration::from_secs(10), |e| e["event"] == "listening")
+        .await;
+    let uri = nbd_uri(&sock, "drive-scsi0");
+    // First client: the first MiB, then it leaves.
+    live_support::qemu_io(&uri, "raw", &[format!("write -P 0x71 0 {MIB}")]).await;
+    serve
+        .next_event(Duration::from_secs(10), |e| {
+            e["event"] == "progress" && e["drives"][0]["connections"] == 0
+        })
+        .await;
+    assert!(!serve.has_exited(), "serve gave up at once");
+    // Second client: an identical replay of cluster 0 is accepted ...
+    live_support::qemu_io(&uri, "raw", &["write -P 0x71 0 64k".to_string()]).await;
+    // ... a different one is refused ...
+    let out = live_support::run_with_timeout(
+        Command::new("qemu-io")
+            .args(["-f", "raw", &uri, "-c", "write -P 0x99 0 64k"])
+            .env("LC_ALL", "C"),
+        live_support::CMD_TIMEOUT,
+    )
+    .await;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("Input/output error"),
+        "rewrite with other content was not refused: {text}"
+    );
+    // ... and the rest completes the drive.
+    live_support::qemu_io(&uri, "raw", &[format!("write -P 0x72 {MIB} {MIB}")]).await;
+    let ended = serve.wait(RUN_TIMEOUT).await;
+    assert!(ended.status.success(), "serve failed: {}", ended.stderr);
+    let mut expected = vec![0x71u8; size as usize];
+    expected[MIB as usize..].fill(0x72);
+    let dir2 = live_support::extract(&archive, dir).await;
+    live_support::assert_file_is(&live_support::restored(&dir2, "drive-scsi0"), &expected);
+}
+
+/// `--json` with the archive on stdout (`-o -`): the archive stream must
+/// stay a valid archive (the JSON lines belong elsewhere, or the
+/// combination must be refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_json_with_archive_on_stdout() {
+    if !common::require_tools(&["qemu-io"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let stream = dir.join("stream.vma");
+    let sock = dir.join("nbd.sock");
+    let mut cmd = vma_cmd(["serve", "--json", "--listen"]);
+    cmd.arg(format!("unix:{}", sock.display()))
+        .args(["--drive", "drive-scsi0=1M", "-o", "-"])
+        .stdout(std::fs::File::create(&stream).unwrap());
+    let serve = Proc::spawn(cmd, false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        if std::time::Instant::now() > deadline {
+            // Refusing the combination is fine too.
+            let ended = serve.wait(Duration::from_secs(5)).await;
+            assert!(!ended.status.success(), "{}", ended.stderr);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    live_support::qemu_io(
+        &nbd_uri(&sock, "drive-scsi0"),
+        "raw",
+        &[format!("write -P 0x42 0 {MIB}")],
+    )
+    .await;
+    let ended = serve.wait(RUN_TIMEOUT).await;
+    assert!(ended.status.success(), "{}", ended.stderr);
+    live_support::verify_ok(&stream).await;
+}
+
+/// The `finished` event's `archive_bytes` is the size of the archive
+/// written (uncompressed, so the file size), also when the client does
+/// not flush (nbdcopy without --flush) and the final extent still holds
+/// clusters at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_event_archive_bytes_is_file_size() {
+    if !common::require_tools(&["nbdcopy"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let src = raw_islands(&dir.join("src.raw"), MIB, 7, 4, 300_000);
+    let sock = dir.join("nbd.sock");
+    let archive = dir.join("size.vma");
+    let mut cmd = vma_cmd(["serve", "--json", "--listen"]);
+    cmd.arg(format!("unix:{}", sock.display()))
+        .args(["--drive", "drive-scsi0=1M", "-o"])
+        .arg(&archive);
+    let mut serve = Proc::spawn(cmd, true);
+    serve
+        .next_event(Duration::from_secs(10), |e| e["event"] == "listening")
+        .await;
+    run_ok(
+        Command::new("nbdcopy")
+            .arg(&src)
+            .arg(nbd_uri(&sock, "drive-scsi0")),
+    )
+    .await;
+    let ended = serve.wait(RUN_TIMEOUT).await;
+    assert!(ended.status.success(), "{}", ended.stderr);
+    let fin = ended
+        .events
+        .iter()
+        .find(|e| e["event"] == "finished")
+        .expect("finished event");
+    check_archive(&archive, &[("drive-scsi0", MIB, &src)], dir).await;
+    assert_eq!(
+        fin["archive_bytes"].as_u64(),
+        Some(std::fs::metadata(&archive).unwrap().len()),
+        "{fin}"
+    );
+}
+
+/// READ during a backup: archived clusters read back from the archive
+/// file, buffered partial clusters from memory, unwritten ranges as
+/// zeros (qemu-io `read -P` checks each); with `--zstd` an archived
+/// cluster cannot be read back and the READ gets EIO. Both archives
+/// restore to what was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reads_back_during_backup() {
+    if !common::require_tools(&["qemu-io"]) {
+        return;
+    }
+    live_support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let size: u64 = 256 * 1024;
+    let mut expected = vec![0x33u8; size as usize];
+    expected[..65536].fill(0x11);
+    expected[70_000..71_000].fill(0x22);
+    let expected_path = dir.join("expected.raw");
+    std::fs::write(&expected_path, &expected).unwrap();
+    for zstd in [false, true] {
+        let sock = dir.join(format!("nbd-{zstd}.sock"));
+        let archive = dir.join(if zstd { "read.vma.zst" } else { "read.vma" });
+        let mut cmd = vma_cmd(["serve", "--listen"]);
+        cmd.arg(format!("unix:{}", sock.display()))
+            .arg("--drive")
+            .arg(format!("drive-scsi0={size}"))
+            .arg("-o")
+            .arg(&archive);
+        if zstd {
+            cmd.arg("--zstd");
+        }
+        let serve = Proc::spawn(cmd, false);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(std::time::Instant::now() < deadline, "serve did not listen");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let uri = nbd_uri(&sock, "drive-scsi0");
+        live_support::qemu_io(
+            &uri,
+            "raw",
+            &[
+                "write -P 0x11 0 64k".into(),
+                "write -P 0x22 70000 1000".into(),
+                // Buffered data, and zeros around it in the same cluster.
+                "read -P 0x22 70000 1000".into(),
+                "read -P 0 65536 4464".into(),
+                // Never written.
+                "read -P 0 200000 1000".into(),
+            ],
+        )
+        .await;
+        // An archived cluster, straddling into the buffered one.
+        let out = live_support::run_with_timeout(
+            Command::new("qemu-io")
+                .args(["-f", "raw", &uri, "-c", "read -P 0x11 60000 5536"])
+                .env("LC_ALL", "C"),
+            live_support::CMD_TIMEOUT,
+        )
+        .await;
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        if zstd {
+            assert!(text.contains("Input/output error"), "{text}");
+        } else {
+            assert!(
+                text.contains("read 5536/5536") && !text.contains("failed"),
+                "{text}"
+            );
+        }
+        live_support::qemu_io(
+            &uri,
+            "raw",
+            &[
+                "write -P 0x33 65536 4464".into(),
+                format!("write -P 0x33 71000 {}", size - 71_000),
+            ],
+        )
+        .await;
+        let ended = serve.wait(RUN_TIMEOUT).await;
+        assert!(ended.status.success(), "serve failed: {}", ended.stderr);
+        check_archive(&archive, &[("drive-scsi0", size, &expected_path)], dir).await;
+    }
+}
