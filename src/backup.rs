@@ -116,12 +116,18 @@ pub async fn resolve_drives(
     Ok(out)
 }
 
+/// Node and job names carry our pid, so two backups of one QEMU (of
+/// different drives) do not collide. QEMU allows 31 characters.
+fn qemu_name(kind: &str, i: usize) -> String {
+    format!("vmaw{}-{kind}{i}", std::process::id())
+}
+
 fn target_node(i: usize) -> String {
-    format!("vmaw-tgt{i}")
+    qemu_name("tgt", i)
 }
 
 fn job_id(i: usize) -> String {
-    format!("vmaw-job{i}")
+    qemu_name("job", i)
 }
 
 /// Why a running backup stopped early.
@@ -181,7 +187,7 @@ pub async fn run(
             device: d.node.clone(),
             target: target_node(i),
             speed,
-            filter_node_name: Some(format!("vmaw-cbw{i}")),
+            filter_node_name: Some(qemu_name("cbw", i)),
         })
         .collect();
     let mut running: HashSet<String> = HashSet::new();
@@ -297,9 +303,16 @@ pub async fn run(
             tracing::warn!(node = %n, "cannot remove backup target: {e}");
         }
     }
-    let missing = target.abort().await;
-    if missing.is_empty() {
-        bail!("{reason}");
-    }
-    bail!("{reason}; incomplete drives: {}", missing.join("; "))
+    let incomplete = target.abort().await;
+    Err(BackupFailed { reason, incomplete }.into())
+}
+
+/// Why a backup failed, and which drives it left incomplete.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{reason}{}", if incomplete.is_empty() { String::new() } else { format!("; incomplete drives: {}", incomplete.join("; ")) })]
+pub struct BackupFailed {
+    /// What went wrong.
+    pub reason: String,
+    /// "NAME: N of M bytes missing" for every incomplete drive.
+    pub incomplete: Vec<String>,
 }

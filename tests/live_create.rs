@@ -92,7 +92,6 @@ async fn create_through_qemu_refuses_missing_image() {
 /// A "qcow2" that is a raw file: create fails, and the message must say
 /// which drive or image QEMU could not open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: create's error for an image QEMU cannot open names only the internal node vmaw0"]
 async fn create_through_qemu_names_image_of_wrong_format() {
     if !common::require_tools(QSD_TOOLS) {
         return;
@@ -203,7 +202,6 @@ async fn demo_runs_and_its_archive_restores() {
 
 /// `demo --json`: every stdout line is JSON, as for serve and backup.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: demo --json prints its narrative on stdout between the JSON lines"]
 async fn demo_json_stdout_is_json_lines() {
     if !common::require_tools(&["qemu-storage-daemon"]) {
         return;

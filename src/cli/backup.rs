@@ -93,7 +93,10 @@ pub async fn run_with_display(
     };
     match &res {
         Ok(r) => display.finished(r),
-        Err(e) => display.failed(&format!("{e:#}"), &[]),
+        Err(e) => match e.downcast_ref::<crate::backup::BackupFailed>() {
+            Some(f) => display.failed(&f.reason, &f.incomplete),
+            None => display.failed(&format!("{e:#}"), &[]),
+        },
     }
     res
 }

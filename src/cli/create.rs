@@ -294,9 +294,24 @@ fn create_via_qemu(a: &Args, specs: &[DriveSpec]) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("image {}", s.path.display()))?;
             dopts = dopts.image(Image::new(format!("vmaw{i}"), path, &s.format).read_only());
         }
-        let daemon = StorageDaemon::start(dopts)
-            .await
-            .context("cannot start qemu-storage-daemon to read the images")?;
+        let names: Vec<String> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                format!(
+                    "vmaw{i} is drive '{}' ({}, {})",
+                    s.name,
+                    s.path.display(),
+                    s.format
+                )
+            })
+            .collect();
+        let daemon = StorageDaemon::start(dopts).await.with_context(|| {
+            format!(
+                "qemu-storage-daemon cannot open the images; {}",
+                names.join("; ")
+            )
+        })?;
         let res = async {
             let qmp = daemon.connect().await?;
             let nodes = qmp.block_nodes().await?;

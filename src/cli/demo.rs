@@ -110,6 +110,14 @@ async fn guest_write(socket: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints the demo's narrative: stdout, or stderr with `--json` (stdout
+/// then holds only JSON lines).
+macro_rules! say {
+    ($json:expr, $($arg:tt)*) => {
+        if $json { eprintln!($($arg)*) } else { println!($($arg)*) }
+    };
+}
+
 /// Runs `demo`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let dir = match &a.dir {
@@ -124,7 +132,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             .context("cannot create a work directory")?
             .keep(),
     };
-    println!("vma-writer demo: working in {}", dir.display());
+    say!(a.json, "vma-writer demo: working in {}", dir.display());
     let disk0 = dir.join("scsi0.raw");
     let disk1 = dir.join("scsi1.raw");
     let size0 = 64 * MIB;
@@ -146,12 +154,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         &[(0, MIB), (5 * MIB + 512, 700_000), (size1 - 3000, 3000)],
         2,
     )?;
-    println!(
+    say!(
+        a.json,
         "  made drive-scsi0: {} MiB raw, {} KiB of data, the rest holes",
         size0 / MIB,
         d0 / 1024
     );
-    println!(
+    say!(
+        a.json,
         "  made drive-scsi1: {size1} bytes raw (not a multiple of 64 KiB), {} KiB of data",
         d1 / 1024
     );
@@ -176,7 +186,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         )
         .await
         .context("cannot start qemu-storage-daemon (from qemu-utils)")?;
-        println!("  started qemu-storage-daemon (pid {}) serving both drives, as a running VM would", daemon.pid());
+        say!(a.json, "  started qemu-storage-daemon (pid {}) serving both drives, as a running VM would", daemon.pid());
         let res = async {
             let live = daemon.export_nbd("scsi0", "live", true).await?;
             let qmp = daemon.connect().await?;
@@ -194,19 +204,19 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 clusters_per_extent: crate::vma::consts::PROXMOX_CLUSTERS_PER_EXTENT,
                 json: a.json,
             };
-            println!(
+            say!(a.json,
                 "  backing up both drives at one point in time, throttled to {} MiB/s; the guest writes meanwhile",
                 a.speed / MIB
             );
             let writer = tokio::spawn(guest_write(live));
             let report = run_with_display(&qmp, &drives, &opts, &archive.to_string_lossy(), Some(a.speed)).await?;
             match writer.await {
-                Ok(Ok(())) => println!(
+                Ok(Ok(())) => say!(a.json,
                     "  the guest wrote 1 MiB at offset {} MiB of drive-scsi0 while the backup ran",
                     GUEST_WRITE_OFFSET / MIB
                 ),
-                Ok(Err(e)) => println!("  (the guest write could not run: {e:#})"),
-                Err(e) => println!("  (the guest write task failed: {e})"),
+                Ok(Err(e)) => say!(a.json, "  (the guest write could not run: {e:#})"),
+                Err(e) => say!(a.json, "  (the guest write task failed: {e})"),
             }
             Ok::<_, anyhow::Error>(report)
         }
@@ -226,7 +236,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    println!(
+    say!(
+        a.json,
         "  archive: {} ({} bytes for {} bytes of drives, {:.2} s)",
         archive.display(),
         report.summary.archive_bytes,
@@ -236,7 +247,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let stats = Reader::new(File::open(&archive)?)
         .and_then(|r| r.verify())
         .context("the archive does not verify")?;
-    println!("  verify: valid and complete ({} clusters)", stats.clusters);
+    say!(
+        a.json,
+        "  verify: valid and complete ({} clusters)",
+        stats.clusters
+    );
     let restore = dir.join("restore");
     let status = std::process::Command::new(std::env::current_exe()?)
         .arg("extract")
@@ -247,13 +262,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     if !status.success() {
         bail!("extract failed ({status})");
     }
-    println!("  extracted to {}", restore.display());
+    say!(a.json, "  extracted to {}", restore.display());
     let mut ok = true;
     for (name, expect) in [("drive-scsi0", &expect0), ("drive-scsi1", &disk1)] {
         let got = restore.join(format!("disk-{name}.raw"));
         let same = same_file(&got, expect)?;
         ok &= same;
-        println!(
+        say!(
+            a.json,
             "  {name}: {}",
             if same {
                 "restored image is identical to the point-in-time source"
@@ -263,7 +279,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         );
     }
     if !same_file(&disk0, &expect0)? {
-        println!(
+        say!(
+            a.json,
             "  (drive-scsi0 has changed since: the guest's write is in the source, not in the archive)"
         );
     }
@@ -271,7 +288,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         eprintln!("demo FAILED: a restored drive differs from its source");
         return Ok(ExitCode::FAILURE);
     }
-    println!(
+    say!(
+        a.json,
         "demo passed. Try:\n  vma-writer list {0}\n  vma-writer verify -v {0}",
         archive.display()
     );

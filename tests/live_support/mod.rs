@@ -620,18 +620,18 @@ pub fn assert_no_archive(archive: &Path, keep_partial: bool) {
 // ---------------------------------------------------------------------
 
 /// Asserts QEMU has no block job and no node left from `vma-writer
-/// backup` (`vmaw-job*`, `vmaw-tgt*`, `vmaw-cbw*`).
+/// backup` (`vmaw<pid>-job*`, `-tgt*`, `-cbw*`).
 pub async fn assert_no_leftovers(qmp: &Qmp) {
     let jobs = qmp.query_block_jobs().await.unwrap();
     assert!(
-        jobs.iter().all(|j| !j.device.starts_with("vmaw-")),
+        jobs.iter().all(|j| !j.device.starts_with("vmaw")),
         "block jobs left: {jobs:?}"
     );
     let nodes = qmp.block_nodes().await.unwrap();
     let left: Vec<&str> = nodes
         .iter()
         .map(|n| n.node_name.as_str())
-        .filter(|n| n.starts_with("vmaw-"))
+        .filter(|n| n.starts_with("vmaw"))
         .collect();
     assert!(left.is_empty(), "nodes left: {left:?}");
 }
