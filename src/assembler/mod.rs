@@ -16,6 +16,10 @@
 //!
 //! # Bounds
 //!
+//! Every request is cancel-safe: it reserves room in the writer channel
+//! before it changes any state and never awaits between the change and the
+//! send, so a request dropped because its client vanished loses nothing.
+//!
 //! Partial buffers are limited in total (`partial_limit`); a write that needs
 //! a new one waits for room, up to `partial_wait`, then fails with EIO. The
 //! channel to the writer is bounded ([`CHANNEL_CLUSTERS`]); a full channel
@@ -156,6 +160,16 @@ impl Shared {
         self.check()
     }
 
+    /// A guaranteed place in the channel to the writer (waits while it is
+    /// full: back-pressure). Fails once the archive failed or closed.
+    async fn reserve(&self) -> io::Result<mpsc::Permit<'_, Msg>> {
+        self.check()?;
+        self.tx
+            .reserve()
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the archive is already closed"))
+    }
+
     async fn flush(&self, sync: bool) -> io::Result<()> {
         let (reply, rx) = oneshot::channel();
         self.send(Msg::Flush { sync, reply }).await?;
@@ -294,6 +308,10 @@ impl Drive {
             Payload::Data(b) => digest(b),
             Payload::Zero => zero_digest(len),
         };
+        // Room in the channel first: from the state change to the send
+        // nothing may await, so a request dropped mid-way (its client is
+        // gone) never leaves a cluster marked archived but not sent.
+        let slot = self.shared.reserve().await?;
         let complete = {
             let mut s = lock(&self.state);
             if s.is_archived(c) {
@@ -307,13 +325,11 @@ impl Drive {
             s.set_archived(c, d, len as u64);
             s.archived_count == self.clusters
         };
-        self.shared
-            .send(Msg::Cluster {
-                dev: self.dev,
-                cluster: c,
-                payload,
-            })
-            .await?;
+        slot.send(Msg::Cluster {
+            dev: self.dev,
+            cluster: c,
+            payload,
+        });
         if complete {
             tracing::info!(drive = %self.name, "all clusters archived");
             self.shared.notify();
@@ -343,23 +359,27 @@ impl Drive {
     ) -> io::Result<()> {
         let mut permit: Option<OwnedSemaphorePermit> = None;
         loop {
+            // As in full_cluster: channel room before any state change.
+            let slot = self.shared.reserve().await?;
             let step = self.partial_step(c, off, len, data.as_deref(), &mut permit);
             match step {
                 Step::Archived(stored) => {
+                    drop(slot);
                     return self
                         .check_archived_range(c, off, len, data.as_deref(), stored)
                         .await;
                 }
-                Step::NeedRoom => permit = Some(self.wait_for_partial_room().await?),
+                Step::NeedRoom => {
+                    drop(slot);
+                    permit = Some(self.wait_for_partial_room().await?);
+                }
                 Step::Buffered => return Ok(()),
                 Step::Completed(buf, complete) => {
-                    self.shared
-                        .send(Msg::Cluster {
-                            dev: self.dev,
-                            cluster: c,
-                            payload: Payload::Data(buf),
-                        })
-                        .await?;
+                    slot.send(Msg::Cluster {
+                        dev: self.dev,
+                        cluster: c,
+                        payload: Payload::Data(buf),
+                    });
                     if complete {
                         tracing::info!(drive = %self.name, "all clusters archived");
                         self.shared.notify();
