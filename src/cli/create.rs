@@ -282,6 +282,21 @@ fn create_via_qemu(a: &Args, specs: &[DriveSpec]) -> anyhow::Result<ExitCode> {
         clusters_per_extent: a.clusters_per_extent,
         json: false,
     };
+    for s in specs.iter().filter(|s| s.format == "raw") {
+        let size = File::open(&s.path)
+            .and_then(|mut f| f.seek(SeekFrom::End(0)))
+            .with_context(|| format!("cannot open image {}", s.path.display()))?;
+        if size % 512 != 0 {
+            // QEMU counts whole sectors and would archive a larger drive.
+            bail!(
+                "drive '{}': raw image {} is {size} bytes, not a multiple of 512; next to non-raw \
+                 images it would be read through QEMU, which rounds its size up. Archive it with a \
+                 separate create (raw images alone keep their exact size).",
+                s.name,
+                s.path.display()
+            );
+        }
+    }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let dir = tempfile::Builder::new()
