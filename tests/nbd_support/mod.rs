@@ -169,6 +169,16 @@ impl<B: Backend> TestServer<B> {
         format!("nbd+unix:///{export}?socket={}", self.sock.display())
     }
 
+    /// Fires the shutdown token without waiting.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// True once `run` has returned.
+    pub fn is_stopped(&self) -> bool {
+        self.handle.as_ref().is_none_or(|h| h.is_finished())
+    }
+
     /// Asks the server to stop and waits for `run` to return.
     pub fn stop(mut self) {
         self.stop_inner();
