@@ -3,7 +3,8 @@
 # write a 4 GiB file from /dev/shm over a Unix socket into our null backend
 # (examples/nbd-serve) and into `nbdkit null`, alternating run by run.
 # Prints the median MB/s (10^6 B/s) per client and server and the ratio
-# ours / nbdkit.
+# ours / nbdkit, plus the server's own CPU time (user+sys) per GiB, which
+# is the steadier figure when other work shares the machine.
 #
 #   bench/nbd.sh                 # 5 runs each
 #   RUNS=3 SIZE_MIB=1024 bench/nbd.sh
@@ -44,9 +45,11 @@ fi
 OURS_SOCK=$TMP/ours.sock
 KIT_SOCK=$TMP/nbdkit.sock
 RUST_LOG=warn "$SERVE" --listen "unix:$OURS_SOCK" --export "null=${SIZE_MIB}M:null" &
-PIDS+=($!)
+OURS_PID=$!
+PIDS+=("$OURS_PID")
 nbdkit -f -U "$KIT_SOCK" null "${SIZE_MIB}M" &
-PIDS+=($!)
+KIT_PID=$!
+PIDS+=("$KIT_PID")
 for s in "$OURS_SOCK" "$KIT_SOCK"; do
     for _ in $(seq 100); do [ -S "$s" ] && break; sleep 0.05; done
     [ -S "$s" ] || { echo "server socket $s did not appear" >&2; exit 1; }
@@ -54,32 +57,45 @@ done
 OURS_URI="nbd+unix:///null?socket=$OURS_SOCK"
 KIT_URI="nbd+unix:///?socket=$KIT_SOCK"
 
-# Prints MB/s of one run of "$@".
+# CPU time (user+sys, in clock ticks) a process has used so far.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TICK=$(getconf CLK_TCK)
+
+# Runs "$@" once against server pid $1; prints "MB/s server-CPU-ms".
 rate() {
-    local t0 t1
+    local pid=$1 t0 t1 c0 c1
+    shift
+    c0=$(cpu_ticks "$pid")
     t0=$(date +%s%N)
     "$@" >/dev/null
     t1=$(date +%s%N)
-    python3 -c "print(f'{$size_bytes / (($t1 - $t0) / 1e9) / 1e6:.0f}')"
+    c1=$(cpu_ticks "$pid")
+    python3 -c "print(f'{$size_bytes / (($t1 - $t0) / 1e9) / 1e6:.0f} {($c1 - $c0) * 1000 / $TICK:.0f}')"
 }
 
-declare -A R
+declare -A R C
 for i in $(seq "$RUNS"); do
     for server in ours nbdkit; do
-        if [ $server = ours ]; then uri=$OURS_URI; else uri=$KIT_URI; fi
-        R[nbdcopy,$server]+="$(rate nbdcopy "$SRC" "$uri") "
-        R[qemu-img,$server]+="$(rate qemu-img convert -n -f raw -O raw "$SRC" "$uri") "
+        if [ $server = ours ]; then uri=$OURS_URI; pid=$OURS_PID; else uri=$KIT_URI; pid=$KIT_PID; fi
+        read -r mbps cpu < <(rate "$pid" nbdcopy "$SRC" "$uri")
+        R[nbdcopy,$server]+="$mbps "; C[nbdcopy,$server]+="$cpu "
+        read -r mbps cpu < <(rate "$pid" qemu-img convert -n -f raw -O raw "$SRC" "$uri")
+        R[qemu-img,$server]+="$mbps "; C[qemu-img,$server]+="$cpu "
     done
     echo "run $i/$RUNS done" >&2
 done
 
 median() { python3 -c "import statistics,sys; print(f'{statistics.median(map(float, sys.argv[1:])):.0f}')" "$@"; }
 
-printf '\n%-10s %-8s %8s   %s\n' client server "median" "runs (MB/s)"
+echo
+echo "$RUNS runs of $SIZE_MIB MiB each; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+printf '%-10s %-8s %8s %14s   %s\n' client server "MB/s" "srv CPU ms/GiB" "runs (MB/s)"
 for client in nbdcopy qemu-img; do
     for server in ours nbdkit; do
         # shellcheck disable=SC2086
-        printf '%-10s %-8s %8s   %s\n' "$client" "$server" "$(median ${R[$client,$server]})" "${R[$client,$server]}"
+        cpu=$(median ${C[$client,$server]})
+        printf '%-10s %-8s %8s %14s   %s\n' "$client" "$server" "$(median ${R[$client,$server]})" \
+            "$((cpu * 1024 / SIZE_MIB))" "${R[$client,$server]}"
     done
 done
 echo

@@ -400,6 +400,11 @@ fn option_negotiation_edges() {
         last(one(&mut c, NBD_OPT_GO, &go_payload("nope", &[]))),
         NBD_REP_ERR_UNKNOWN.0
     );
+    let long = "x".repeat(MAX_STRING_LEN + 1);
+    assert_eq!(
+        last(one(&mut c, NBD_OPT_GO, &go_payload(&long, &[]))),
+        NBD_REP_ERR_TOO_BIG.0
+    );
     assert_eq!(
         last(one(
             &mut c,

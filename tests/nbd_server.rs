@@ -267,3 +267,56 @@ fn tcp_listener_on_port_zero() {
     shutdown.cancel();
     rt.block_on(handle).unwrap().unwrap();
 }
+
+/// Panics on any write at offset 666; otherwise a memory disk.
+struct Panicky(MemoryBackend);
+
+impl vma_writer::nbd::Backend for Panicky {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn caps(&self) -> vma_writer::nbd::BackendCaps {
+        self.0.caps()
+    }
+    async fn write(&self, offset: u64, data: bytes::Bytes) -> std::io::Result<()> {
+        assert_ne!(offset, 666, "deliberate backend bug");
+        self.0.write(offset, data).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> std::io::Result<()> {
+        self.0.write_zeroes(offset, len, may_trim).await
+    }
+    async fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.trim(offset, len).await
+    }
+    async fn flush(&self) -> std::io::Result<()> {
+        self.0.flush().await
+    }
+    async fn read(&self, offset: u64, len: u32) -> std::io::Result<bytes::Bytes> {
+        self.0.read(offset, len).await
+    }
+    async fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> std::io::Result<Vec<vma_writer::nbd::BlockStatus>> {
+        self.0.block_status(offset, len).await
+    }
+}
+
+#[test]
+fn a_panicking_backend_call_is_answered_eio() {
+    let srv = TestServer::start(vec![("p", Panicky(MemoryBackend::new(SIZE)))]);
+    let mut c = RawClient::connect(&srv.sock);
+    c.handshake("p", false, false);
+    c.send_request(&req(NBD_CMD_WRITE, 0, 1, 666, 4), false, b"boom")
+        .unwrap();
+    let r = c.read_reply(0).unwrap();
+    assert_eq!((r.cookie(), r.errno()), (1, NBD_EIO.0));
+    c.send_request(&req(NBD_CMD_WRITE, 0, 2, 700, 2), false, b"ok")
+        .unwrap();
+    assert_eq!(c.read_reply(0).unwrap().errno(), 0);
+    c.send_request(&req(NBD_CMD_READ, 0, 3, 700, 2), false, &[])
+        .unwrap();
+    assert_eq!(c.read_reply(2).unwrap().payload, b"ok");
+    srv.stop();
+}

@@ -272,6 +272,17 @@ fn reply(st: &mut State, option: OptionCode, kind: ReplyType, payload: &[u8]) {
     encode_option_reply(&mut st.out, option, kind, payload);
 }
 
+/// Answers an option whose payload did not decode: ERR_TOO_BIG for an
+/// over-long string, ERR_INVALID otherwise; the message says what was wrong.
+fn reply_malformed(st: &mut State, option: OptionCode, e: &ProtocolError) {
+    debug!(%option, error = %e, "malformed option");
+    let kind = match e {
+        ProtocolError::StringTooLong { .. } => NBD_REP_ERR_TOO_BIG,
+        _ => NBD_REP_ERR_INVALID,
+    };
+    reply(st, option, kind, e.to_string().as_bytes());
+}
+
 /// Answers one option into `st.out`.
 fn handle_option<B: Backend>(
     st: &mut State,
@@ -328,8 +339,7 @@ fn handle_option<B: Backend>(
             let req = match decode_export_request(option, payload) {
                 Ok(r) => r,
                 Err(e) => {
-                    debug!(%option, error = %e, "malformed option");
-                    reply(st, option, NBD_REP_ERR_INVALID, e.to_string().as_bytes());
+                    reply_malformed(st, option, &e);
                     return Ok(Step::Continue);
                 }
             };
@@ -413,8 +423,7 @@ fn handle_option<B: Backend>(
             let req = match decode_meta_context_request(option, payload) {
                 Ok(r) => r,
                 Err(e) => {
-                    debug!(%option, error = %e, "malformed option");
-                    reply(st, option, NBD_REP_ERR_INVALID, e.to_string().as_bytes());
+                    reply_malformed(st, option, &e);
                     return Ok(Step::Continue);
                 }
             };

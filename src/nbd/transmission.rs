@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, trace, warn};
+use tracing::{Instrument, debug, error, trace, warn};
 
 use super::backend::{Backend, BackendCaps, BlockStatus};
 use super::handshake::{BASE_ALLOCATION_ID, Negotiated, ReadOutcome, ReplyMode, read_or_shutdown};
@@ -570,7 +570,19 @@ where
         let conn = Arc::clone(conn);
         tasks.spawn(
             async move {
-                let outcome = execute(&conn, &req, payload).await;
+                let outcome = match (CatchPanic {
+                    inner: execute(&conn, &req, payload),
+                })
+                .await
+                {
+                    Ok(outcome) => outcome,
+                    Err(()) => {
+                        error!(export = %conn.export, cookie = req.cookie, offset = req.offset,
+                               len = req.len, command = %req.command,
+                               "backend panicked; answering EIO");
+                        Err(NBD_EIO)
+                    }
+                };
                 if let Err(errno) = &outcome {
                     debug!(export = %conn.export, cookie = req.cookie, offset = req.offset,
                            len = req.len, command = %req.command, %errno, "request failed");
@@ -581,6 +593,31 @@ where
             }
             .in_current_span(),
         );
+    }
+}
+
+/// Runs a backend call and turns a panic into `Err(())`, so a bug in one
+/// backend call is answered (EIO) instead of leaving the client waiting
+/// forever for that cookie.
+struct CatchPanic<F> {
+    inner: F,
+}
+
+impl<F: Future> Future for CatchPanic<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        // SAFETY: `inner` is structurally pinned: it is never moved out of
+        // `self`, and `CatchPanic` has no Drop impl or Unpin impl of its own.
+        let inner = unsafe { self.map_unchecked_mut(|s| &mut s.inner) };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(_) => std::task::Poll::Ready(Err(())),
+        }
     }
 }
 
