@@ -267,3 +267,27 @@ fn libnbd_bad_requests_get_the_right_errno() {
     assert_eq!(rw.clean_disconnects.load(Ordering::SeqCst), 1);
     srv.stop();
 }
+
+#[test]
+fn nbdinfo_lists_many_exports() {
+    if !common::require_tools(&["nbdinfo"]) {
+        return;
+    }
+    let names: Vec<String> = (0..20).map(|i| format!("disk{i:02}")).collect();
+    let srv = TestServer::start(
+        names
+            .iter()
+            .map(|n| (n.as_str(), MemoryBackend::new(MIB)))
+            .collect(),
+    );
+    let out = run_ok(Command::new("nbdinfo").arg("--list").arg(srv.uri("")));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for n in &names {
+        assert!(
+            text.contains(&format!("export=\"{n}\"")),
+            "{n} missing:\n{text}"
+        );
+    }
+    assert_eq!(text.matches("export-size: 1048576").count(), 20, "{text}");
+    srv.stop();
+}

@@ -21,11 +21,16 @@ use super::transmission::MAX_PAYLOAD;
 use super::wire::*;
 
 /// Most options one connection may send before we hang up. Real clients
-/// send at most a handful (QEMU: 4, nbdinfo --list: about 8 per export);
-/// the limit stops a peer from keeping a connection in the option phase
-/// forever. Past it the connection is closed without a reply (as nbdkit
-/// does).
+/// send a handful (QEMU: 4); the limit stops a peer from keeping a
+/// connection in the option phase forever. Past it the connection is closed
+/// without a reply (as nbdkit does). The first `LIST` raises the budget by
+/// [`OPTIONS_PER_LISTED_EXPORT`] per export, because a client that lists
+/// (`nbdinfo --list`) then asks about every export it was told of.
 pub const MAX_OPTIONS: usize = 32;
+
+/// Extra options granted per export by the first `LIST` (nbdinfo asks INFO,
+/// SET_META_CONTEXT and LIST_META_CONTEXT for each).
+pub const OPTIONS_PER_LISTED_EXPORT: usize = 4;
 
 /// Largest option payload we read. The longest legitimate option is
 /// SET_META_CONTEXT with a few 4096-byte queries; 64 KiB leaves ample room.
@@ -161,6 +166,8 @@ struct State {
     base_allocation: bool,
     no_zeroes: bool,
     options: usize,
+    max_options: usize,
+    listed: bool,
     out: Vec<u8>,
 }
 
@@ -197,6 +204,8 @@ where
         base_allocation: false,
         no_zeroes: client_flags & NBD_FLAG_C_NO_ZEROES != 0,
         options: 0,
+        max_options: MAX_OPTIONS,
+        listed: false,
         out: Vec::with_capacity(256),
     };
 
@@ -212,8 +221,10 @@ where
         }
         let hdr = decode_option_header(&hb)?;
         st.options += 1;
-        if st.options > MAX_OPTIONS {
-            return Err(ProtocolError::TooManyOptions { max: MAX_OPTIONS });
+        if st.options > st.max_options {
+            return Err(ProtocolError::TooManyOptions {
+                max: st.max_options,
+            });
         }
         if hdr.len > MAX_OPTION_LEN {
             return Err(ProtocolError::OptionTooLong {
@@ -327,6 +338,10 @@ fn handle_option<B: Backend>(
             if !payload.is_empty() {
                 reply(st, option, NBD_REP_ERR_INVALID, b"LIST takes no payload");
                 return Ok(Step::Continue);
+            }
+            if !st.listed {
+                st.listed = true;
+                st.max_options += OPTIONS_PER_LISTED_EXPORT * exports.len();
             }
             for e in exports {
                 let p = encode_rep_server(&e.name, &e.description);

@@ -31,7 +31,8 @@ pub mod wire;
 
 pub use backend::{Backend, BackendCaps, BlockStatus};
 pub use handshake::{
-    MAX_OPTION_LEN, MAX_OPTIONS, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, SHUTDOWN_GRACE,
+    MAX_OPTION_LEN, MAX_OPTIONS, MIN_BLOCK_SIZE, OPTIONS_PER_LISTED_EXPORT, PREFERRED_BLOCK_SIZE,
+    SHUTDOWN_GRACE,
 };
 pub use memory::{MemoryBackend, PAGE_SIZE};
 pub use null::NullBackend;

@@ -21,6 +21,28 @@ use vma_writer::nbd::{
     Backend, BackendCaps, BlockStatus, Export, ListenAddr, Listener, Server, ServerConfig,
 };
 
+/// Panics seen anywhere in this test process since it started.
+static PANICS: AtomicUsize = AtomicUsize::new(0);
+
+/// Installs (once) a panic hook that counts panics, on top of the default
+/// one, so tests can assert the server never panicked in its own tasks
+/// (tokio would otherwise swallow such panics).
+pub fn count_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, Ordering::SeqCst);
+            prev(info);
+        }));
+    });
+}
+
+/// Number of panics counted so far (see [`count_panics`]).
+pub fn panics() -> usize {
+    PANICS.load(Ordering::SeqCst)
+}
+
 /// Turns on server logs when `RUST_LOG` is set.
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -129,6 +151,7 @@ impl<B: Backend> TestServer<B> {
     /// Starts a server with the given limits.
     pub fn start_with(exports: Vec<(&str, B)>, config: ServerConfig) -> Self {
         init_tracing();
+        count_panics();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
