@@ -320,3 +320,36 @@ fn a_panicking_backend_call_is_answered_eio() {
     assert_eq!(c.read_reply(2).unwrap().payload, b"ok");
     srv.stop();
 }
+
+#[test]
+fn a_flood_of_bad_requests_without_reading_replies_is_throttled() {
+    let config = ServerConfig {
+        max_bytes_in_flight: 1 << 20,
+        ..Default::default()
+    };
+    let srv = TestServer::start_with(vec![("d", MemoryBackend::new(SIZE))], config);
+    let mut c = RawClient::connect(&srv.sock);
+    c.handshake("d", false, false);
+    let n = 60_000u64;
+    let mut sender = c.s.try_clone().unwrap();
+    let flood = thread::spawn(move || {
+        let mut all = Vec::with_capacity(n as usize * 28);
+        for i in 0..n {
+            all.extend(encode_request(&req(Command(77), 0, i, 0, 0), false));
+        }
+        sender.write_all(&all).unwrap();
+    });
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        !flood.is_finished(),
+        "server buffered replies without bound"
+    );
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, c.s.try_clone().unwrap());
+    let mut rep = [0u8; 16];
+    for i in 0..n {
+        reader.read_exact(&mut rep).unwrap();
+        assert_eq!(&rep[4..8], &NBD_EINVAL.0.to_be_bytes(), "reply {i}");
+    }
+    flood.join().unwrap();
+    srv.stop();
+}

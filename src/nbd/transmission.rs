@@ -540,9 +540,17 @@ where
                 }
                 drain(reader, payload_len).await?;
             }
+            // Refusals hold budget too, so a client that floods bad requests
+            // without reading the replies stalls instead of filling memory.
+            let permit = tokio::select! {
+                biased;
+                _ = writer_dead.cancelled() => return Ok(false),
+                p = budget.clone().acquire_many_owned(REQUEST_OVERHEAD.min(budget_total) as u32) =>
+                    p.expect("budget semaphore is never closed"),
+            };
             let _ = conn
                 .tx
-                .send(encode_reply(conn.mode, &req, Err(errno), None));
+                .send(encode_reply(conn.mode, &req, Err(errno), Some(permit)));
             continue;
         }
 
