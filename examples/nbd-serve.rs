@@ -139,9 +139,7 @@ async fn main() -> anyhow::Result<()> {
                 (true, false) => AnyBackend::Null(NullBackend::new(e.size)),
                 (true, true) => AnyBackend::Null(NullBackend::read_only(e.size)),
                 (false, false) => AnyBackend::Memory(MemoryBackend::new(e.size)),
-                (false, true) => {
-                    AnyBackend::Memory(MemoryBackend::read_only_from(&vec![0; e.size as usize]))
-                }
+                (false, true) => AnyBackend::Memory(MemoryBackend::new(e.size).into_read_only()),
             };
             Export {
                 name: e.name.clone(),

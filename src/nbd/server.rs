@@ -217,7 +217,11 @@ impl Listener {
         match &self.inner {
             Inner::Unix { listener, .. } => {
                 let (s, _) = listener.accept().await?;
-                Ok((Stream::Unix(s), "unix".to_owned()))
+                let peer = match s.peer_cred().ok().and_then(|c| c.pid()) {
+                    Some(pid) => format!("unix pid {pid}"),
+                    None => "unix".to_owned(),
+                };
+                Ok((Stream::Unix(s), peer))
             }
             Inner::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
