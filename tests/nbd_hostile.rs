@@ -496,6 +496,26 @@ fn option_negotiation_edges() {
     );
     c.send_option(NBD_OPT_EXPORT_NAME.0, b"a");
     assert!(c.is_closed());
+    // A context selected for one export does not carry over to another.
+    let mut c = RawClient::connect(&srv.sock);
+    c.start(3);
+    assert_eq!(
+        last(one(&mut c, NBD_OPT_STRUCTURED_REPLY, &[])),
+        NBD_REP_ACK.0
+    );
+    let r = one(
+        &mut c,
+        NBD_OPT_SET_META_CONTEXT,
+        &meta_payload("a", &["base:allocation"]),
+    );
+    assert_eq!(r.len(), 2);
+    assert_eq!(
+        last(one(&mut c, NBD_OPT_GO, &go_payload("b", &[]))),
+        NBD_REP_ACK.0
+    );
+    c.send_request(&req(NBD_CMD_BLOCK_STATUS, 0, 5, 0, 512), false, &[])
+        .unwrap();
+    assert_eq!(c.read_reply(0).unwrap().errno(), NBD_EINVAL.0);
     // ABORT is acknowledged, then the server closes.
     let mut c = RawClient::connect(&srv.sock);
     c.start(3);

@@ -163,7 +163,9 @@ pub(super) async fn read_or_shutdown<R: AsyncRead + Unpin>(
 /// Per-connection negotiation state.
 struct State {
     mode: ReplyMode,
-    base_allocation: bool,
+    /// Export whose `base:allocation` was selected by SET_META_CONTEXT; the
+    /// selection only counts if GO then picks the same export.
+    base_allocation: Option<usize>,
     no_zeroes: bool,
     options: usize,
     max_options: usize,
@@ -201,7 +203,7 @@ where
 
     let mut st = State {
         mode: ReplyMode::Simple,
-        base_allocation: false,
+        base_allocation: None,
         no_zeroes: client_flags & NBD_FLAG_C_NO_ZEROES != 0,
         options: 0,
         max_options: MAX_OPTIONS,
@@ -322,7 +324,7 @@ fn handle_option<B: Backend>(
             Ok(Step::Transmission(Negotiated {
                 export: idx,
                 mode: st.mode,
-                base_allocation: st.base_allocation,
+                base_allocation: st.base_allocation == Some(idx),
                 flags,
             }))
         }
@@ -391,7 +393,7 @@ fn handle_option<B: Backend>(
                 Ok(Step::Transmission(Negotiated {
                     export: idx,
                     mode: st.mode,
-                    base_allocation: st.base_allocation,
+                    base_allocation: st.base_allocation == Some(idx),
                     flags,
                 }))
             } else {
@@ -451,10 +453,10 @@ fn handle_option<B: Backend>(
                 );
                 return Ok(Step::Continue);
             }
-            if find_export(exports, &req.name).is_none() {
+            let Some(idx) = find_export(exports, &req.name) else {
                 reply(st, option, NBD_REP_ERR_UNKNOWN, b"no such export");
                 return Ok(Step::Continue);
-            }
+            };
             let matched = if req.queries.is_empty() {
                 // Empty LIST = everything; empty SET = nothing.
                 !set
@@ -469,7 +471,7 @@ fn handle_option<B: Backend>(
                 reply(st, option, NBD_REP_META_CONTEXT, &p);
             }
             if set {
-                st.base_allocation = matched;
+                st.base_allocation = matched.then_some(idx);
             }
             reply(st, option, NBD_REP_ACK, &[]);
             Ok(Step::Continue)
