@@ -40,5 +40,7 @@ pub use server::{
     Export, HANDSHAKE_TIMEOUT, ListenAddr, ListenAddrError, Listener, MAX_BYTES_IN_FLIGHT,
     MAX_CONNECTIONS, Server, ServerConfig,
 };
-pub use transmission::{MAX_DRAIN, MAX_EXTENTS, MAX_PAYLOAD, errno_of};
+pub use transmission::{
+    BUFFER_POOL_BYTES, MAX_DRAIN, MAX_EXTENTS, MAX_PAYLOAD, READ_BUFFER, REQUEST_OVERHEAD, errno_of,
+};
 pub use wire::{MAX_STRING_LEN, NbdErrno, ProtocolError};

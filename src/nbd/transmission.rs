@@ -3,8 +3,9 @@
 //!
 //! Each connection has one reader (the task that called [`serve`]) and one
 //! writer task. The reader decodes headers, validates each request once
-//! ([`validate`]), reads WRITE payloads straight into a buffer of the right
-//! size, and spawns one task per request; those tasks call the backend and
+//! ([`validate`]), reads WRITE payloads from the socket straight into a
+//! recycled buffer (one copy, no page faults: see [`BUFFER_POOL_BYTES`]) that
+//! reaches the backend as `Bytes`, and spawns one task per request; those tasks call the backend and
 //! hand their encoded reply to the writer through a channel. So requests run
 //! concurrently, replies go out in completion order, and the reader keeps
 //! reading while replies queue up (no deadlock against a client that is

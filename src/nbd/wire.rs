@@ -334,7 +334,8 @@ pub enum ProtocolError {
         /// What the client sent.
         magic: u64,
     },
-    /// A request header had neither the request magic we expect.
+    /// A request header did not start with the magic of the negotiated
+    /// header style.
     #[error("bad request magic {magic:#010x} (expected {expected:#010x})")]
     BadRequestMagic {
         /// What the client sent.
