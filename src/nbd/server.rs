@@ -352,6 +352,9 @@ impl<B: Backend> Server<B> {
     /// arrive get ESHUTDOWN, options ERR_SHUTDOWN), waits for all of them,
     /// removes the Unix socket file, and returns.
     ///
+    /// A backend call that never returns holds up the shutdown, since its
+    /// request must be answered first.
+    ///
     /// Accept errors are logged and retried with back-off; the only errors
     /// returned are ones that make serving impossible.
     pub async fn run(self, listener: Listener, shutdown: CancellationToken) -> io::Result<()> {
