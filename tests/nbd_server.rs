@@ -76,6 +76,11 @@ fn shutdown_finishes_in_flight_requests_then_refuses_new_ones() {
     assert!(!srv.sock.exists(), "socket file left behind");
     assert_eq!(b.unclean_disconnects.load(Ordering::SeqCst), 1);
     assert_eq!(b.inner.writes_done.load(Ordering::SeqCst), 4);
+    assert_eq!(
+        b.inner.writes_done_at_disconnect.load(Ordering::SeqCst),
+        4,
+        "disconnected() ran before the requests in flight finished"
+    );
     let data = b.inner.inner.contents();
     for i in 0..4usize {
         assert!(

@@ -121,8 +121,10 @@ impl<B: Backend> Backend for Counting<B> {
     }
     fn connected(&self) {
         self.connects.fetch_add(1, Ordering::SeqCst);
+        self.inner.connected();
     }
     fn disconnected(&self, clean: bool) {
+        self.inner.disconnected(clean);
         if clean {
             self.clean_disconnects.fetch_add(1, Ordering::SeqCst);
         } else {
@@ -670,6 +672,8 @@ pub struct Gated<B> {
     pub active: AtomicUsize,
     pub max_active: AtomicUsize,
     pub writes_done: AtomicUsize,
+    /// `writes_done` when `disconnected` was called.
+    pub writes_done_at_disconnect: AtomicUsize,
 }
 
 impl<B> Gated<B> {
@@ -680,6 +684,7 @@ impl<B> Gated<B> {
             active: AtomicUsize::new(0),
             max_active: AtomicUsize::new(0),
             writes_done: AtomicUsize::new(0),
+            writes_done_at_disconnect: AtomicUsize::new(usize::MAX),
         }
     }
     /// Lets `n` more writes through.
@@ -723,6 +728,8 @@ impl<B: Backend> Backend for Gated<B> {
         self.inner.connected()
     }
     fn disconnected(&self, clean: bool) {
+        self.writes_done_at_disconnect
+            .store(self.writes_done.load(Ordering::SeqCst), Ordering::SeqCst);
         self.inner.disconnected(clean)
     }
 }
