@@ -6,7 +6,8 @@
 //!   LIST, ABORT, STRUCTURED_REPLY, EXTENDED_HEADERS, META_CONTEXT), ending
 //!   in a negotiated export or a closed socket.
 //! - `transmission`: one connection's read → validate → run → reply loop,
-//!   with a reader and a writer task, back-pressure and errno mapping.
+//!   with one reader per connection, concurrent request tasks that write
+//!   their own replies, back-pressure and errno mapping.
 //! - `server`: [`Listener`] (Unix/TCP), [`Server`] with its connection limit
 //!   and graceful shutdown.
 //! - [`Backend`] is what an export implements; [`MemoryBackend`] and

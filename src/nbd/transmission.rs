@@ -1,15 +1,18 @@
 //! The transmission phase of one connection: read a request, validate it,
 //! run it on the backend, reply.
 //!
-//! Each connection has one reader (the task that called [`serve`]) and one
-//! writer task. The reader decodes headers, validates each request once
-//! ([`validate`]), reads WRITE payloads from the socket straight into a
-//! recycled buffer (one copy, no page faults: see [`BUFFER_POOL_BYTES`]) that
-//! reaches the backend as `Bytes`, and spawns one task per request; those tasks call the backend and
-//! hand their encoded reply to the writer through a channel. So requests run
-//! concurrently, replies go out in completion order, and the reader keeps
-//! reading while replies queue up (no deadlock against a client that is
-//! blocked sending a large WRITE while we have replies to send).
+//! Each connection has one reader (the task that called [`serve`]). It
+//! decodes headers, validates each request once ([`validate`]), reads WRITE
+//! payloads from the socket straight into a recycled buffer (one copy, no
+//! page faults: see [`BUFFER_POOL_BYTES`]) that reaches the backend as
+//! `Bytes`, and spawns one task per request. A request task calls the
+//! backend, queues its encoded reply and writes the queue out, unless
+//! another task is writing at that moment, which then writes this reply
+//! too (`Replies`). So requests run concurrently, replies go out in
+//! completion order without a hand-off to a writer task, and replies that
+//! complete together share one `writev`. The reader never writes to the
+//! socket, so it keeps reading even while replies are stuck behind a client
+//! that is busy sending a large WRITE (no deadlock).
 //!
 //! Back-pressure: every request holds permits from a per-connection byte
 //! budget ([`ServerConfig::max_bytes_in_flight`]) until its reply has been
@@ -28,7 +31,7 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, trace, warn};
@@ -71,9 +74,6 @@ const COPY_THRESHOLD: usize = 8 * 1024;
 /// Most iovecs handed to one `writev`.
 const MAX_IOVECS: usize = 64;
 
-/// Most bytes the writer collects before it writes them out.
-const MAX_BATCH: usize = 4 * 1024 * 1024;
-
 /// What a validated request does once it reaches the backend.
 #[derive(Debug)]
 enum Output {
@@ -93,10 +93,10 @@ struct Conn<B> {
     caps: BackendCaps,
     mode: ReplyMode,
     base_allocation: bool,
-    tx: mpsc::UnboundedSender<Frame>,
+    replies: Arc<Replies>,
 }
 
-/// One encoded reply on its way to the writer.
+/// One encoded reply, queued in `Replies`.
 pub(super) struct Frame {
     head: [u8; 40],
     head_len: u8,
@@ -426,9 +426,8 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
     B: Backend,
 {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let writer_dead = CancellationToken::new();
-    let writer_task = tokio::spawn(write_loop(writer, rx, writer_dead.clone()).in_current_span());
+    let replies = Arc::new(Replies::new(Box::pin(writer)));
+    let writer_dead = replies.dead.clone();
     let budget_total = session.max_bytes_in_flight.clamp(
         REQUEST_OVERHEAD,
         Semaphore::MAX_PERMITS.min(u32::MAX as usize),
@@ -442,7 +441,7 @@ where
         caps,
         mode: session.negotiated.mode,
         base_allocation: session.negotiated.base_allocation,
-        tx,
+        replies: Arc::clone(&replies),
     });
     let tasks = TaskTracker::new();
 
@@ -463,13 +462,11 @@ where
             false
         }
     };
-    // Let every request in flight reply, then let the writer drain and end.
+    // Let every request in flight reply, then end our side of the socket.
     tasks.close();
     tasks.wait().await;
     drop(conn);
-    if let Err(e) = writer_task.await {
-        warn!(error = %e, "reply writer task failed");
-    }
+    replies.close().await;
     clean
 }
 
@@ -549,9 +546,12 @@ where
                 p = budget.clone().acquire_many_owned(REQUEST_OVERHEAD.min(budget_total) as u32) =>
                     p.expect("budget semaphore is never closed"),
             };
-            let _ = conn
-                .tx
-                .send(encode_reply(conn.mode, &req, Err(errno), Some(permit)));
+            conn.replies
+                .push(encode_reply(conn.mode, &req, Err(errno), Some(permit)));
+            // The reader never writes to the socket itself (it could block
+            // against a client that is blocked sending us a WRITE).
+            let replies = Arc::clone(&conn.replies);
+            tasks.spawn(async move { replies.flush().await }.in_current_span());
             continue;
         }
 
@@ -596,9 +596,9 @@ where
                     debug!(export = %conn.export, cookie = req.cookie, offset = req.offset,
                            len = req.len, command = %req.command, %errno, "request failed");
                 }
-                let frame = encode_reply(conn.mode, &req, outcome, Some(permit));
-                // Fails only when the writer is gone; nothing left to tell.
-                let _ = conn.tx.send(frame);
+                conn.replies
+                    .push(encode_reply(conn.mode, &req, outcome, Some(permit)));
+                conn.replies.flush().await;
             }
             .in_current_span(),
         );
@@ -740,47 +740,114 @@ async fn drain<R: AsyncRead + Unpin>(
     Ok(())
 }
 
-/// The writer: sends frames in the order they arrive, coalescing what is
-/// queued into vectored writes. Ends when every sender is gone, or on a
-/// socket error (then it cancels `dead` so the reader stops too).
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut w: W,
-    mut rx: mpsc::UnboundedReceiver<Frame>,
+/// Replies waiting to go out, and the socket half they go to.
+///
+/// Whoever queues a reply also writes, unless another task is writing at
+/// that moment, in which case that task picks the reply up before it lets
+/// go of the socket (it re-checks the queue after unlocking). So replies
+/// need no hand-off to a dedicated writer task, and replies that complete
+/// together share one `writev`. The reader never writes (see `read_loop`).
+struct Replies {
+    queue: std::sync::Mutex<Vec<Frame>>,
+    writer: tokio::sync::Mutex<WriterState>,
+    /// Cancelled when a write fails: the reader stops, queued replies are
+    /// dropped.
     dead: CancellationToken,
-) {
-    let mut staging = BytesMut::with_capacity(64 * 1024);
-    let mut segs: VecDeque<Bytes> = VecDeque::new();
-    let mut held: Vec<Frame> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let mut batch = 0usize;
-        let mut next = Some(first);
-        while let Some(mut f) = next.take() {
-            staging.extend_from_slice(&f.head[..f.head_len as usize]);
-            let body = std::mem::take(&mut f.body);
-            batch += f.head_len as usize + body.len();
-            if body.len() < COPY_THRESHOLD {
-                staging.extend_from_slice(&body);
-            } else {
-                segs.push_back(staging.split().freeze());
-                segs.push_back(body);
-            }
-            held.push(f);
-            if batch < MAX_BATCH {
-                next = rx.try_recv().ok();
-            }
+}
+
+/// The socket half and the buffers used to write to it.
+struct WriterState {
+    w: std::pin::Pin<Box<dyn AsyncWrite + Send>>,
+    staging: BytesMut,
+    segs: VecDeque<Bytes>,
+    /// Frames being written; their budget is released once they are sent.
+    batch: Vec<Frame>,
+}
+
+impl Replies {
+    fn new(w: std::pin::Pin<Box<dyn AsyncWrite + Send>>) -> Self {
+        Self {
+            queue: std::sync::Mutex::new(Vec::new()),
+            writer: tokio::sync::Mutex::new(WriterState {
+                w,
+                staging: BytesMut::with_capacity(64 * 1024),
+                segs: VecDeque::new(),
+                batch: Vec::new(),
+            }),
+            dead: CancellationToken::new(),
         }
-        if !staging.is_empty() {
-            segs.push_back(staging.split().freeze());
-        }
-        if let Err(e) = write_segments(&mut w, &mut segs).await {
-            debug!(error = %e, "writing replies failed");
-            dead.cancel();
-            return;
-        }
-        // Replies are on the wire: release their budget.
-        held.clear();
     }
-    let _ = w.shutdown().await;
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<Frame>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a reply; follow with [`Replies::flush`] (or spawn it).
+    fn push(&self, f: Frame) {
+        self.queue().push(f);
+    }
+
+    /// Writes every queued reply, unless another task is writing (it will
+    /// write ours too).
+    async fn flush(&self) {
+        loop {
+            let Ok(mut st) = self.writer.try_lock() else {
+                return;
+            };
+            self.write_queued(&mut st).await;
+            drop(st);
+            if self.dead.is_cancelled() || self.queue().is_empty() {
+                return;
+            }
+        }
+    }
+
+    async fn write_queued(&self, st: &mut WriterState) {
+        loop {
+            std::mem::swap(&mut *self.queue(), &mut st.batch);
+            if st.batch.is_empty() {
+                return;
+            }
+            if self.dead.is_cancelled() {
+                st.batch.clear();
+                continue;
+            }
+            let WriterState {
+                w,
+                staging,
+                segs,
+                batch,
+            } = st;
+            for f in batch.iter_mut() {
+                staging.extend_from_slice(&f.head[..f.head_len as usize]);
+                let body = std::mem::take(&mut f.body);
+                if body.len() < COPY_THRESHOLD {
+                    staging.extend_from_slice(&body);
+                } else {
+                    segs.push_back(staging.split().freeze());
+                    segs.push_back(body);
+                }
+            }
+            if !staging.is_empty() {
+                segs.push_back(staging.split().freeze());
+            }
+            let res = write_segments(w, segs).await;
+            // Replies are on the wire (or lost): release their budget.
+            batch.clear();
+            if let Err(e) = res {
+                debug!(error = %e, "writing replies failed");
+                segs.clear();
+                self.dead.cancel();
+            }
+        }
+    }
+
+    /// Writes what is left and shuts down our sending side.
+    async fn close(&self) {
+        let mut st = self.writer.lock().await;
+        self.write_queued(&mut st).await;
+        let _ = st.w.shutdown().await;
+    }
 }
 
 /// Writes every segment with `writev`, resuming after partial writes.
