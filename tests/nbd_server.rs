@@ -358,3 +358,42 @@ fn a_flood_of_bad_requests_without_reading_replies_is_throttled() {
     flood.join().unwrap();
     srv.stop();
 }
+
+#[test]
+fn no_deadlock_while_the_client_sends_a_big_write_without_reading() {
+    let srv = TestServer::start(vec![("d", MemoryBackend::new(64 << 20))]);
+    let mut c = RawClient::connect(&srv.sock);
+    c.handshake("d", true, false);
+    // 16 MiB of READ replies queue up while the client, which reads nothing
+    // until it has sent everything, pushes a 32 MiB WRITE.
+    let mut all = Vec::new();
+    for i in 0..16u64 {
+        all.extend(encode_request(
+            &req(NBD_CMD_READ, 0, i, i << 20, 1 << 20),
+            false,
+        ));
+    }
+    all.extend(encode_request(
+        &req(NBD_CMD_WRITE, 0, 99, 32 << 20, 32 << 20),
+        false,
+    ));
+    all.extend(pseudo_random(32 << 20, 5));
+    c.s.set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    c.send(&all).expect("server stopped reading: deadlock");
+    let mut cookies: Vec<u64> = (0..17)
+        .map(|_| {
+            let r = c.read_reply(0).unwrap();
+            assert_eq!(r.errno(), 0);
+            r.cookie()
+        })
+        .collect();
+    cookies.sort();
+    assert_eq!(cookies, (0..16).chain([99]).collect::<Vec<_>>());
+    assert_same(
+        &srv.backends[0].contents()[32 << 20..],
+        &pseudo_random(32 << 20, 5),
+        "big write",
+    );
+    srv.stop();
+}
