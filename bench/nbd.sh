@@ -9,6 +9,7 @@
 #   bench/nbd.sh                 # 5 runs each
 #   RUNS=3 SIZE_MIB=1024 bench/nbd.sh
 #   BENCH_SRC=/dev/shm/x.raw bench/nbd.sh   # reuse a source file
+#   SERVE_ARGS="--threads 8" bench/nbd.sh   # extra nbd-serve arguments
 #
 # Needs: cargo, nbdkit, nbdcopy, qemu-img, python3. The source file is kept
 # (delete it yourself) so repeated runs skip the 4 GiB generation.
@@ -44,7 +45,8 @@ fi
 
 OURS_SOCK=$TMP/ours.sock
 KIT_SOCK=$TMP/nbdkit.sock
-RUST_LOG=warn "$SERVE" --listen "unix:$OURS_SOCK" --export "null=${SIZE_MIB}M:null" &
+# shellcheck disable=SC2086
+RUST_LOG=warn "$SERVE" --listen "unix:$OURS_SOCK" --export "null=${SIZE_MIB}M:null" ${SERVE_ARGS:-} &
 OURS_PID=$!
 PIDS+=("$OURS_PID")
 nbdkit -f -U "$KIT_SOCK" null "${SIZE_MIB}M" &
