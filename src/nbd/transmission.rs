@@ -602,6 +602,13 @@ where
             }
             .in_current_span(),
         );
+        // Let the request just spawned run now. Tokio keeps it in this
+        // worker's LIFO slot, which other workers cannot steal from, so
+        // while the reader is busy with a stream of requests the replies
+        // would otherwise wait until the reader runs out of input or of
+        // its cooperative budget; clients with a full pipeline (nbdcopy)
+        // then stall waiting for replies.
+        tokio::task::yield_now().await;
     }
 }
 
