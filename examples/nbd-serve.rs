@@ -34,6 +34,9 @@ struct Opts {
     /// Most connections served at once.
     #[arg(long, default_value_t = vma_writer::nbd::MAX_CONNECTIONS)]
     max_connections: usize,
+    /// Tokio worker threads (default: one per CPU).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -122,8 +125,7 @@ impl Backend for AnyBackend {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -131,6 +133,17 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let opts = Opts::parse();
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = opts.threads {
+        rt.worker_threads(n.max(1));
+    }
+    rt.build()
+        .context("starting the tokio runtime")?
+        .block_on(serve(opts))
+}
+
+async fn serve(opts: Opts) -> anyhow::Result<()> {
     let exports = opts
         .exports
         .iter()
@@ -139,9 +152,7 @@ async fn main() -> anyhow::Result<()> {
                 (true, false) => AnyBackend::Null(NullBackend::new(e.size)),
                 (true, true) => AnyBackend::Null(NullBackend::read_only(e.size)),
                 (false, false) => AnyBackend::Memory(MemoryBackend::new(e.size)),
-                (false, true) => {
-                    AnyBackend::Memory(MemoryBackend::read_only_from(&vec![0; e.size as usize]))
-                }
+                (false, true) => AnyBackend::Memory(MemoryBackend::new(e.size).into_read_only()),
             };
             Export {
                 name: e.name.clone(),

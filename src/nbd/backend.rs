@@ -91,7 +91,10 @@ pub trait Backend: Send + Sync + 'static {
         len: u64,
     ) -> impl Future<Output = io::Result<Vec<BlockStatus>>> + Send;
 
-    /// A client finished the handshake for this export.
+    /// A client finished the handshake for this export. Called just before
+    /// the final handshake reply is sent, so by the time the client's open
+    /// returns (e.g. QEMU's `blockdev-add`) the backend knows of it. Every
+    /// call is followed by exactly one [`Backend::disconnected`].
     fn connected(&self) {}
 
     /// A connection to this export ended, after its in-flight requests were

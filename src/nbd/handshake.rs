@@ -21,11 +21,16 @@ use super::transmission::MAX_PAYLOAD;
 use super::wire::*;
 
 /// Most options one connection may send before we hang up. Real clients
-/// send at most a handful (QEMU: 4, nbdinfo --list: about 8 per export);
-/// the limit stops a peer from keeping a connection in the option phase
-/// forever. Past it the connection is closed without a reply (as nbdkit
-/// does).
+/// send a handful (QEMU: 4); the limit stops a peer from keeping a
+/// connection in the option phase forever. Past it the connection is closed
+/// without a reply (as nbdkit does). The first `LIST` raises the budget by
+/// [`OPTIONS_PER_LISTED_EXPORT`] per export, because a client that lists
+/// (`nbdinfo --list`) then asks about every export it was told of.
 pub const MAX_OPTIONS: usize = 32;
+
+/// Extra options granted per export by the first `LIST` (nbdinfo asks INFO,
+/// SET_META_CONTEXT and LIST_META_CONTEXT for each).
+pub const OPTIONS_PER_LISTED_EXPORT: usize = 4;
 
 /// Largest option payload we read. The longest legitimate option is
 /// SET_META_CONTEXT with a few 4096-byte queries; 64 KiB leaves ample room.
@@ -158,9 +163,13 @@ pub(super) async fn read_or_shutdown<R: AsyncRead + Unpin>(
 /// Per-connection negotiation state.
 struct State {
     mode: ReplyMode,
-    base_allocation: bool,
+    /// Export whose `base:allocation` was selected by SET_META_CONTEXT; the
+    /// selection only counts if GO then picks the same export.
+    base_allocation: Option<usize>,
     no_zeroes: bool,
     options: usize,
+    max_options: usize,
+    listed: bool,
     out: Vec<u8>,
 }
 
@@ -194,9 +203,11 @@ where
 
     let mut st = State {
         mode: ReplyMode::Simple,
-        base_allocation: false,
+        base_allocation: None,
         no_zeroes: client_flags & NBD_FLAG_C_NO_ZEROES != 0,
         options: 0,
+        max_options: MAX_OPTIONS,
+        listed: false,
         out: Vec::with_capacity(256),
     };
 
@@ -212,8 +223,10 @@ where
         }
         let hdr = decode_option_header(&hb)?;
         st.options += 1;
-        if st.options > MAX_OPTIONS {
-            return Err(ProtocolError::TooManyOptions { max: MAX_OPTIONS });
+        if st.options > st.max_options {
+            return Err(ProtocolError::TooManyOptions {
+                max: st.max_options,
+            });
         }
         if hdr.len > MAX_OPTION_LEN {
             return Err(ProtocolError::OptionTooLong {
@@ -272,6 +285,17 @@ fn reply(st: &mut State, option: OptionCode, kind: ReplyType, payload: &[u8]) {
     encode_option_reply(&mut st.out, option, kind, payload);
 }
 
+/// Answers an option whose payload did not decode: ERR_TOO_BIG for an
+/// over-long string, ERR_INVALID otherwise; the message says what was wrong.
+fn reply_malformed(st: &mut State, option: OptionCode, e: &ProtocolError) {
+    debug!(%option, error = %e, "malformed option");
+    let kind = match e {
+        ProtocolError::StringTooLong { .. } => NBD_REP_ERR_TOO_BIG,
+        _ => NBD_REP_ERR_INVALID,
+    };
+    reply(st, option, kind, e.to_string().as_bytes());
+}
+
 /// Answers one option into `st.out`.
 fn handle_option<B: Backend>(
     st: &mut State,
@@ -300,7 +324,7 @@ fn handle_option<B: Backend>(
             Ok(Step::Transmission(Negotiated {
                 export: idx,
                 mode: st.mode,
-                base_allocation: st.base_allocation,
+                base_allocation: st.base_allocation == Some(idx),
                 flags,
             }))
         }
@@ -317,6 +341,10 @@ fn handle_option<B: Backend>(
                 reply(st, option, NBD_REP_ERR_INVALID, b"LIST takes no payload");
                 return Ok(Step::Continue);
             }
+            if !st.listed {
+                st.listed = true;
+                st.max_options += OPTIONS_PER_LISTED_EXPORT * exports.len();
+            }
             for e in exports {
                 let p = encode_rep_server(&e.name, &e.description);
                 reply(st, option, NBD_REP_SERVER, &p);
@@ -328,8 +356,7 @@ fn handle_option<B: Backend>(
             let req = match decode_export_request(option, payload) {
                 Ok(r) => r,
                 Err(e) => {
-                    debug!(%option, error = %e, "malformed option");
-                    reply(st, option, NBD_REP_ERR_INVALID, e.to_string().as_bytes());
+                    reply_malformed(st, option, &e);
                     return Ok(Step::Continue);
                 }
             };
@@ -366,7 +393,7 @@ fn handle_option<B: Backend>(
                 Ok(Step::Transmission(Negotiated {
                     export: idx,
                     mode: st.mode,
-                    base_allocation: st.base_allocation,
+                    base_allocation: st.base_allocation == Some(idx),
                     flags,
                 }))
             } else {
@@ -413,8 +440,7 @@ fn handle_option<B: Backend>(
             let req = match decode_meta_context_request(option, payload) {
                 Ok(r) => r,
                 Err(e) => {
-                    debug!(%option, error = %e, "malformed option");
-                    reply(st, option, NBD_REP_ERR_INVALID, e.to_string().as_bytes());
+                    reply_malformed(st, option, &e);
                     return Ok(Step::Continue);
                 }
             };
@@ -427,10 +453,10 @@ fn handle_option<B: Backend>(
                 );
                 return Ok(Step::Continue);
             }
-            if find_export(exports, &req.name).is_none() {
+            let Some(idx) = find_export(exports, &req.name) else {
                 reply(st, option, NBD_REP_ERR_UNKNOWN, b"no such export");
                 return Ok(Step::Continue);
-            }
+            };
             let matched = if req.queries.is_empty() {
                 // Empty LIST = everything; empty SET = nothing.
                 !set
@@ -445,7 +471,7 @@ fn handle_option<B: Backend>(
                 reply(st, option, NBD_REP_META_CONTEXT, &p);
             }
             if set {
-                st.base_allocation = matched;
+                st.base_allocation = matched.then_some(idx);
             }
             reply(st, option, NBD_REP_ACK, &[]);
             Ok(Step::Continue)

@@ -80,12 +80,27 @@ impl MemoryBackend {
         }
     }
 
+    /// A writable export pre-filled with `data` (all-zero pages stay holes).
+    pub fn from_data(data: &[u8]) -> Self {
+        let b = Self::new(data.len() as u64);
+        for (i, chunk) in data.chunks(PAGE_SIZE as usize).enumerate() {
+            if chunk.iter().any(|&x| x != 0) {
+                b.store(i as u64 * PAGE_SIZE, chunk);
+            }
+        }
+        b
+    }
+
     /// An export that is read-only to clients, pre-filled with `data`.
     pub fn read_only_from(data: &[u8]) -> Self {
-        let mut b = Self::new(data.len() as u64);
-        b.store(0, data);
-        b.read_only = true;
-        b
+        Self::from_data(data).into_read_only()
+    }
+
+    /// The same export, read-only to clients (writes, zeroes and trims get
+    /// EPERM).
+    pub fn into_read_only(mut self) -> Self {
+        self.read_only = true;
+        self
     }
 
     /// Copies the whole export out (for tests; allocates `size` bytes).
@@ -346,6 +361,17 @@ mod tests {
         // Huge may-trim range takes the sweeping path.
         b.write_zeroes(0, 8 * P, true).await.unwrap();
         assert!(b.contents()[..10].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn prefilled_exports_skip_zero_pages() {
+        let mut data = vec![0u8; (3 * P) as usize];
+        data[(P + 7) as usize] = 9;
+        let b = MemoryBackend::read_only_from(&data);
+        assert!(b.caps().read_only);
+        assert_eq!(b.allocated_pages(), 1);
+        assert_eq!(b.contents(), data);
+        assert!(!MemoryBackend::from_data(&data).caps().read_only);
     }
 
     #[tokio::test]

@@ -6,7 +6,8 @@
 //!   LIST, ABORT, STRUCTURED_REPLY, EXTENDED_HEADERS, META_CONTEXT), ending
 //!   in a negotiated export or a closed socket.
 //! - `transmission`: one connection's read → validate → run → reply loop,
-//!   with a reader and a writer task, back-pressure and errno mapping.
+//!   with one reader per connection, concurrent request tasks that write
+//!   their own replies, back-pressure and errno mapping.
 //! - `server`: [`Listener`] (Unix/TCP), [`Server`] with its connection limit
 //!   and graceful shutdown.
 //! - [`Backend`] is what an export implements; [`MemoryBackend`] and
@@ -31,7 +32,8 @@ pub mod wire;
 
 pub use backend::{Backend, BackendCaps, BlockStatus};
 pub use handshake::{
-    MAX_OPTION_LEN, MAX_OPTIONS, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, SHUTDOWN_GRACE,
+    MAX_OPTION_LEN, MAX_OPTIONS, MIN_BLOCK_SIZE, OPTIONS_PER_LISTED_EXPORT, PREFERRED_BLOCK_SIZE,
+    SHUTDOWN_GRACE,
 };
 pub use memory::{MemoryBackend, PAGE_SIZE};
 pub use null::NullBackend;
@@ -39,5 +41,7 @@ pub use server::{
     Export, HANDSHAKE_TIMEOUT, ListenAddr, ListenAddrError, Listener, MAX_BYTES_IN_FLIGHT,
     MAX_CONNECTIONS, Server, ServerConfig,
 };
-pub use transmission::{MAX_DRAIN, MAX_EXTENTS, MAX_PAYLOAD, errno_of};
+pub use transmission::{
+    BUFFER_POOL_BYTES, MAX_DRAIN, MAX_EXTENTS, MAX_PAYLOAD, READ_BUFFER, REQUEST_OVERHEAD, errno_of,
+};
 pub use wire::{MAX_STRING_LEN, NbdErrno, ProtocolError};

@@ -217,7 +217,11 @@ impl Listener {
         match &self.inner {
             Inner::Unix { listener, .. } => {
                 let (s, _) = listener.accept().await?;
-                Ok((Stream::Unix(s), "unix".to_owned()))
+                let peer = match s.peer_cred().ok().and_then(|c| c.pid()) {
+                    Some(pid) => format!("unix pid {pid}"),
+                    None => "unix".to_owned(),
+                };
+                Ok((Stream::Unix(s), peer))
             }
             Inner::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
@@ -347,6 +351,9 @@ impl<B: Backend> Server<B> {
     /// connection finish the requests it has in flight (requests that still
     /// arrive get ESHUTDOWN, options ERR_SHUTDOWN), waits for all of them,
     /// removes the Unix socket file, and returns.
+    ///
+    /// A backend call that never returns holds up the shutdown, since its
+    /// request must be answered first.
     ///
     /// Accept errors are logged and retried with back-off; the only errors
     /// returned are ones that make serving impossible.

@@ -1,14 +1,18 @@
 //! The transmission phase of one connection: read a request, validate it,
 //! run it on the backend, reply.
 //!
-//! Each connection has one reader (the task that called [`serve`]) and one
-//! writer task. The reader decodes headers, validates each request once
-//! ([`validate`]), reads WRITE payloads straight into a buffer of the right
-//! size, and spawns one task per request; those tasks call the backend and
-//! hand their encoded reply to the writer through a channel. So requests run
-//! concurrently, replies go out in completion order, and the reader keeps
-//! reading while replies queue up (no deadlock against a client that is
-//! blocked sending a large WRITE while we have replies to send).
+//! Each connection has one reader (the task that called [`serve`]). It
+//! decodes headers, validates each request once ([`validate`]), reads WRITE
+//! payloads from the socket straight into a recycled buffer (one copy, no
+//! page faults: see [`BUFFER_POOL_BYTES`]) that reaches the backend as
+//! `Bytes`, and spawns one task per request. A request task calls the
+//! backend, queues its encoded reply and writes the queue out, unless
+//! another task is writing at that moment, which then writes this reply
+//! too (`Replies`). So requests run concurrently, replies go out in
+//! completion order without a hand-off to a writer task, and replies that
+//! complete together share one `writev`. The reader never writes to the
+//! socket, so it keeps reading even while replies are stuck behind a client
+//! that is busy sending a large WRITE (no deadlock).
 //!
 //! Back-pressure: every request holds permits from a per-connection byte
 //! budget ([`ServerConfig::max_bytes_in_flight`]) until its reply has been
@@ -27,10 +31,10 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, trace, warn};
+use tracing::{Instrument, debug, error, trace, warn};
 
 use super::backend::{Backend, BackendCaps, BlockStatus};
 use super::handshake::{BASE_ALLOCATION_ID, Negotiated, ReadOutcome, ReplyMode, read_or_shutdown};
@@ -70,9 +74,6 @@ const COPY_THRESHOLD: usize = 8 * 1024;
 /// Most iovecs handed to one `writev`.
 const MAX_IOVECS: usize = 64;
 
-/// Most bytes the writer collects before it writes them out.
-const MAX_BATCH: usize = 4 * 1024 * 1024;
-
 /// What a validated request does once it reaches the backend.
 #[derive(Debug)]
 enum Output {
@@ -92,10 +93,10 @@ struct Conn<B> {
     caps: BackendCaps,
     mode: ReplyMode,
     base_allocation: bool,
-    tx: mpsc::UnboundedSender<Frame>,
+    replies: Arc<Replies>,
 }
 
-/// One encoded reply on its way to the writer.
+/// One encoded reply, queued in `Replies`.
 pub(super) struct Frame {
     head: [u8; 40],
     head_len: u8,
@@ -425,9 +426,8 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
     B: Backend,
 {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let writer_dead = CancellationToken::new();
-    let writer_task = tokio::spawn(write_loop(writer, rx, writer_dead.clone()).in_current_span());
+    let replies = Arc::new(Replies::new(Box::pin(writer)));
+    let writer_dead = replies.dead.clone();
     let budget_total = session.max_bytes_in_flight.clamp(
         REQUEST_OVERHEAD,
         Semaphore::MAX_PERMITS.min(u32::MAX as usize),
@@ -441,7 +441,7 @@ where
         caps,
         mode: session.negotiated.mode,
         base_allocation: session.negotiated.base_allocation,
-        tx,
+        replies: Arc::clone(&replies),
     });
     let tasks = TaskTracker::new();
 
@@ -462,13 +462,11 @@ where
             false
         }
     };
-    // Let every request in flight reply, then let the writer drain and end.
+    // Let every request in flight reply, then end our side of the socket.
     tasks.close();
     tasks.wait().await;
     drop(conn);
-    if let Err(e) = writer_task.await {
-        warn!(error = %e, "reply writer task failed");
-    }
+    replies.close().await;
     clean
 }
 
@@ -494,6 +492,7 @@ where
         REQUEST_LEN
     };
     let mut hb = [0u8; EXTENDED_REQUEST_LEN];
+    let pool = Arc::new(BufferPool::default());
     loop {
         let outcome = tokio::select! {
             biased;
@@ -539,9 +538,20 @@ where
                 }
                 drain(reader, payload_len).await?;
             }
-            let _ = conn
-                .tx
-                .send(encode_reply(conn.mode, &req, Err(errno), None));
+            // Refusals hold budget too, so a client that floods bad requests
+            // without reading the replies stalls instead of filling memory.
+            let permit = tokio::select! {
+                biased;
+                _ = writer_dead.cancelled() => return Ok(false),
+                p = budget.clone().acquire_many_owned(REQUEST_OVERHEAD.min(budget_total) as u32) =>
+                    p.expect("budget semaphore is never closed"),
+            };
+            conn.replies
+                .push(encode_reply(conn.mode, &req, Err(errno), Some(permit)));
+            // The reader never writes to the socket itself (it could block
+            // against a client that is blocked sending us a WRITE).
+            let replies = Arc::clone(&conn.replies);
+            tasks.spawn(async move { replies.flush().await }.in_current_span());
             continue;
         }
 
@@ -561,7 +571,7 @@ where
         };
 
         let payload = if payload_len > 0 {
-            Some(read_payload(reader, payload_len as usize).await?)
+            Some(read_payload(reader, payload_len as usize, &pool).await?)
         } else {
             None
         };
@@ -569,27 +579,143 @@ where
         let conn = Arc::clone(conn);
         tasks.spawn(
             async move {
-                let outcome = execute(&conn, &req, payload).await;
+                let outcome = match (CatchPanic {
+                    inner: execute(&conn, &req, payload),
+                })
+                .await
+                {
+                    Ok(outcome) => outcome,
+                    Err(()) => {
+                        error!(export = %conn.export, cookie = req.cookie, offset = req.offset,
+                               len = req.len, command = %req.command,
+                               "backend panicked; answering EIO");
+                        Err(NBD_EIO)
+                    }
+                };
                 if let Err(errno) = &outcome {
                     debug!(export = %conn.export, cookie = req.cookie, offset = req.offset,
                            len = req.len, command = %req.command, %errno, "request failed");
                 }
-                let frame = encode_reply(conn.mode, &req, outcome, Some(permit));
-                // Fails only when the writer is gone; nothing left to tell.
-                let _ = conn.tx.send(frame);
+                conn.replies
+                    .push(encode_reply(conn.mode, &req, outcome, Some(permit)));
+                conn.replies.flush().await;
             }
             .in_current_span(),
         );
+        // Let the request just spawned run now. Tokio keeps it in this
+        // worker's LIFO slot, which other workers cannot steal from, so
+        // while the reader is busy with a stream of requests the replies
+        // would otherwise wait until the reader runs out of input or of
+        // its cooperative budget; clients with a full pipeline (nbdcopy)
+        // then stall waiting for replies.
+        tokio::task::yield_now().await;
     }
 }
 
-/// Reads a WRITE payload into a buffer of exactly its size: the bytes
-/// already buffered are copied, the rest is read from the socket directly.
+/// Runs a backend call and turns a panic into `Err(())`, so a bug in one
+/// backend call is answered (EIO) instead of leaving the client waiting
+/// forever for that cookie.
+struct CatchPanic<F> {
+    inner: F,
+}
+
+impl<F: Future> Future for CatchPanic<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        // SAFETY: `inner` is structurally pinned: it is never moved out of
+        // `self`, and `CatchPanic` has no Drop impl or Unpin impl of its own.
+        let inner = unsafe { self.map_unchecked_mut(|s| &mut s.inner) };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(_) => std::task::Poll::Ready(Err(())),
+        }
+    }
+}
+
+/// Most bytes of idle WRITE buffers one connection keeps for reuse. Fresh
+/// buffers of 256 KiB and more come from `mmap` and page-fault on first
+/// touch, which cost more than the copy from the socket; recycling them
+/// avoids that. 16 MiB covers nbdcopy's 64 × 256 KiB queue.
+pub const BUFFER_POOL_BYTES: usize = 16 * 1024 * 1024;
+
+/// Recycles one connection's WRITE payload buffers. A buffer goes back to
+/// the pool when the last `Bytes` referring to it is dropped (by the
+/// backend, or when the request ends), if the pool still exists and has room.
+#[derive(Debug, Default)]
+struct BufferPool {
+    free: std::sync::Mutex<PoolInner>,
+}
+
+#[derive(Debug, Default)]
+struct PoolInner {
+    bufs: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+impl BufferPool {
+    /// An empty buffer with capacity for at least `len` bytes.
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut inner = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let best = inner
+            .bufs
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= len)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        if let Some(i) = best {
+            let b = inner.bufs.swap_remove(i);
+            inner.bytes -= b.capacity();
+            return b;
+        }
+        drop(inner);
+        // Round up so buffers of similar requests are interchangeable.
+        Vec::with_capacity(len.next_power_of_two().max(4096))
+    }
+
+    fn put(&self, mut buf: Vec<u8>) {
+        buf.clear();
+        let mut inner = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.bytes + buf.capacity() <= BUFFER_POOL_BYTES {
+            inner.bytes += buf.capacity();
+            inner.bufs.push(buf);
+        }
+    }
+}
+
+/// Owner of a pooled buffer inside a `Bytes`; returns it on drop.
+struct Pooled {
+    buf: Vec<u8>,
+    pool: std::sync::Weak<BufferPool>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.upgrade() {
+            pool.put(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+/// Reads a WRITE payload into a (recycled) buffer: the bytes already
+/// buffered are copied, the rest is read from the socket directly into it.
 async fn read_payload<R: AsyncRead + Unpin>(
     reader: &mut BufReader<R>,
     len: usize,
+    pool: &Arc<BufferPool>,
 ) -> Result<Bytes, ProtocolError> {
-    let mut buf = BytesMut::with_capacity(len);
+    let mut buf = pool.take(len);
     let buffered = reader.buffer();
     let n = buffered.len().min(len);
     buf.extend_from_slice(&buffered[..n]);
@@ -603,7 +729,10 @@ async fn read_payload<R: AsyncRead + Unpin>(
             return Err(ProtocolError::TornMessage);
         }
     }
-    Ok(buf.freeze())
+    Ok(Bytes::from_owner(Pooled {
+        buf,
+        pool: Arc::downgrade(pool),
+    }))
 }
 
 /// Reads and discards `len` payload bytes of a refused request.
@@ -618,47 +747,114 @@ async fn drain<R: AsyncRead + Unpin>(
     Ok(())
 }
 
-/// The writer: sends frames in the order they arrive, coalescing what is
-/// queued into vectored writes. Ends when every sender is gone, or on a
-/// socket error (then it cancels `dead` so the reader stops too).
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut w: W,
-    mut rx: mpsc::UnboundedReceiver<Frame>,
+/// Replies waiting to go out, and the socket half they go to.
+///
+/// Whoever queues a reply also writes, unless another task is writing at
+/// that moment, in which case that task picks the reply up before it lets
+/// go of the socket (it re-checks the queue after unlocking). So replies
+/// need no hand-off to a dedicated writer task, and replies that complete
+/// together share one `writev`. The reader never writes (see `read_loop`).
+struct Replies {
+    queue: std::sync::Mutex<Vec<Frame>>,
+    writer: tokio::sync::Mutex<WriterState>,
+    /// Cancelled when a write fails: the reader stops, queued replies are
+    /// dropped.
     dead: CancellationToken,
-) {
-    let mut staging = BytesMut::with_capacity(64 * 1024);
-    let mut segs: VecDeque<Bytes> = VecDeque::new();
-    let mut held: Vec<Frame> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let mut batch = 0usize;
-        let mut next = Some(first);
-        while let Some(mut f) = next.take() {
-            staging.extend_from_slice(&f.head[..f.head_len as usize]);
-            let body = std::mem::take(&mut f.body);
-            batch += f.head_len as usize + body.len();
-            if body.len() < COPY_THRESHOLD {
-                staging.extend_from_slice(&body);
-            } else {
-                segs.push_back(staging.split().freeze());
-                segs.push_back(body);
-            }
-            held.push(f);
-            if batch < MAX_BATCH {
-                next = rx.try_recv().ok();
-            }
+}
+
+/// The socket half and the buffers used to write to it.
+struct WriterState {
+    w: std::pin::Pin<Box<dyn AsyncWrite + Send>>,
+    staging: BytesMut,
+    segs: VecDeque<Bytes>,
+    /// Frames being written; their budget is released once they are sent.
+    batch: Vec<Frame>,
+}
+
+impl Replies {
+    fn new(w: std::pin::Pin<Box<dyn AsyncWrite + Send>>) -> Self {
+        Self {
+            queue: std::sync::Mutex::new(Vec::new()),
+            writer: tokio::sync::Mutex::new(WriterState {
+                w,
+                staging: BytesMut::with_capacity(64 * 1024),
+                segs: VecDeque::new(),
+                batch: Vec::new(),
+            }),
+            dead: CancellationToken::new(),
         }
-        if !staging.is_empty() {
-            segs.push_back(staging.split().freeze());
-        }
-        if let Err(e) = write_segments(&mut w, &mut segs).await {
-            debug!(error = %e, "writing replies failed");
-            dead.cancel();
-            return;
-        }
-        // Replies are on the wire: release their budget.
-        held.clear();
     }
-    let _ = w.shutdown().await;
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<Frame>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a reply; follow with [`Replies::flush`] (or spawn it).
+    fn push(&self, f: Frame) {
+        self.queue().push(f);
+    }
+
+    /// Writes every queued reply, unless another task is writing (it will
+    /// write ours too).
+    async fn flush(&self) {
+        loop {
+            let Ok(mut st) = self.writer.try_lock() else {
+                return;
+            };
+            self.write_queued(&mut st).await;
+            drop(st);
+            if self.dead.is_cancelled() || self.queue().is_empty() {
+                return;
+            }
+        }
+    }
+
+    async fn write_queued(&self, st: &mut WriterState) {
+        loop {
+            std::mem::swap(&mut *self.queue(), &mut st.batch);
+            if st.batch.is_empty() {
+                return;
+            }
+            if self.dead.is_cancelled() {
+                st.batch.clear();
+                continue;
+            }
+            let WriterState {
+                w,
+                staging,
+                segs,
+                batch,
+            } = st;
+            for f in batch.iter_mut() {
+                staging.extend_from_slice(&f.head[..f.head_len as usize]);
+                let body = std::mem::take(&mut f.body);
+                if body.len() < COPY_THRESHOLD {
+                    staging.extend_from_slice(&body);
+                } else {
+                    segs.push_back(staging.split().freeze());
+                    segs.push_back(body);
+                }
+            }
+            if !staging.is_empty() {
+                segs.push_back(staging.split().freeze());
+            }
+            let res = write_segments(w, segs).await;
+            // Replies are on the wire (or lost): release their budget.
+            batch.clear();
+            if let Err(e) = res {
+                debug!(error = %e, "writing replies failed");
+                segs.clear();
+                self.dead.cancel();
+            }
+        }
+    }
+
+    /// Writes what is left and shuts down our sending side.
+    async fn close(&self) {
+        let mut st = self.writer.lock().await;
+        self.write_queued(&mut st).await;
+        let _ = st.w.shutdown().await;
+    }
 }
 
 /// Writes every segment with `writev`, resuming after partial writes.

@@ -334,7 +334,8 @@ pub enum ProtocolError {
         /// What the client sent.
         magic: u64,
     },
-    /// A request header had neither the request magic we expect.
+    /// A request header did not start with the magic of the negotiated
+    /// header style.
     #[error("bad request magic {magic:#010x} (expected {expected:#010x})")]
     BadRequestMagic {
         /// What the client sent.
@@ -1125,6 +1126,50 @@ mod tests {
         let mut bad = s;
         bad[0] ^= 0xff;
         assert!(decode_reply_header(&bad).is_err());
+    }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn requests_round_trip(flags: u16, cmd: u16, cookie: u64, offset: u64, len: u64, ext: bool) {
+                let r = Request {
+                    flags,
+                    command: Command(cmd),
+                    cookie,
+                    offset,
+                    len: if ext { len } else { len & 0xffff_ffff },
+                };
+                prop_assert_eq!(decode_request(&encode_request(&r, ext), ext).unwrap(), r);
+            }
+
+            #[test]
+            fn option_payload_decoders_never_panic(p in proptest::collection::vec(any::<u8>(), 0..64)) {
+                let _ = decode_export_request(NBD_OPT_GO, &p);
+                let _ = decode_meta_context_request(NBD_OPT_SET_META_CONTEXT, &p);
+                let _ = decode_reply_header(&p);
+                if p.len() >= 32 {
+                    let _ = decode_request(&p, true);
+                    let _ = decode_request(&p, false);
+                }
+            }
+
+            #[test]
+            fn export_requests_round_trip(name in "[a-z0-9/._-]{0,40}", infos in proptest::collection::vec(any::<u16>(), 0..8)) {
+                let mut p = Vec::new();
+                p.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                p.extend_from_slice(name.as_bytes());
+                p.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+                for i in &infos {
+                    p.extend_from_slice(&i.to_be_bytes());
+                }
+                let r = decode_export_request(NBD_OPT_INFO, &p).unwrap();
+                prop_assert_eq!(r.name, name);
+                prop_assert_eq!(r.info, infos.into_iter().map(InfoType).collect::<Vec<_>>());
+            }
+        }
     }
 
     #[test]
