@@ -559,7 +559,6 @@ async fn serve_sigterm_during_back_pressure() {
 /// must see it gone and fail after the reconnect timeout (2 s), not only
 /// once the blocked write gives up (`partial_wait`, 30 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: a connection's end waits for its requests blocked on the buffer limit (30 s) before the reconnect clock starts"]
 async fn serve_client_killed_during_back_pressure() {
     if !common::require_tools(&["qemu-io"]) {
         return;

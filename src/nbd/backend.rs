@@ -49,6 +49,13 @@ impl BlockStatus {
 
 /// The data side of one NBD export.
 ///
+/// Futures returned by the data methods may be dropped before they
+/// complete: when the client is gone (EOF without DISC, a socket error),
+/// requests still running are abandoned rather than waited for, since their
+/// replies cannot be delivered. A backend must therefore leave consistent
+/// state at every await point (the spec leaves the outcome of unanswered
+/// writes undefined, so dropping one is allowed).
+///
 /// Every method gets a range the server has already checked against
 /// [`Backend::size`]; `len` is never 0. Methods may be called concurrently,
 /// from several connections, in any order.

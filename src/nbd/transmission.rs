@@ -94,6 +94,11 @@ struct Conn<B> {
     mode: ReplyMode,
     base_allocation: bool,
     replies: Arc<Replies>,
+    /// Fired when the client is gone (EOF without DISC, a socket error or
+    /// a framing fault): replies can no longer reach it, so requests still
+    /// running are dropped instead of waited for. Backends are cancel-safe
+    /// (see [`Backend`]).
+    gone: CancellationToken,
 }
 
 /// One encoded reply, queued in `Replies`.
@@ -442,6 +447,7 @@ where
         mode: session.negotiated.mode,
         base_allocation: session.negotiated.base_allocation,
         replies: Arc::clone(&replies),
+        gone: CancellationToken::new(),
     });
     let tasks = TaskTracker::new();
 
@@ -459,6 +465,7 @@ where
         Ok(clean) => clean,
         Err(e) => {
             warn!(export = %conn.export, error = %e, "closing connection");
+            conn.gone.cancel();
             false
         }
     };
@@ -496,13 +503,17 @@ where
     loop {
         let outcome = tokio::select! {
             biased;
-            _ = writer_dead.cancelled() => return Ok(false),
+            _ = writer_dead.cancelled() => {
+                conn.gone.cancel();
+                return Ok(false);
+            }
             r = read_or_shutdown(reader, &mut hb[..hlen], shutdown) => r?,
         };
         match outcome {
             ReadOutcome::Data => {}
             ReadOutcome::Eof => {
                 debug!(export = %conn.export, "client closed the connection without DISC");
+                conn.gone.cancel();
                 return Ok(false);
             }
             ReadOutcome::ShutdownIdle => return Ok(false),
@@ -579,11 +590,19 @@ where
         let conn = Arc::clone(conn);
         tasks.spawn(
             async move {
-                let outcome = match (CatchPanic {
+                let run = CatchPanic {
                     inner: execute(&conn, &req, payload),
-                })
-                .await
-                {
+                };
+                let done = tokio::select! {
+                    biased;
+                    r = run => r,
+                    _ = conn.gone.cancelled() => {
+                        debug!(export = %conn.export, cookie = req.cookie, command = %req.command,
+                               "client gone; request dropped unanswered");
+                        return;
+                    }
+                };
+                let outcome = match done {
                     Ok(outcome) => outcome,
                     Err(()) => {
                         error!(export = %conn.export, cookie = req.cookie, offset = req.offset,
