@@ -88,20 +88,21 @@ pub fn parse_drive(s: &str) -> anyhow::Result<DriveSpec> {
     })
 }
 
-/// Reads config files into the builder, each under its file name.
-pub fn add_configs(builder: &mut WriterBuilder, configs: &[PathBuf]) -> anyhow::Result<()> {
-    for c in configs {
-        let data =
-            std::fs::read(c).with_context(|| format!("cannot read config {}", c.display()))?;
-        let name = c
-            .file_name()
-            .and_then(|n| n.to_str())
-            .with_context(|| format!("config {}: no usable file name", c.display()))?;
-        builder
-            .add_config(name, &data)
-            .with_context(|| format!("config {}", c.display()))?;
-    }
-    Ok(())
+/// Reads config files, each named by its file name (Proxmox stores only
+/// the base name).
+pub fn read_configs(configs: &[PathBuf]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    configs
+        .iter()
+        .map(|c| {
+            let data =
+                std::fs::read(c).with_context(|| format!("cannot read config {}", c.display()))?;
+            let name = c
+                .file_name()
+                .and_then(|n| n.to_str())
+                .with_context(|| format!("config {}: no usable file name", c.display()))?;
+            Ok((name.to_string(), data))
+        })
+        .collect()
 }
 
 /// Size of a file or block device.
@@ -376,7 +377,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         return create_via_qemu(&a, &specs);
     }
     let mut builder = WriterBuilder::new().clusters_per_extent(a.clusters_per_extent)?;
-    add_configs(&mut builder, &a.configs)?;
+    for (name, data) in read_configs(&a.configs)? {
+        builder
+            .add_config(&name, &data)
+            .with_context(|| format!("config {name}"))?;
+    }
     let mut images = Vec::new();
     for spec in specs {
         let mut f = File::open(&spec.path)

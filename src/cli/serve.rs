@@ -104,16 +104,7 @@ impl ArchiveOpts {
         if output == "-" {
             super::live::status_to_stderr();
         }
-        let mut configs = Vec::new();
-        for c in &self.configs {
-            let data =
-                std::fs::read(c).with_context(|| format!("cannot read config {}", c.display()))?;
-            let name = c
-                .file_name()
-                .and_then(|n| n.to_str())
-                .with_context(|| format!("config {}: no usable file name", c.display()))?;
-            configs.push((name.to_string(), data));
-        }
+        let configs = super::create::read_configs(&self.configs)?;
         Ok(TargetConfig {
             listen,
             drives,
