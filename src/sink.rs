@@ -5,9 +5,9 @@
 //! only [`Sink::commit`] makes it `ARCHIVE`: finish compression, fsync the
 //! file, rename, fsync the directory. Dropping an uncommitted sink removes
 //! the partial file (unless told to keep it), so a failed run never leaves a
-//! file that looks like a complete archive. Standard output has no commit
-//! point; a consumer learns of failure from the missing last extent and the
-//! exit status. This module never parses VMA.
+//! file that looks like a complete archive. Standard output and an
+//! existing FIFO have no commit point; a consumer learns of failure from the
+//! missing last extent and the exit status. This module never parses VMA.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Write};
@@ -59,6 +59,11 @@ pub struct Sink {
     written: u64,
 }
 
+fn is_fifo(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo())
+}
+
 /// The temporary name of an archive being written.
 pub fn partial_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
@@ -76,6 +81,17 @@ impl Sink {
                 // line-buffered and would scan every byte for newlines.
                 let fd = io::stdout().as_fd().try_clone_to_owned()?;
                 (File::from(fd), None)
+            }
+            Target::File(path) if is_fifo(path) => {
+                // A named pipe is a stream like stdout (Proxmox's writer
+                // takes FIFOs too): no partial file, no rename.
+                let file = OpenOptions::new().write(true).open(path).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("cannot open FIFO {}: {e}", path.display()),
+                    )
+                })?;
+                (file, None)
             }
             Target::File(path) => {
                 if path.exists() {
@@ -313,6 +329,24 @@ mod tests {
         };
         drop(Sink::create(&Target::File(kept.clone()), &opts).unwrap());
         assert!(partial_path(&kept).exists() && !kept.exists());
+    }
+
+    #[test]
+    fn a_fifo_is_a_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read(fifo).unwrap())
+        };
+        let mut s = Sink::create(&Target::File(fifo.clone()), &SinkOptions::default()).unwrap();
+        assert!(s.partial().is_none() && !s.is_plain_file());
+        s.write_all(b"through the pipe").unwrap();
+        assert_eq!(s.commit().unwrap(), None);
+        assert_eq!(reader.join().unwrap(), b"through the pipe");
     }
 
     #[test]
