@@ -75,7 +75,8 @@ start_qsd() {
 stop_qsd() { stop_pid "$QSD_PID"; QSD_PID=; }
 
 declare -A T J RSS
-add() { T[$1]="${T[$1]:-} $2"; }
+add() { T[$1]="${T[$1]:-} $2"; IDLE_SEEN[$1]="${IDLE_SEEN[$1]:-} $LAST_IDLE"; }
+declare -A IDLE_SEEN
 
 # job seconds from qmp_backup.py's "BLOCK_JOB_COMPLETED ... t=0.41s"
 job_secs() { sed -n 's/.*BLOCK_JOB_COMPLETED.* t=\([0-9.]*\)s.*/\1/p' "$1" | head -1; }
@@ -208,4 +209,4 @@ if has a2; then
     echo "peak RSS of vma-writer backup: max $(printf '%s\n' ${RSS[a2]} | sort -n | tail -1) KiB (target <= 65536 KiB)"
 fi
 echo "Raw wall seconds:"
-for k in $(printf '%s\n' "${!T[@]}" | sort); do echo "  $k:${T[$k]}   job:${J[$k]:-}   rssKiB:${RSS[$k]:-}"; done
+for k in $(printf '%s\n' "${!T[@]}" | sort); do echo "  $k:${T[$k]}   job:${J[$k]:-}   rssKiB:${RSS[$k]:-}   (idle %:${IDLE_SEEN[$k]})"; done

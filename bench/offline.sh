@@ -61,7 +61,8 @@ PY
 
 # results[image:op] = space separated seconds
 declare -A T RSS
-add() { T[$1]="${T[$1]:-} $2"; }
+add() { T[$1]="${T[$1]:-} $2"; IDLE_SEEN[$1]="${IDLE_SEEN[$1]:-} $LAST_IDLE"; }
+declare -A IDLE_SEEN
 
 run_image() {
     local name=$1 img=$2 size
@@ -142,4 +143,4 @@ echo "vs_cat / vs_cp: speed relative to cat / cp of the same image in the same r
 echo "Reference, NOT measured here (issue 2): Proxmox 'vma create', page cache to tmpfs on this kind"
 echo "of machine: 1220 MB/s on the mixed image, 650 MB/s on random data."
 echo "Raw seconds:"
-for k in $(printf '%s\n' "${!T[@]}" | sort); do echo "  $k:${T[$k]}"; done
+for k in $(printf '%s\n' "${!T[@]}" | sort); do echo "  $k:${T[$k]}   (idle %:${IDLE_SEEN[$k]})"; done
