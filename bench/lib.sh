@@ -86,3 +86,14 @@ machine_info() {
     echo "cpu:     $(awk -F: '/model name/ {sub(/^ /, "", $2); print $2; exit}' /proc/cpuinfo)"
     echo "commit:  $(git -C "$(dirname "${BASH_SOURCE[0]}")" rev-parse --short HEAD 2>/dev/null || echo '?')"
 }
+
+# User + system CPU seconds from a `/usr/bin/time -v -o FILE` report.
+cpu_secs_time() { awk -F': ' '/User time \(seconds\)|System time \(seconds\)/ { s += $2 } END { printf "%.2f\n", s }' "$1"; }
+
+# User + system CPU seconds a running process has used so far (from /proc).
+cpu_secs_pid() {
+    local tck
+    tck=$(getconf CLK_TCK)
+    # fields after the ")" of comm: utime is 14th, stime 15th of the whole line
+    sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk -v t="$tck" '{ printf "%.2f\n", ($12 + $13) / t }'
+}

@@ -32,6 +32,8 @@ VMA=${VMA:-$here/../target/release/vma-writer}
 RUNS=${RUNS:-3}
 SIZE_MIB=${SIZE_MIB:-4096}
 QMP_BACKUP=${QMP_BACKUP:-/work/shared/tools/qmp_backup.py}
+# the system python: a pyenv shim costs ~0.5 s of start-up inside the timed span
+PY=${PY:-/usr/bin/python3}
 TARGETS=${TARGETS:-"a a2 b c"}
 [[ -x $VMA ]] || { echo "no binary at $VMA (cargo build --release)" >&2; exit 1; }
 VMA=$(cd "$(dirname "$VMA")" && pwd)/$(basename "$VMA")
@@ -72,9 +74,11 @@ start_qsd() {
     QSD_PID=$!
     wait_socket "$S/qmp.sock"
 }
+# CPU seconds of the daemon so far; recorded per target just before it stops
+qsd_cpu() { cpu_secs_pid "$QSD_PID"; }
 stop_qsd() { stop_pid "$QSD_PID"; QSD_PID=; }
 
-declare -A T J RSS
+declare -A T J RSS CPU QCPU
 add() { T[$1]="${T[$1]:-} $2"; IDLE_SEEN[$1]="${IDLE_SEEN[$1]:-} $LAST_IDLE"; }
 declare -A IDLE_SEEN
 
@@ -93,13 +97,14 @@ run_a() { # vma-writer serve + qmp_backup.py
     wait_socket "$S/nbd.sock"
     wait_idle
     t0=$(now)
-    python3 "$QMP_BACKUP" --qmp "$S/qmp.sock" --nbd-unix "$S/nbd.sock" \
+    "$PY" "$QMP_BACKUP" --qmp "$S/qmp.sock" --nbd-unix "$S/nbd.sock" \
         --node drive0 --export drive-scsi0 > "$S/qb.out" 2>&1 || { cat "$S/qb.out" "$S/serve.err" >&2; return 1; }
     rc=0; wait "$sp" || rc=$?
     add a "$(since "$t0")"
     [[ $rc == 0 ]] || { echo "serve exited $rc" >&2; cat "$S/serve.err" >&2; return 1; }
     J[a]="${J[a]:-} $(job_secs "$S/qb.out")"
     RSS[a]="${RSS[a]:-} $(peak_rss_kib "$S/time-a.txt")"
+    CPU[a]="${CPU[a]:-} $(cpu_secs_time "$S/time-a.txt")"; QCPU[a]="${QCPU[a]:-} $(qsd_cpu)"
     if ((VERIFIED_a == 0)); then
         "$VMA" verify "$arch" && echo "   verify of (a) archive: OK ($(stat -c %s "$arch") B)"
         tail -2 "$S/serve.err" | sed 's/^/   serve: /'
@@ -118,6 +123,7 @@ run_a2() { # vma-writer backup --qmp, end to end
         || { echo "backup failed" >&2; cat "$S/backup.err" >&2; return 1; }
     add a2 "$(since "$t0")"
     RSS[a2]="${RSS[a2]:-} $(peak_rss_kib "$S/time-a2.txt")"
+    CPU[a2]="${CPU[a2]:-} $(cpu_secs_time "$S/time-a2.txt")"; QCPU[a2]="${QCPU[a2]:-} $(qsd_cpu)"
     if ((VERIFIED_a2 == 0)); then
         "$VMA" verify "$arch" && echo "   verify of (a') archive: OK ($(stat -c %s "$arch") B)"
         tail -2 "$S/backup.err" | sed 's/^/   backup: /'
@@ -139,7 +145,7 @@ run_nbdkit() { # b: null, c: file
     wait_socket "$S/nbd.sock"
     wait_idle
     t0=$(now)
-    python3 "$QMP_BACKUP" --qmp "$S/qmp.sock" --nbd-unix "$S/nbd.sock" \
+    "$PY" "$QMP_BACKUP" --qmp "$S/qmp.sock" --nbd-unix "$S/nbd.sock" \
         --node drive0 --export '' > "$S/qb.out" 2>&1 || { cat "$S/qb.out" >&2; return 1; }
     add "$which" "$(since "$t0")"
     J[$which]="${J[$which]:-} $(job_secs "$S/qb.out")"
@@ -147,6 +153,7 @@ run_nbdkit() { # b: null, c: file
     for c in $(pgrep -P "$np" || true); do kill "$c" 2>/dev/null || true; done
     wait "$np" 2>/dev/null || true
     RSS[$which]="${RSS[$which]:-} $(peak_rss_kib "$S/time-$which.txt")"
+    CPU[$which]="${CPU[$which]:-} $(cpu_secs_time "$S/time-$which.txt")"; QCPU[$which]="${QCPU[$which]:-} $(qsd_cpu)"
     if [[ $which == c ]] && [[ ${CHECKED_c:-0} == 0 ]]; then
         cmp "$S/src.raw" "$S/c.raw" && echo "   (c) target == source"
         CHECKED_c=1
@@ -181,13 +188,14 @@ med() { # shellcheck disable=SC2086
 echo
 echo "== results: QEMU blockdev-backup sync=full of ${SIZE_MIB} MiB dense random, medians of $RUNS runs (MB = 10^6 B)"
 machine_info
-printf '%-32s %9s %7s %9s %7s %9s\n' target wall_s MB/s job_s job_MB/s "RSS MiB"
+printf '%-32s %9s %7s %9s %7s %9s %10s %9s\n' target wall_s MB/s job_s job_MB/s "RSS MiB" srv_cpu_s qemu_cpu_s
 for t in $TARGETS; do
     w=$(med "${T[$t]}")
     j=""; jm=""
     if [[ -n ${J[$t]:-} ]]; then j=$(med "${J[$t]}"); jm=$(mbps $SIZE "$j"); fi
     r=$(awk -v k="$(med "${RSS[$t]}")" 'BEGIN { printf "%.1f", k / 1024 }')
-    printf '%-32s %9s %7s %9s %7s %9s\n' "$(label "$t")" "$w" "$(mbps $SIZE "$w")" "$j" "$jm" "$r"
+    printf '%-32s %9s %7s %9s %7s %9s %10s %9s\n' "$(label "$t")" "$w" "$(mbps $SIZE "$w")" "$j" "$jm" "$r" \
+        "$(med "${CPU[$t]}")" "$(med "${QCPU[$t]}")"
 done
 has() { [[ " $TARGETS " == *" $1 "* ]]; }
 if has a && has b; then
@@ -195,6 +203,12 @@ if has a && has b; then
 fi
 if has a && has c; then
     echo "(a)/(c)  = $(ratio "$(med "${T[c]}")" "$(med "${T[a]}")")   (target > 1.00)"
+fi
+if has a && has b; then
+    echo "   job-time ratio (a)/(b) = $(ratio "$(med "${J[b]}")" "$(med "${J[a]}")")   (job start to BLOCK_JOB_COMPLETED, without start-up and finalising)"
+fi
+if has a && has c; then
+    echo "   job-time ratio (a)/(c) = $(ratio "$(med "${J[c]}")" "$(med "${J[a]}")")"
 fi
 if has a2 && has b; then
     echo "(a')/(b) = $(ratio "$(med "${T[b]}")" "$(med "${T[a2]}")")"
@@ -208,5 +222,7 @@ fi
 if has a2; then
     echo "peak RSS of vma-writer backup: max $(printf '%s\n' ${RSS[a2]} | sort -n | tail -1) KiB (target <= 65536 KiB)"
 fi
+echo "srv_cpu_s: user+sys CPU seconds of the NBD server process (vma-writer or nbdkit; for a' it includes QMP);"
+echo "qemu_cpu_s: of qemu-storage-daemon (source read, copy-before-write, NBD client). 2 cores = 2 CPU-s per wall s."
 echo "Raw wall seconds:"
-for k in $(printf '%s\n' "${!T[@]}" | sort); do echo "  $k:${T[$k]}   job:${J[$k]:-}   rssKiB:${RSS[$k]:-}   (idle %:${IDLE_SEEN[$k]})"; done
+for k in $(printf '%s\n' "${!T[@]}" | sort); do echo "  $k:${T[$k]}   job:${J[$k]:-}   rssKiB:${RSS[$k]:-}   srv_cpu:${CPU[$k]:-}   qemu_cpu:${QCPU[$k]:-}   (idle %:${IDLE_SEEN[$k]})"; done
