@@ -222,6 +222,20 @@ fi
 if has a2; then
     echo "peak RSS of vma-writer backup: max $(printf '%s\n' ${RSS[a2]} | sort -n | tail -1) KiB (target <= 65536 KiB)"
 fi
+# Paired ratios: each round runs every target back to back, so the ratio
+# within a round is less exposed to slow drifts of the machine's load.
+paired() { # NUM_KEY DEN_KEY: median over rounds of T[DEN]/T[NUM] (speed of NUM relative to DEN)
+    local -a n d r=()
+    read -r -a n <<< "${T[$1]}"
+    read -r -a d <<< "${T[$2]}"
+    local k
+    for k in "${!n[@]}"; do r+=("$(ratio "${d[$k]}" "${n[$k]}")"); done
+    echo "$(median "${r[@]}") (rounds: ${r[*]})"
+}
+for pr in "a b" "a c" "a2 b" "a2 c"; do
+    read -r x y <<< "$pr"
+    if has "$x" && has "$y"; then echo "paired ($x)/($y): $(paired "$x" "$y")"; fi
+done
 echo "srv_cpu_s: user+sys CPU seconds of the NBD server process (vma-writer or nbdkit; for a' it includes QMP);"
 echo "qemu_cpu_s: of qemu-storage-daemon (source read, copy-before-write, NBD client). 2 cores = 2 CPU-s per wall s."
 echo "Raw wall seconds:"
