@@ -21,6 +21,9 @@
 # One archive of a and one of a' are checked with `vma-writer verify` (not
 # timed).
 #
+# Experiment (TARGETS="a a2 b c amt"): amt = a under GLIBC_TUNABLES that make
+# glibc keep freed 1 MiB payload buffers (what a buffer pool would gain).
+#
 # Usage: bench/live.sh          Env: VMA=...  RUNS=3  SIZE_MIB=4096  SCRATCH=...
 set -euo pipefail
 
@@ -88,10 +91,12 @@ job_secs() { sed -n 's/.*BLOCK_JOB_COMPLETED.* t=\([0-9.]*\)s.*/\1/p' "$1" | hea
 VERIFIED_a=0
 VERIFIED_a2=0
 
-run_a() { # vma-writer serve + qmp_backup.py
-    local i=$1 arch="$S/a.vma" t0 sp rc
+MALLOC_TUNED='glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=268435456'
+run_a() { # vma-writer serve + qmp_backup.py; $2 = key (a, or amt: malloc tuned)
+    local i=$1 k=${2:-a} arch="$S/a.vma" t0 sp rc tun=
+    [[ $k == amt ]] && tun=$MALLOC_TUNED
     rm -f "$S/nbd.sock" "$arch"
-    /usr/bin/time -v -o "$S/time-a.txt" "$VMA" serve --listen "unix:$S/nbd.sock" \
+    GLIBC_TUNABLES=$tun /usr/bin/time -v -o "$S/time-a.txt" "$VMA" serve --listen "unix:$S/nbd.sock" \
         --drive "drive-scsi0=$SIZE" -o "$arch" > "$S/serve.out" 2> "$S/serve.err" &
     sp=$!
     wait_socket "$S/nbd.sock"
@@ -100,11 +105,11 @@ run_a() { # vma-writer serve + qmp_backup.py
     "$PY" "$QMP_BACKUP" --qmp "$S/qmp.sock" --nbd-unix "$S/nbd.sock" \
         --node drive0 --export drive-scsi0 > "$S/qb.out" 2>&1 || { cat "$S/qb.out" "$S/serve.err" >&2; return 1; }
     rc=0; wait "$sp" || rc=$?
-    add a "$(since "$t0")"
+    add "$k" "$(since "$t0")"
     [[ $rc == 0 ]] || { echo "serve exited $rc" >&2; cat "$S/serve.err" >&2; return 1; }
-    J[a]="${J[a]:-} $(job_secs "$S/qb.out")"
-    RSS[a]="${RSS[a]:-} $(peak_rss_kib "$S/time-a.txt")"
-    CPU[a]="${CPU[a]:-} $(cpu_secs_time "$S/time-a.txt")"; QCPU[a]="${QCPU[a]:-} $(qsd_cpu)"
+    J[$k]="${J[$k]:-} $(job_secs "$S/qb.out")"
+    RSS[$k]="${RSS[$k]:-} $(peak_rss_kib "$S/time-a.txt")"
+    CPU[$k]="${CPU[$k]:-} $(cpu_secs_time "$S/time-a.txt")"; QCPU[$k]="${QCPU[$k]:-} $(qsd_cpu)"
     if ((VERIFIED_a == 0)); then
         "$VMA" verify "$arch" && echo "   verify of (a) archive: OK ($(stat -c %s "$arch") B)"
         tail -2 "$S/serve.err" | sed 's/^/   serve: /'
@@ -166,7 +171,8 @@ for ((i = 1; i <= RUNS; i++)); do
         echo "-- run $i/$RUNS target $t"
         start_qsd
         case $t in
-            a) run_a "$i" ;;
+            a) run_a "$i" a ;;
+            amt) run_a "$i" amt ;;
             a2) run_a2 "$i" ;;
             b | c) run_nbdkit "$t" ;;
         esac
@@ -180,6 +186,7 @@ label() {
         a2) echo "a' vma-writer backup -> tmpfs" ;;
         b) echo "b  nbdkit null" ;;
         c) echo "c  nbdkit file -> tmpfs" ;;
+        amt) echo "a  serve, malloc tuned (exp.)" ;;
     esac
 }
 med() { # shellcheck disable=SC2086
@@ -232,7 +239,7 @@ paired() { # NUM_KEY DEN_KEY: median over rounds of T[DEN]/T[NUM] (speed of NUM 
     for k in "${!n[@]}"; do r+=("$(ratio "${d[$k]}" "${n[$k]}")"); done
     echo "$(median "${r[@]}") (rounds: ${r[*]})"
 }
-for pr in "a b" "a c" "a2 b" "a2 c"; do
+for pr in "a b" "a c" "a2 b" "a2 c" "amt b" "amt c"; do
     read -r x y <<< "$pr"
     if has "$x" && has "$y"; then echo "paired ($x)/($y): $(paired "$x" "$y")"; fi
 done
