@@ -84,7 +84,7 @@ machine_info() {
     echo "date:    $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "host:    $(uname -srm), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM"
     echo "cpu:     $(awk -F: '/model name/ {sub(/^ /, "", $2); print $2; exit}' /proc/cpuinfo)"
-    echo "commit:  $(git -C "$(dirname "${BASH_SOURCE[0]}")" rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo "commit:  ${COMMIT:-$(git -C "$(dirname "${BASH_SOURCE[0]}")" rev-parse --short HEAD 2>/dev/null || echo "?")}"
 }
 
 # User + system CPU seconds from a `/usr/bin/time -v -o FILE` report.
