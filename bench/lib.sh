@@ -97,3 +97,13 @@ cpu_secs_pid() {
     # fields after the ")" of comm: utime is 14th, stime 15th of the whole line
     sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk -v t="$tck" '{ printf "%.2f\n", ($12 + $13) / t }'
 }
+
+# Busy CPU seconds of the whole machine so far (all CPUs, from /proc/stat):
+# user nice system irq softirq steal (idle and iowait excluded).
+busy_secs() {
+    awk -v t="$(getconf CLK_TCK)" '/^cpu / { printf "%.2f\n", ($2 + $3 + $4 + $7 + $8 + $9) / t }' /proc/stat
+}
+
+# FOREIGN = machine busy seconds between B0 and B1 minus OURS (CPU seconds of
+# the processes under test): CPU that other sessions used during the run.
+foreign_secs() { awk -v a="$1" -v b="$2" -v o="$3" 'BEGIN { f = b - a - o; if (f < 0) f = 0; printf "%.2f\n", f }'; }

@@ -81,7 +81,7 @@ start_qsd() {
 qsd_cpu() { cpu_secs_pid "$QSD_PID"; }
 stop_qsd() { stop_pid "$QSD_PID"; QSD_PID=; }
 
-declare -A T J RSS CPU QCPU
+declare -A T J RSS CPU QCPU FOREIGN
 add() { T[$1]="${T[$1]:-} $2"; IDLE_SEEN[$1]="${IDLE_SEEN[$1]:-} $LAST_IDLE"; }
 declare -A IDLE_SEEN
 
@@ -101,15 +101,19 @@ run_a() { # vma-writer serve + qmp_backup.py; $2 = key (a, or amt: malloc tuned)
     sp=$!
     wait_socket "$S/nbd.sock"
     wait_idle
+    local b0 q0
+    q0=$(qsd_cpu); b0=$(busy_secs)
     t0=$(now)
     "$PY" "$QMP_BACKUP" --qmp "$S/qmp.sock" --nbd-unix "$S/nbd.sock" \
         --node drive0 --export drive-scsi0 > "$S/qb.out" 2>&1 || { cat "$S/qb.out" "$S/serve.err" >&2; return 1; }
     rc=0; wait "$sp" || rc=$?
     add "$k" "$(since "$t0")"
+    local b1; b1=$(busy_secs)
     [[ $rc == 0 ]] || { echo "serve exited $rc" >&2; cat "$S/serve.err" >&2; return 1; }
     J[$k]="${J[$k]:-} $(job_secs "$S/qb.out")"
     RSS[$k]="${RSS[$k]:-} $(peak_rss_kib "$S/time-a.txt")"
     CPU[$k]="${CPU[$k]:-} $(cpu_secs_time "$S/time-a.txt")"; QCPU[$k]="${QCPU[$k]:-} $(qsd_cpu)"
+    FOREIGN[$k]="${FOREIGN[$k]:-} $(foreign_secs "$b0" "$b1" "$(awk -v s="$(cpu_secs_time "$S/time-a.txt")" -v q1="$(qsd_cpu)" -v q0="$q0" 'BEGIN { print s + q1 - q0 }')")"
     if ((VERIFIED_a == 0)); then
         "$VMA" verify "$arch" && echo "   verify of (a) archive: OK ($(stat -c %s "$arch") B)"
         tail -2 "$S/serve.err" | sed 's/^/   serve: /'
@@ -122,13 +126,17 @@ run_a2() { # vma-writer backup --qmp, end to end
     local i=$1 arch="$S/a2.vma" t0
     rm -f "$arch"
     wait_idle
+    local b0 b1 q0
+    q0=$(qsd_cpu); b0=$(busy_secs)
     t0=$(now)
     /usr/bin/time -v -o "$S/time-a2.txt" "$VMA" backup --qmp "$S/qmp.sock" \
         --drive drive0=drive-scsi0 -o "$arch" > "$S/backup.out" 2> "$S/backup.err" \
         || { echo "backup failed" >&2; cat "$S/backup.err" >&2; return 1; }
     add a2 "$(since "$t0")"
+    b1=$(busy_secs)
     RSS[a2]="${RSS[a2]:-} $(peak_rss_kib "$S/time-a2.txt")"
     CPU[a2]="${CPU[a2]:-} $(cpu_secs_time "$S/time-a2.txt")"; QCPU[a2]="${QCPU[a2]:-} $(qsd_cpu)"
+    FOREIGN[a2]="${FOREIGN[a2]:-} $(foreign_secs "$b0" "$b1" "$(awk -v s="$(cpu_secs_time "$S/time-a2.txt")" -v q1="$(qsd_cpu)" -v q0="$q0" 'BEGIN { print s + q1 - q0 }')")"
     if ((VERIFIED_a2 == 0)); then
         "$VMA" verify "$arch" && echo "   verify of (a') archive: OK ($(stat -c %s "$arch") B)"
         tail -2 "$S/backup.err" | sed 's/^/   backup: /'
@@ -149,16 +157,20 @@ run_nbdkit() { # b: null, c: file
     np=$!
     wait_socket "$S/nbd.sock"
     wait_idle
+    local b0 b1 q0 q1
+    q0=$(qsd_cpu); b0=$(busy_secs)
     t0=$(now)
     "$PY" "$QMP_BACKUP" --qmp "$S/qmp.sock" --nbd-unix "$S/nbd.sock" \
         --node drive0 --export '' > "$S/qb.out" 2>&1 || { cat "$S/qb.out" >&2; return 1; }
     add "$which" "$(since "$t0")"
+    b1=$(busy_secs); q1=$(qsd_cpu)
     J[$which]="${J[$which]:-} $(job_secs "$S/qb.out")"
     # nbdkit's own child is the server; stop it and let time report
     for c in $(pgrep -P "$np" || true); do kill "$c" 2>/dev/null || true; done
     wait "$np" 2>/dev/null || true
     RSS[$which]="${RSS[$which]:-} $(peak_rss_kib "$S/time-$which.txt")"
-    CPU[$which]="${CPU[$which]:-} $(cpu_secs_time "$S/time-$which.txt")"; QCPU[$which]="${QCPU[$which]:-} $(qsd_cpu)"
+    CPU[$which]="${CPU[$which]:-} $(cpu_secs_time "$S/time-$which.txt")"; QCPU[$which]="${QCPU[$which]:-} $q1"
+    FOREIGN[$which]="${FOREIGN[$which]:-} $(foreign_secs "$b0" "$b1" "$(awk -v s="$(cpu_secs_time "$S/time-$which.txt")" -v q1="$q1" -v q0="$q0" 'BEGIN { print s + q1 - q0 }')")"
     if [[ $which == c ]] && [[ ${CHECKED_c:-0} == 0 ]]; then
         cmp "$S/src.raw" "$S/c.raw" && echo "   (c) target == source"
         CHECKED_c=1
@@ -237,13 +249,27 @@ paired() { # NUM_KEY DEN_KEY: median over rounds of T[DEN]/T[NUM] (speed of NUM 
     read -r -a d <<< "${T[$2]}"
     local k
     for k in "${!n[@]}"; do r+=("$(ratio "${d[$k]}" "${n[$k]}")"); done
-    echo "$(median "${r[@]}") (rounds: ${r[*]})"
+    # the same over clean rounds only: both runs with foreign CPU <= FOREIGN_MAX s
+    local -a fn fd c=()
+    read -r -a fn <<< "${FOREIGN[$1]:-}"
+    read -r -a fd <<< "${FOREIGN[$2]:-}"
+    for k in "${!n[@]}"; do
+        if awk -v a="${fn[$k]:-9}" -v b="${fd[$k]:-9}" -v m="$FOREIGN_MAX" 'BEGIN { exit !(a <= m && b <= m) }'; then
+            c+=("${r[$k]}")
+        fi
+    done
+    local cm="none"
+    ((${#c[@]})) && cm=$(median "${c[@]}")
+    echo "$(median "${r[@]}") (rounds: ${r[*]}); clean rounds only: $cm (${#c[@]} of ${#r[@]}: ${c[*]})"
 }
+FOREIGN_MAX=${FOREIGN_MAX:-0.5}
 for pr in "a b" "a c" "a2 b" "a2 c" "amt b" "amt c"; do
     read -r x y <<< "$pr"
     if has "$x" && has "$y"; then echo "paired ($x)/($y): $(paired "$x" "$y")"; fi
 done
 echo "srv_cpu_s: user+sys CPU seconds of the NBD server process (vma-writer or nbdkit; for a' it includes QMP);"
 echo "qemu_cpu_s: of qemu-storage-daemon (source read, copy-before-write, NBD client). 2 cores = 2 CPU-s per wall s."
+echo "foreign_cpu: CPU-s other processes used during the timed span (machine busy time minus server and QEMU);"
+echo "  a round whose runs have foreign_cpu near 0 is a clean comparison."
 echo "Raw wall seconds:"
-for k in $(printf '%s\n' "${!T[@]}" | sort); do echo "  $k:${T[$k]}   job:${J[$k]:-}   rssKiB:${RSS[$k]:-}   srv_cpu:${CPU[$k]:-}   qemu_cpu:${QCPU[$k]:-}   (idle %:${IDLE_SEEN[$k]})"; done
+for k in $(printf '%s\n' "${!T[@]}" | sort); do echo "  $k:${T[$k]}   job:${J[$k]:-}   rssKiB:${RSS[$k]:-}   srv_cpu:${CPU[$k]:-}   qemu_cpu:${QCPU[$k]:-}   foreign_cpu:${FOREIGN[$k]:-}   (idle %:${IDLE_SEEN[$k]})"; done
