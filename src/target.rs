@@ -28,6 +28,12 @@ use crate::vma::WriterBuilder;
 /// `reconnect-delay`, a few seconds at most when it is set at all.
 pub const DEFAULT_RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Bytes in flight per NBD connection of a backup target. QEMU keeps at
+/// most 16 requests of 1 MiB in flight, so 32 MiB never throttles it, and it
+/// keeps vma-writer's peak memory (payloads + writer queue + partial
+/// buffers) under 64 MiB for a backup.
+pub const TARGET_BYTES_IN_FLIGHT: usize = 32 << 20;
+
 /// Everything needed to start a target.
 #[derive(Debug, Clone)]
 pub struct TargetConfig {

@@ -121,7 +121,10 @@ impl ArchiveOpts {
             },
             clusters_per_extent: self.clusters_per_extent,
             reconnect_timeout: Duration::from_secs(self.reconnect_timeout),
-            server: ServerConfig::default(),
+            server: ServerConfig {
+                max_bytes_in_flight: crate::target::TARGET_BYTES_IN_FLIGHT,
+                ..ServerConfig::default()
+            },
         })
     }
 }
