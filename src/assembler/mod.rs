@@ -825,14 +825,13 @@ impl Assembler {
             failure: Mutex::new(None),
             partial_permits: Arc::new(Semaphore::new(permits)),
             partial_wait: cfg.partial_wait,
-            readback: readback
-                .as_ref()
-                .map(|(f, l)| (f.try_clone().expect("dup"), l.clone())),
+            readback,
             changed: changed_tx,
             copied_bytes: AtomicU64::new(0),
             first_connect: std::sync::OnceLock::new(),
         });
-        let thread = writer_thread::spawn(writer, rx, shared.clone(), readback.map(|(_, l)| l))?;
+        let locations = shared.readback.as_ref().map(|(_, l)| l.clone());
+        let thread = writer_thread::spawn(writer, rx, shared.clone(), locations)?;
         let drives = drives
             .iter()
             .zip(&header.devices)
