@@ -61,10 +61,11 @@ use crate::vma::{DevId, Writer, WriterBuilder};
 
 const CS: u64 = VMA_CLUSTER_SIZE as u64;
 
-/// Clusters the channel to the writer thread holds (8 MiB of data): enough
-/// to keep the writer busy while QEMU's 16 requests are parsed, small
-/// enough to keep vma-writer's memory well under 64 MiB.
-pub const CHANNEL_CLUSTERS: usize = 128;
+/// Clusters the channel to the writer thread holds (16 MiB of data, as much
+/// as QEMU keeps in flight): enough to absorb the pause of one 3.7 MB extent
+/// write without stalling QEMU's requests, small enough to keep
+/// vma-writer's memory under 64 MiB (measured peak RSS 37–41 MiB).
+pub const CHANNEL_CLUSTERS: usize = 256;
 
 /// Default bound on partial-cluster buffers: 1024 clusters. QEMU's backup
 /// job needs at most one per drive (the tail of an odd-sized disk); generic
