@@ -54,7 +54,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 use self::coverage::Coverage;
 use self::writer_thread::{Locations, Msg, Payload};
-use crate::nbd::{Backend, BackendCaps, BlockStatus};
+use crate::nbd::{Backend, BackendCaps, BlockStatus, split_range};
 use crate::sink::Sink;
 use crate::vma::consts::{VMA_BLOCK_SIZE, VMA_CLUSTER_SIZE};
 use crate::vma::{DevId, Writer, WriterBuilder};
@@ -585,20 +585,11 @@ impl Drive {
     }
 
     /// Splits `[offset, offset + len)` into per-cluster pieces
-    /// `(cluster, offset in cluster, length)`.
-    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, usize, usize)> + '_ {
-        let end = offset + len;
-        let mut pos = offset;
-        std::iter::from_fn(move || {
-            if pos >= end {
-                return None;
-            }
-            let c = pos / CS;
-            let off = (pos % CS) as usize;
-            let n = (self.cluster_len(c) - off).min((end - pos) as usize);
-            pos += n as u64;
-            Some((c, off, n))
-        })
+    /// `(cluster, offset in cluster, length)`. The server keeps requests
+    /// inside the export, so no piece passes the device end.
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, usize, usize)> {
+        debug_assert!(offset + len <= self.size);
+        split_range(offset, len, CS)
     }
 
     async fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {

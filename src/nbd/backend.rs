@@ -47,6 +47,24 @@ impl BlockStatus {
     pub const ZERO: u32 = 2;
 }
 
+/// Splits `[offset, offset + len)` into pieces that each stay inside one
+/// `unit`-sized block (a page, a cluster): `(block number, offset in the
+/// block, length)`, in order. For backends that store fixed-size blocks.
+pub fn split_range(offset: u64, len: u64, unit: u64) -> impl Iterator<Item = (u64, usize, usize)> {
+    let end = offset + len;
+    let mut pos = offset;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let in_unit = pos % unit;
+        let n = (unit - in_unit).min(end - pos);
+        let piece = (pos / unit, in_unit as usize, n as usize);
+        pos += n;
+        Some(piece)
+    })
+}
+
 /// The data side of one NBD export.
 ///
 /// Futures returned by the data methods may be dropped before they
@@ -108,5 +126,21 @@ pub trait Backend: Send + Sync + 'static {
     /// answered. `clean` is true when the client sent DISC first.
     fn disconnected(&self, clean: bool) {
         let _ = clean;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_range;
+
+    #[test]
+    fn pieces_stay_inside_blocks_and_cover_the_range() {
+        let v: Vec<_> = split_range(100, 300, 128).collect();
+        assert_eq!(v, [(0, 100, 28), (1, 0, 128), (2, 0, 128), (3, 0, 16)]);
+        assert_eq!(split_range(256, 0, 128).count(), 0);
+        assert_eq!(
+            split_range(128, 128, 128).collect::<Vec<_>>(),
+            [(1, 0, 128)]
+        );
     }
 }

@@ -12,7 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
 
-use super::backend::{Backend, BackendCaps, BlockStatus};
+use super::backend::{Backend, BackendCaps, BlockStatus, split_range};
 
 /// Page size: the unit of allocation and of block-status answers. 64 KiB is
 /// QEMU's backup cluster, so a backup allocates whole pages.
@@ -121,11 +121,7 @@ impl MemoryBackend {
 
     fn store(&self, offset: u64, data: &[u8]) {
         let mut pos = 0usize;
-        while pos < data.len() {
-            let abs = offset + pos as u64;
-            let page_no = abs / PAGE_SIZE;
-            let in_page = (abs % PAGE_SIZE) as usize;
-            let n = (PAGE_SIZE as usize - in_page).min(data.len() - pos);
+        for (page_no, in_page, n) in split_range(offset, data.len() as u64, PAGE_SIZE) {
             let mut shard = self.shard(page_no);
             let page = shard.entry(page_no).or_insert(Page::Zero);
             page.make_mut()[in_page..in_page + n].copy_from_slice(&data[pos..pos + n]);
@@ -135,11 +131,7 @@ impl MemoryBackend {
 
     fn copy_out(&self, offset: u64, out: &mut [u8]) {
         let mut pos = 0usize;
-        while pos < out.len() {
-            let abs = offset + pos as u64;
-            let page_no = abs / PAGE_SIZE;
-            let in_page = (abs % PAGE_SIZE) as usize;
-            let n = (PAGE_SIZE as usize - in_page).min(out.len() - pos);
+        for (page_no, in_page, n) in split_range(offset, out.len() as u64, PAGE_SIZE) {
             let shard = self.shard(page_no);
             match shard.get(&page_no).and_then(Page::data) {
                 Some(d) => out[pos..pos + n].copy_from_slice(&d[in_page..in_page + n]),
@@ -225,11 +217,7 @@ impl Backend for MemoryBackend {
 
     async fn write(&self, offset: u64, data: Bytes) -> io::Result<()> {
         let mut pos = 0usize;
-        while pos < data.len() {
-            let abs = offset + pos as u64;
-            let page_no = abs / PAGE_SIZE;
-            let in_page = (abs % PAGE_SIZE) as usize;
-            let n = (PAGE_SIZE as usize - in_page).min(data.len() - pos);
+        for (page_no, in_page, n) in split_range(offset, data.len() as u64, PAGE_SIZE) {
             let mut shard = self.shard(page_no);
             if n == PAGE_SIZE as usize {
                 shard.insert(page_no, Page::Shared(data.slice(pos..pos + n)));

@@ -30,7 +30,7 @@ mod server;
 mod transmission;
 pub mod wire;
 
-pub use backend::{Backend, BackendCaps, BlockStatus};
+pub use backend::{Backend, BackendCaps, BlockStatus, split_range};
 pub use handshake::{
     MAX_OPTION_LEN, MAX_OPTIONS, MIN_BLOCK_SIZE, OPTIONS_PER_LISTED_EXPORT, PREFERRED_BLOCK_SIZE,
     SHUTDOWN_GRACE,
