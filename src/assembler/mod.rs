@@ -787,8 +787,14 @@ impl Drop for Assembler {
     fn drop(&mut self) {
         // Dropped without finish/abort: stop the thread without blocking;
         // it drops the sink, which removes the partial file.
-        if self.thread.is_some() {
-            let _ = self.shared.tx.try_send(Msg::Close);
+        if self.thread.is_some() && self.shared.tx.try_send(Msg::Close).is_err() {
+            // The channel is full: wait for room on a thread of its own, so
+            // the writer still stops (and its partial file goes) without
+            // blocking whoever dropped us.
+            let tx = self.shared.tx.clone();
+            std::thread::spawn(move || {
+                let _ = tx.blocking_send(Msg::Close);
+            });
         }
     }
 }
