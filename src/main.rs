@@ -1,6 +1,7 @@
 //! The `vma-writer` binary: parses the command line, starts logging, runs
 //! the command and maps the outcome to an exit status. No logic lives here.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -36,12 +37,31 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match vma_writer::cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vma-writer: error: {e:#}");
+            eprintln!("vma-writer: error: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, joined by ": ", each cause said once: a
+/// cause whose text the message already holds (an I/O error quoted by the
+/// error that wraps it) is not repeated.
+fn describe(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
 }

@@ -440,9 +440,15 @@ async fn backup_stopped_by(sig: libc::c_int, keep_partial: bool) {
     );
     backup.signal(sig);
     let ended = backup.wait(FAIL_TIMEOUT).await;
-    assert!(!ended.status.success(), "{}", ended.stderr);
+    // Stopped by a signal: 128 + its number, and the message names it.
+    assert_eq!(ended.status.code(), Some(128 + sig), "{}", ended.stderr);
+    let name = if sig == libc::SIGINT {
+        "SIGINT"
+    } else {
+        "SIGTERM"
+    };
     assert!(
-        ended.stderr.contains("stopped by signal"),
+        ended.stderr.contains(&format!("stopped by {name}")),
         "{}",
         ended.stderr
     );
@@ -505,8 +511,9 @@ async fn serve_sigterm_mid_backup() {
     let ended = serve.wait(FAIL_TIMEOUT).await;
     drop(writer);
     assert_failed_naming(&ended, &["drive-scsi0: 1048576 of 2097152 bytes missing"]);
+    assert_eq!(ended.status.code(), Some(143), "{}", ended.stderr);
     assert!(
-        ended.stderr.contains("stopped by signal"),
+        ended.stderr.contains("stopped by SIGTERM"),
         "{}",
         ended.stderr
     );
@@ -546,9 +553,9 @@ async fn serve_sigterm_during_back_pressure() {
     serve.signal(libc::SIGTERM);
     let ended = serve.wait(Duration::from_secs(5)).await;
     drop(writer);
-    assert!(!ended.status.success(), "{}", ended.stderr);
+    assert_eq!(ended.status.code(), Some(143), "{}", ended.stderr);
     assert!(
-        ended.stderr.contains("stopped by signal"),
+        ended.stderr.contains("stopped by SIGTERM"),
         "{}",
         ended.stderr
     );

@@ -6,16 +6,18 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 
-use super::live::LiveDisplay;
-use super::serve::{ArchiveOpts, parse_size, stop_signal};
-use crate::backup::{self, BackupDrive};
-use crate::nbd::ListenAddr;
+use super::live::backup_with_display;
+use super::options::{ArchiveOpts, LiveOpts, output_target};
+use super::values::Size;
+use crate::backup;
 use crate::qmp::Qmp;
 
 /// Arguments of `backup`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// QEMU's QMP socket (qemu-system or qemu-storage-daemon).
+    /// QEMU's QMP socket (qemu-system or qemu-storage-daemon). Give
+    /// vma-writer a monitor of its own (`-qmp unix:PATH,server=on,wait=off`):
+    /// it holds it for the whole backup.
     #[arg(long, value_name = "PATH")]
     pub qmp: PathBuf,
     /// A drive to back up: a node or drive name, optionally =NAME for its
@@ -41,11 +43,14 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub vmid: Option<u32>,
     /// Rate limit of the backup jobs in bytes per second (K/M/G suffixes).
-    #[arg(long, value_name = "BYTES_PER_S", value_parser = parse_size)]
-    pub speed: Option<u64>,
-    /// Archive options.
+    #[arg(long, value_name = "BYTES_PER_SEC")]
+    pub speed: Option<Size>,
+    /// How the archive is written.
     #[command(flatten)]
     pub archive: ArchiveOpts,
+    /// Limits and reporting.
+    #[command(flatten)]
+    pub live: LiveOpts,
 }
 
 /// Proxmox's archive name: `vzdump-qemu-<vmid>-YYYY_MM_DD-HH_MM_SS.vma`,
@@ -58,49 +63,6 @@ pub fn vzdump_name(vmid: u32, zstd: bool) -> String {
     )
 }
 
-/// Runs a backup of `drives` over `qmp` with the CLI's display; shared by
-/// `backup`, `create` and `demo`.
-pub async fn run_with_display(
-    qmp: &Qmp,
-    drives: &[BackupDrive],
-    opts: &ArchiveOpts,
-    output: &str,
-    speed: Option<u64>,
-) -> anyhow::Result<crate::target::Report> {
-    let dir = tempfile::Builder::new()
-        .prefix("vma-writer-")
-        .tempdir()
-        .context("cannot create a private socket directory")?;
-    let listen = ListenAddr::Unix(dir.path().join("nbd.sock"));
-    let cfg = opts.target_config(listen, Vec::new(), output)?;
-    let initial: Vec<_> = drives
-        .iter()
-        .map(|d| crate::assembler::DriveStatus {
-            name: d.name.clone(),
-            size: d.size,
-            done: 0,
-            complete: false,
-            connections: 0,
-            ever_connected: false,
-            idle_since: None,
-            settled: false,
-        })
-        .collect();
-    let mut display = LiveDisplay::new(opts.json, &initial);
-    let res = {
-        let mut observer = |s: &[crate::assembler::DriveStatus]| display.update(s);
-        backup::run(qmp, drives, cfg, speed, &mut observer, stop_signal()).await
-    };
-    match &res {
-        Ok(r) => display.finished(r),
-        Err(e) => match e.downcast_ref::<crate::backup::BackupFailed>() {
-            Some(f) => display.failed(&f.reason, &f.incomplete),
-            None => display.failed(&format!("{e:#}"), &[]),
-        },
-    }
-    res
-}
-
 /// Runs `backup`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let output = match (&a.output, &a.output_dir, a.vmid) {
@@ -111,15 +73,26 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             .into_owned(),
         _ => bail!("give --output ARCHIVE or --output-dir DIR --vmid N"),
     };
+    let output = output_target(&output)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let qmp = Qmp::connect(&a.qmp)
-            .await
-            .with_context(|| format!("cannot connect to QMP at {}", a.qmp.display()))?;
+        let qmp = Qmp::connect(&a.qmp).await.with_context(|| {
+            format!(
+                "cannot connect to QMP at {} (a QMP socket serves one client at a time: give \
+                 vma-writer a monitor of its own)",
+                a.qmp.display()
+            )
+        })?;
         let drives = backup::resolve_drives(&qmp, &a.drives, a.all).await?;
-        match run_with_display(&qmp, &drives, &a.archive, &output, a.speed).await {
-            Ok(_) => Ok(ExitCode::SUCCESS),
-            Err(_) => Ok(ExitCode::FAILURE),
-        }
+        let ended = backup_with_display(
+            &qmp,
+            &drives,
+            &a.archive,
+            &a.live,
+            output,
+            a.speed.map(|s| s.0),
+        )
+        .await?;
+        Ok(ended.exit_code())
     })
 }

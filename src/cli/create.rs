@@ -1,146 +1,36 @@
 //! `vma-writer create ARCHIVE [-c CONFIG]... -d NAME=IMAGE...`: an archive
-//! from raw images (files or block devices), read in 1 MiB chunks; holes
-//! found with SEEK_DATA/SEEK_HOLE are archived as zero clusters without
-//! being read.
+//! from disk images. Raw images (files or block devices) are read here in
+//! 1 MiB chunks on a read-ahead thread; holes found with SEEK_DATA /
+//! SEEK_HOLE are archived as zero clusters without being read. Images in
+//! any other format go through a private qemu-storage-daemon and the live
+//! backup path.
+//!
+//! Device sizes are whole 512-byte sectors, as QEMU counts them: a raw
+//! image of another size is recorded rounded up, and the tail reads as
+//! zeros (Proxmox's `vma create` does the same).
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
 
-use super::backup::run_with_display;
-use super::progress::{Progress, Style};
-use super::serve::ArchiveOpts;
+use super::live::{Ended, backup_with_display};
+use super::options::{ArchiveOpts, LiveOpts, output_target};
+use super::progress::CreateProgress;
+use super::signals::Leftovers;
+use super::values::{DriveImage, SECTOR_SIZE};
 use crate::backup::BackupDrive;
 use crate::qemu::{DaemonOptions, Image, StorageDaemon};
-use crate::sink::{Sink, SinkOptions, Target};
+use crate::sink::Sink;
 use crate::vma::consts::VMA_CLUSTER_SIZE;
-use crate::vma::{DevId, Writer, WriterBuilder};
+use crate::vma::{DevId, Writer};
 
 /// Clusters read per `pread`: large enough that syscalls do not matter,
 /// small enough that the writer's pending extent pins little memory.
 const READ_CLUSTERS: u64 = 16;
-
-/// Arguments of `create`.
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    /// Output archive, or `-` for stdout. Must not exist.
-    pub archive: String,
-    /// A config file to store (by its file name), e.g. qemu-server.conf.
-    #[arg(short = 'c', long = "config", value_name = "FILE")]
-    pub configs: Vec<PathBuf>,
-    /// A drive: NAME=IMAGE, or Proxmox's spelling format=raw:NAME=IMAGE.
-    #[arg(short = 'd', long = "drive", value_name = "NAME=IMAGE")]
-    pub drives: Vec<String>,
-    /// Print progress and per-drive totals to stderr.
-    #[arg(short, long)]
-    pub verbose: bool,
-    /// Compress the archive with zstd (optionally at LEVEL, default 3).
-    #[arg(long, value_name = "LEVEL", num_args = 0..=1, default_missing_value = "3")]
-    pub zstd: Option<i32>,
-    /// zstd worker threads (0: compress on the writing thread).
-    #[arg(long, default_value_t = 0)]
-    pub zstd_threads: u32,
-    /// Clusters per extent (Proxmox writes 58; 59 is legal).
-    #[arg(long, default_value_t = crate::vma::consts::PROXMOX_CLUSTERS_PER_EXTENT)]
-    pub clusters_per_extent: usize,
-}
-
-/// One `-d` argument, parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DriveSpec {
-    /// Image format (`raw` unless given).
-    pub format: String,
-    /// Device name in the archive.
-    pub name: String,
-    /// Image path.
-    pub path: PathBuf,
-}
-
-/// Parses `NAME=IMAGE` or `format=FMT:NAME=IMAGE`.
-pub fn parse_drive(s: &str) -> anyhow::Result<DriveSpec> {
-    let (format, rest) = match s.strip_prefix("format=") {
-        Some(r) => {
-            let (f, rest) = r
-                .split_once(':')
-                .with_context(|| format!("drive '{s}': expected format=FMT:NAME=IMAGE"))?;
-            (f.to_string(), rest)
-        }
-        None => ("raw".to_string(), s),
-    };
-    let (name, path) = rest
-        .split_once('=')
-        .with_context(|| format!("drive '{s}': expected NAME=IMAGE"))?;
-    if path.is_empty() {
-        bail!("drive '{s}': IMAGE must not be empty");
-    }
-    // extract makes disk-NAME.raw, so NAME must be a plain file name.
-    crate::vma::header::check_file_name("drive", name)?;
-    Ok(DriveSpec {
-        format,
-        name: name.to_string(),
-        path: PathBuf::from(path),
-    })
-}
-
-/// Reads config files, each named by its file name (Proxmox stores only
-/// the base name).
-pub fn read_configs(configs: &[PathBuf]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
-    configs
-        .iter()
-        .map(|c| {
-            let data =
-                std::fs::read(c).with_context(|| format!("cannot read config {}", c.display()))?;
-            let name = c
-                .file_name()
-                .and_then(|n| n.to_str())
-                .with_context(|| format!("config {}: no usable file name", c.display()))?;
-            Ok((name.to_string(), data))
-        })
-        .collect()
-}
-
-/// Size of a file or block device.
-fn image_size(f: &mut File, path: &Path) -> anyhow::Result<u64> {
-    f.seek(SeekFrom::End(0))
-        .with_context(|| format!("cannot get the size of {}", path.display()))
-}
-
-/// Byte ranges holding data, from SEEK_DATA/SEEK_HOLE; the whole file when
-/// the filesystem cannot tell.
-fn data_ranges(f: &File, size: u64) -> Vec<(u64, u64)> {
-    let fd = f.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos = 0u64;
-    while pos < size {
-        // SAFETY: lseek on a valid fd has no memory effects.
-        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
-                break; // no data after pos
-            }
-            return vec![(0, size)];
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 {
-            size
-        } else {
-            (hole as u64).min(size)
-        };
-        if end <= data as u64 {
-            return vec![(0, size)];
-        }
-        out.push((data as u64, end));
-        pos = end;
-    }
-    out
-}
 
 /// Read buffers kept for reuse. A fresh 1 MiB buffer costs page faults and
 /// a memset that together exceed the cost of the read itself; the writer
@@ -150,6 +40,101 @@ const POOL_BUFFERS: usize = 16;
 /// Chunks read ahead of the writer: lets reading (one copy from the page
 /// cache) overlap with zero detection and writing on the other core.
 const READ_AHEAD: usize = 4;
+
+/// Arguments of `create`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Output archive, or `-` for stdout. Must not exist.
+    pub archive: String,
+    /// A drive: NAME=IMAGE for a raw image (file or block device), or
+    /// format=FMT:NAME=IMAGE for any format QEMU reads (qcow2, vmdk, vdi,
+    /// vhdx, ...; read through a private qemu-storage-daemon). A raw image
+    /// whose size is not a multiple of 512 is recorded rounded up, its
+    /// tail reading as zeros, as Proxmox's `vma create` does.
+    #[arg(short = 'd', long = "drive", value_name = "NAME=IMAGE")]
+    pub drives: Vec<DriveImage>,
+    /// Print progress and per-drive totals to stderr.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// How the archive is written.
+    #[command(flatten)]
+    pub archive_opts: ArchiveOpts,
+}
+
+/// A raw image opened for reading.
+struct RawImage {
+    spec: DriveImage,
+    file: File,
+    /// Bytes in the file.
+    file_size: u64,
+    /// Device size in the archive: `file_size` rounded up to a sector.
+    size: u64,
+}
+
+/// Refuses what is not a disk image with a message that says what it is.
+fn check_image(spec: &DriveImage) -> anyhow::Result<()> {
+    let meta = std::fs::metadata(&spec.path).with_context(|| {
+        format!(
+            "drive '{}': cannot open image {}",
+            spec.name,
+            spec.path.display()
+        )
+    })?;
+    if meta.is_dir() {
+        bail!(
+            "drive '{}': {} is a directory, not a disk image",
+            spec.name,
+            spec.path.display()
+        );
+    }
+    Ok(())
+}
+
+fn open_raw(spec: DriveImage) -> anyhow::Result<RawImage> {
+    check_image(&spec)?;
+    let what = || format!("drive '{}' ({})", spec.name, spec.path.display());
+    let mut file =
+        File::open(&spec.path).with_context(|| format!("{}: cannot open the image", what()))?;
+    // Block devices report 0 in metadata; seeking to the end works for both.
+    let file_size = file
+        .seek(SeekFrom::End(0))
+        .with_context(|| format!("{}: cannot get the image size", what()))?;
+    if file_size == 0 {
+        bail!("{}: the image is empty", what());
+    }
+    let size = file_size.next_multiple_of(SECTOR_SIZE);
+    Ok(RawImage {
+        spec,
+        file,
+        file_size,
+        size,
+    })
+}
+
+/// Byte ranges of `f` holding data, from SEEK_DATA/SEEK_HOLE; the whole
+/// file when the filesystem cannot tell.
+fn data_ranges(f: &File, size: u64) -> Vec<(u64, u64)> {
+    use rustix::fs::{SeekFrom as Whence, seek};
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let data = match seek(f, Whence::Data(pos)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break, // no data after pos
+            Err(_) => return vec![(0, size)],
+        };
+        let end = match seek(f, Whence::Hole(data)) {
+            Ok(h) => h.min(size),
+            Err(_) => size,
+        };
+        if end <= data {
+            return vec![(0, size)];
+        }
+        out.push((data, end));
+        pos = end;
+    }
+    out
+}
 
 #[derive(Default)]
 struct BufPool(std::sync::Mutex<Vec<Vec<u8>>>);
@@ -185,15 +170,16 @@ enum Chunk {
 }
 
 /// Reads an image in cluster-aligned chunks, skipping holes; runs on its
-/// own thread.
-fn read_chunks(file: &File, size: u64, tx: &std::sync::mpsc::SyncSender<std::io::Result<Chunk>>) {
+/// own thread. Bytes between the end of the file and the end of the
+/// device read as zeros.
+fn read_chunks(img: &RawImage, tx: &std::sync::mpsc::SyncSender<std::io::Result<Chunk>>) {
     let cs = VMA_CLUSTER_SIZE as u64;
-    let clusters = size.div_ceil(cs);
+    let clusters = img.size.div_ceil(cs);
     let pool = std::sync::Arc::new(BufPool::default());
     let chunk_len = (READ_CLUSTERS * cs) as usize;
     let mut next = 0u64;
-    let mut ranges = data_ranges(file, size);
-    ranges.push((size, size)); // sentinel: zero-fill to the end
+    let mut ranges = data_ranges(&img.file, img.file_size);
+    ranges.push((img.size, img.size)); // sentinel: zero-fill to the end
     for (start, end) in ranges {
         let first = (start / cs).max(next);
         let last = end.div_ceil(cs).min(clusters);
@@ -207,16 +193,19 @@ fn read_chunks(file: &File, size: u64, tx: &std::sync::mpsc::SyncSender<std::io:
         while next < last {
             let n = READ_CLUSTERS.min(last - next);
             let off = next * cs;
-            let len = (n * cs).min(size - off) as usize;
+            let len = (n * cs).min(img.size - off) as usize;
+            let in_file = img.file_size.saturating_sub(off).min(len as u64) as usize;
             let buf = pool.0.lock().unwrap_or_else(|e| e.into_inner()).pop();
             let mut buf = buf.unwrap_or_else(|| vec![0u8; chunk_len]);
-            if let Err(e) = file.read_exact_at(&mut buf[..len], off) {
+            if let Err(e) = img.file.read_exact_at(&mut buf[..in_file], off) {
                 let _ = tx.send(Err(std::io::Error::new(
                     e.kind(),
                     format!("read error at offset {off}: {e}"),
                 )));
                 return;
             }
+            // A recycled buffer holds old data past the file's end.
+            buf[in_file..len].fill(0);
             let data = Bytes::from_owner(PoolBuf {
                 buf,
                 pool: pool.clone(),
@@ -234,23 +223,22 @@ fn read_chunks(file: &File, size: u64, tx: &std::sync::mpsc::SyncSender<std::io:
 fn write_image<W: std::io::Write>(
     w: &mut Writer<W>,
     dev: DevId,
-    file: &File,
-    size: u64,
-    progress: &mut Progress,
+    img: &RawImage,
+    progress: &mut CreateProgress,
     done: &mut u64,
 ) -> anyhow::Result<()> {
     let cs = VMA_CLUSTER_SIZE as u64;
     let base = *done;
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD);
-        scope.spawn(move || read_chunks(file, size, &tx));
+        scope.spawn(move || read_chunks(img, &tx));
         for chunk in rx {
             match chunk? {
                 Chunk::Zero { first, count } => {
                     for c in first..first + count {
                         w.write_zero_cluster(dev, c)?;
                     }
-                    *done = base + ((first + count) * cs).min(size);
+                    *done = base + ((first + count) * cs).min(img.size);
                 }
                 Chunk::Data { first, mut data } => {
                     let mut c = first;
@@ -269,35 +257,34 @@ fn write_image<W: std::io::Write>(
     })
 }
 
+/// Prints `vma create -v`'s closing line per image.
+fn print_image_totals(name: &str, size: u64, zero: u64) {
+    eprintln!(
+        "image {name}: size={size} zeros={zero} saved={}",
+        size - zero
+    );
+}
+
 /// `create` with images QEMU must read (qcow2, vmdk, ...): the same live
 /// backup path as `backup`, through a qemu-storage-daemon that opens every
-/// image read-only and is stopped afterwards.
-fn create_via_qemu(a: &Args, specs: &[DriveSpec]) -> anyhow::Result<ExitCode> {
-    let opts = ArchiveOpts {
-        configs: a.configs.clone(),
-        zstd: a.zstd,
-        zstd_threads: a.zstd_threads,
-        keep_partial: false,
-        buffer_limit: crate::assembler::DEFAULT_PARTIAL_LIMIT as u64,
-        reconnect_timeout: crate::target::DEFAULT_RECONNECT_TIMEOUT.as_secs(),
-        clusters_per_extent: a.clusters_per_extent,
-        json: false,
-    };
-    for s in specs.iter().filter(|s| s.format == "raw") {
-        let size = File::open(&s.path)
-            .and_then(|mut f| f.seek(SeekFrom::End(0)))
-            .with_context(|| format!("cannot open image {}", s.path.display()))?;
-        if size % 512 != 0 {
-            // QEMU counts whole sectors and would archive a larger drive.
-            bail!(
-                "drive '{}': raw image {} is {size} bytes, not a multiple of 512; next to non-raw \
-                 images it would be read through QEMU, which rounds its size up. Archive it with a \
-                 separate create (raw images alone keep their exact size).",
-                s.name,
-                s.path.display()
-            );
-        }
+/// image read-only and is stopped afterwards. QEMU counts whole sectors,
+/// so raw images of odd sizes are rounded up as in [`open_raw`].
+fn create_via_qemu(a: &Args) -> anyhow::Result<ExitCode> {
+    for s in &a.drives {
+        check_image(s)?;
     }
+    let output = output_target(&a.archive)?;
+    let live = LiveOpts::default();
+    // QEMU only knows its node names; errors it reports name drives instead.
+    let node = |i: usize| format!("vmaw{i}");
+    let explain = |msg: String| {
+        a.drives.iter().enumerate().rev().fold(msg, |m, (i, s)| {
+            m.replace(
+                &node(i),
+                &format!("drive '{}' ({})", s.name, s.path.display()),
+            )
+        })
+    };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let dir = tempfile::Builder::new()
@@ -305,145 +292,91 @@ fn create_via_qemu(a: &Args, specs: &[DriveSpec]) -> anyhow::Result<ExitCode> {
             .tempdir()
             .context("cannot create a runtime directory")?;
         let mut dopts = DaemonOptions::new(dir.path());
-        for (i, s) in specs.iter().enumerate() {
+        for (i, s) in a.drives.iter().enumerate() {
             let path = std::path::absolute(&s.path)
                 .with_context(|| format!("image {}", s.path.display()))?;
-            dopts = dopts.image(Image::new(format!("vmaw{i}"), path, &s.format).read_only());
+            dopts = dopts.image(Image::new(node(i), path, &s.format).read_only());
         }
-        let names: Vec<String> = specs
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                format!(
-                    "vmaw{i} is drive '{}' ({}, {})",
-                    s.name,
-                    s.path.display(),
-                    s.format
-                )
-            })
-            .collect();
-        let daemon = StorageDaemon::start(dopts).await.with_context(|| {
-            format!(
-                "qemu-storage-daemon cannot open the images; {}",
-                names.join("; ")
-            )
+        let daemon = StorageDaemon::start(dopts).await.map_err(|e| {
+            anyhow::anyhow!(explain(format!(
+                "qemu-storage-daemon cannot open the images: {e}"
+            )))
         })?;
         let res = async {
             let qmp = daemon.connect().await?;
             let nodes = qmp.block_nodes().await?;
             let mut drives = Vec::new();
-            for (i, s) in specs.iter().enumerate() {
-                let node = format!("vmaw{i}");
+            for (i, s) in a.drives.iter().enumerate() {
                 let size = nodes
                     .iter()
-                    .find(|n| n.node_name == node)
+                    .find(|n| n.node_name == node(i))
                     .map(|n| n.size)
                     .with_context(|| {
                         format!("qemu-storage-daemon did not open {}", s.path.display())
                     })?;
                 drives.push(BackupDrive {
-                    node,
+                    node: node(i),
                     name: s.name.clone(),
                     size,
                 });
             }
-            run_with_display(&qmp, &drives, &opts, &a.archive, None).await
+            backup_with_display(&qmp, &drives, &a.archive_opts, &live, output, None).await
         }
         .await;
         if let Err(e) = daemon.shutdown().await {
             tracing::warn!("qemu-storage-daemon did not stop cleanly: {e}");
         }
-        let report = res?;
-        if a.verbose {
+        let ended = res.map_err(|e| anyhow::anyhow!(explain(format!("{e:#}"))))?;
+        if let (Ended::Done(report), true) = (&ended, a.verbose) {
             for (name, size, zero) in &report.summary.drives {
-                eprintln!(
-                    "image {name}: size={size} zeros={zero} saved={}",
-                    size - zero
-                );
+                print_image_totals(name, *size, *zero);
             }
         }
-        Ok(ExitCode::SUCCESS)
+        Ok(ended.exit_code())
     })
 }
 
 /// Runs `create`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let specs = a
-        .drives
-        .iter()
-        .map(|d| parse_drive(d))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    if specs.iter().any(|s| s.format != "raw") {
-        return create_via_qemu(&a, &specs);
+    if a.drives.iter().any(|s| s.format != "raw") {
+        return create_via_qemu(&a);
     }
-    let mut builder = WriterBuilder::new().clusters_per_extent(a.clusters_per_extent)?;
-    for (name, data) in read_configs(&a.configs)? {
-        builder
-            .add_config(&name, &data)
-            .with_context(|| format!("config {name}"))?;
-    }
+    let mut builder = a.archive_opts.writer_builder()?;
     let mut images = Vec::new();
-    for spec in specs {
-        let mut f = File::open(&spec.path)
-            .with_context(|| format!("cannot open image {}", spec.path.display()))?;
-        let size = image_size(&mut f, &spec.path)?;
+    for spec in a.drives.iter().cloned() {
+        let img = open_raw(spec)?;
         let dev = builder
-            .add_device(&spec.name, size)
-            .with_context(|| format!("drive '{}' ({})", spec.name, spec.path.display()))?;
-        images.push((dev, spec, f, size));
+            .add_device(&img.spec.name, img.size)
+            .with_context(|| format!("drive '{}' ({})", img.spec.name, img.spec.path.display()))?;
+        images.push((dev, img));
     }
-    let target = Target::parse(&a.archive);
-    let sink = Sink::create(
-        &target,
-        &SinkOptions {
-            zstd_level: a.zstd,
-            zstd_threads: a.zstd_threads,
-            keep_partial: false,
-        },
-    )
-    .with_context(|| format!("cannot create archive {}", a.archive))?;
+    let target = output_target(&a.archive)?;
+    let leftovers = Leftovers::watch("create", a.archive_opts.keep_partial)?;
+    let sink = Sink::create(&target, &a.archive_opts.sink_options())
+        .with_context(|| format!("cannot create archive {}", a.archive))?;
+    if let Some(p) = sink.partial() {
+        leftovers.add(p);
+    }
     let mut w = builder
         .start(sink)
         .context("cannot write the archive header")?;
-    let total: u64 = images.iter().map(|i| i.3).sum();
-    let mut progress = Progress::new(total, a.verbose, Style::Create, "create");
+    let total: u64 = images.iter().map(|(_, img)| img.size).sum();
+    let mut progress = CreateProgress::new(total, a.verbose);
     let mut done = 0;
-    for (dev, spec, f, size) in &images {
-        write_image(&mut w, *dev, f, *size, &mut progress, &mut done)
-            .with_context(|| format!("drive '{}' ({})", spec.name, spec.path.display()))?;
+    for (dev, img) in &images {
+        write_image(&mut w, *dev, img, &mut progress, &mut done)
+            .with_context(|| format!("drive '{}' ({})", img.spec.name, img.spec.path.display()))?;
     }
     progress.finish();
     let stats = w.stats();
     let sink = w.finish().context("cannot finish the archive")?;
-    sink.commit()
+    leftovers
+        .commit(|| sink.commit())
         .with_context(|| format!("cannot commit archive {}", a.archive))?;
     if a.verbose {
         for s in stats {
-            eprintln!(
-                "image {}: size={} zeros={} saved={}",
-                s.name,
-                s.size,
-                s.zero_bytes,
-                s.size - s.zero_bytes
-            );
+            print_image_totals(&s.name, s.size, s.zero_bytes);
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn drive_specs() {
-        let d = parse_drive("drive-scsi0=/tmp/a.raw").unwrap();
-        assert_eq!((d.format.as_str(), d.name.as_str()), ("raw", "drive-scsi0"));
-        let d = parse_drive("format=qcow2:drive-virtio1=/x=y.qcow2").unwrap();
-        assert_eq!(d.format, "qcow2");
-        assert_eq!(d.path, PathBuf::from("/x=y.qcow2"));
-        assert!(parse_drive("noequals").is_err());
-        assert!(parse_drive("format=raw").is_err());
-        assert!(parse_drive("=x").is_err());
-    }
 }

@@ -14,10 +14,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use super::backup::{run_with_display, vzdump_name};
-use super::serve::{ArchiveOpts, parse_size};
+use super::backup::vzdump_name;
+use super::live::{Ended, backup_with_display};
+use super::options::{ArchiveOpts, LiveOpts};
+use super::signals::Leftovers;
+use super::values::Size;
 use crate::backup::BackupDrive;
 use crate::qemu::{DaemonOptions, Image, StorageDaemon};
+use crate::sink::Target;
 use crate::vma::Reader;
 
 const MIB: u64 = 1 << 20;
@@ -34,8 +38,8 @@ pub struct Args {
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Backup rate limit, so that the guest's write lands mid-backup.
-    #[arg(long, value_parser = parse_size, default_value = "32M")]
-    pub speed: u64,
+    #[arg(long, value_name = "BYTES_PER_SEC", default_value = "32M")]
+    pub speed: Size,
     /// Print progress as JSON lines.
     #[arg(long)]
     pub json: bool,
@@ -118,8 +122,23 @@ macro_rules! say {
     };
 }
 
+/// The path of `tool` on PATH.
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.is_file())
+}
+
 /// Runs `demo`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    // Nothing is made before we know the demo can run.
+    crate::qemu::find_binary().context(
+        "the demo needs qemu-storage-daemon (Debian: apt-get install qemu-utils; \
+         QEMU 8.2 or newer)",
+    )?;
+    which("qemu-io").context("the demo needs qemu-io (Debian: apt-get install qemu-utils)")?;
     let dir = match &a.dir {
         Some(d) => {
             std::fs::create_dir(d)
@@ -196,20 +215,18 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             ];
             let opts = ArchiveOpts {
                 configs: vec![config.clone()],
-                zstd: None,
-                zstd_threads: 0,
-                keep_partial: false,
-                buffer_limit: crate::assembler::DEFAULT_PARTIAL_LIMIT as u64,
-                reconnect_timeout: crate::target::DEFAULT_RECONNECT_TIMEOUT.as_secs(),
-                clusters_per_extent: crate::vma::consts::PROXMOX_CLUSTERS_PER_EXTENT,
+                ..ArchiveOpts::default()
+            };
+            let live_opts = LiveOpts {
                 json: a.json,
+                ..LiveOpts::default()
             };
             say!(a.json,
                 "  backing up both drives at one point in time, throttled to {} MiB/s; the guest writes meanwhile",
-                a.speed / MIB
+                a.speed.0 / MIB
             );
             let writer = tokio::spawn(guest_write(live));
-            let report = run_with_display(&qmp, &drives, &opts, &archive.to_string_lossy(), Some(a.speed)).await?;
+            let ended = backup_with_display(&qmp, &drives, &opts, &live_opts, Target::File(archive.clone()), Some(a.speed.0)).await?;
             match writer.await {
                 Ok(Ok(())) => say!(a.json,
                     "  the guest wrote 1 MiB at offset {} MiB of drive-scsi0 while the backup ran",
@@ -218,7 +235,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 Ok(Err(e)) => say!(a.json, "  (the guest write could not run: {e:#})"),
                 Err(e) => say!(a.json, "  (the guest write task failed: {e})"),
             }
-            Ok::<_, anyhow::Error>(report)
+            Ok::<_, anyhow::Error>(ended)
         }
         .await;
         if let Err(e) = daemon.shutdown().await {
@@ -227,7 +244,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         res
     });
     let report = match report {
-        Ok(r) => r,
+        Ok(Ended::Done(r)) => r,
+        Ok(ended) => {
+            eprintln!(
+                "demo failed: the backup did not complete\n  work directory kept: {}",
+                dir.display()
+            );
+            return Ok(ended.exit_code());
+        }
         Err(e) => {
             eprintln!(
                 "demo failed: {e:#}\n  work directory kept: {}",
@@ -244,6 +268,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         report.bytes,
         report.duration.as_secs_f64()
     );
+    // tokio's handlers stay installed after its runtime is gone; from here
+    // on a signal ends the demo at once (its directory is kept anyway).
+    let _signals = Leftovers::watch("demo", true)?;
     let stats = Reader::new(File::open(&archive)?)
         .and_then(|r| r.verify())
         .context("the archive does not verify")?;
@@ -253,14 +280,16 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         stats.clusters
     );
     let restore = dir.join("restore");
-    let status = std::process::Command::new(std::env::current_exe()?)
+    // Its DEVINFO lines are not the demo's output (stdout may be JSON).
+    let out = std::process::Command::new(std::env::current_exe()?)
         .arg("extract")
         .arg(&archive)
         .arg(&restore)
-        .status()
+        .stderr(std::process::Stdio::inherit())
+        .output()
         .context("cannot run vma-writer extract")?;
-    if !status.success() {
-        bail!("extract failed ({status})");
+    if !out.status.success() {
+        bail!("extract failed ({})", out.status);
     }
     say!(a.json, "  extracted to {}", restore.display());
     let mut ok = true;
@@ -290,8 +319,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     }
     say!(
         a.json,
-        "demo passed. Try:\n  vma-writer list {0}\n  vma-writer verify -v {0}",
-        archive.display()
+        "demo passed. Try:\n  vma-writer list {0}\n  vma-writer verify -v {0}\n\
+         Everything the demo made is in {1}; remove it with: rm -r {1}",
+        archive.display(),
+        dir.display()
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -1,153 +1,154 @@
-//! Progress and result display for the live commands (`serve`, `backup`):
-//! per-drive indicatif bars on a terminal, JSON lines with `--json`, and a
-//! closing summary either way.
+//! Running a live target to its end with a display: `serve` (a target that
+//! someone else's QEMU job writes to) and a whole QMP-driven backup
+//! (`backup`, `create` through QEMU, `demo`). Turns the library's outcome
+//! into what the user sees and the exit status.
 
-use std::io::{IsTerminal, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::process::ExitCode;
 
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use serde_json::json;
+use anyhow::Context;
 
+use super::display::{LiveDisplay, StatusOut, TICK};
+use super::options::{ArchiveOpts, LiveOpts};
+use super::signals::{Signal, stop_signal};
 use crate::assembler::DriveStatus;
-use crate::target::Report;
+use crate::backup::{self, BackupDrive};
+use crate::nbd::ListenAddr;
+use crate::qmp::Qmp;
+use crate::sink::Target;
+use crate::target::{BackupTarget, Report, WaitOutcome};
 
-/// How often the live commands refresh progress.
-pub const TICK: Duration = Duration::from_millis(500);
-
-/// One live display; see the module docs.
-pub struct LiveDisplay {
-    json: bool,
-    bars: Option<(MultiProgress, Vec<ProgressBar>)>,
-    ticks: u64,
+/// How a live command ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// The archive is complete.
+    Done(Report),
+    /// It failed; the display has said why.
+    Failed,
+    /// A signal stopped it; the display has said so.
+    Stopped(Signal),
 }
 
-/// Set when the archive itself goes to stdout: status lines then go to
-/// stderr, so they never mix into the archive stream.
-static STATUS_TO_STDERR: AtomicBool = AtomicBool::new(false);
-
-/// Sends JSON status lines to stderr instead of stdout (for `-o -`).
-pub fn status_to_stderr() {
-    STATUS_TO_STDERR.store(true, Ordering::Relaxed);
-}
-
-/// Prints one JSON line of machine-readable status (stdout, or stderr when
-/// the archive is on stdout).
-pub fn json_line(v: serde_json::Value) {
-    if STATUS_TO_STDERR.load(Ordering::Relaxed) {
-        eprintln!("{v}");
-        return;
+impl Ended {
+    /// The exit status: 0, 1, or 128 + the signal.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Ended::Done(_) => ExitCode::SUCCESS,
+            Ended::Failed => ExitCode::FAILURE,
+            Ended::Stopped(s) => s.exit_code(),
+        }
     }
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{v}");
-    let _ = out.flush();
 }
 
-impl LiveDisplay {
-    /// A display for drives named in `initial`.
-    pub fn new(json: bool, initial: &[DriveStatus]) -> Self {
-        let bars = (!json && std::io::stderr().is_terminal()).then(|| {
-            let mp = MultiProgress::new();
-            let style = ProgressStyle::with_template(
-                "{prefix:<16} {wide_bar} {binary_bytes:>10}/{binary_total_bytes:<10} {msg}",
-            )
-            .expect("valid template");
-            let bars = initial
-                .iter()
-                .map(|s| {
-                    let b = mp.add(ProgressBar::new(s.size));
-                    b.set_style(style.clone());
-                    b.set_prefix(s.name.clone());
-                    b
-                })
-                .collect();
-            (mp, bars)
+/// Runs a started target to its end: finishes the archive when every
+/// drive is settled, abandons it on failure or a signal.
+pub async fn serve_to_end(target: BackupTarget, display: &mut LiveDisplay) -> Ended {
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    let mut signal = None;
+    let outcome = {
+        let wait = target.wait(async {
+            signal = Some((&mut stop).await);
         });
-        LiveDisplay {
-            json,
-            bars,
-            ticks: 0,
-        }
-    }
-
-    /// Shows the current status.
-    pub fn update(&mut self, status: &[DriveStatus]) {
-        self.ticks += 1;
-        if let Some((_, bars)) = &self.bars {
-            for (b, s) in bars.iter().zip(status) {
-                b.set_position(s.done);
-                b.set_message(if s.complete {
-                    "complete".to_string()
-                } else if s.connections > 0 {
-                    format!("{} client(s)", s.connections)
-                } else if s.ever_connected {
-                    "disconnected".to_string()
-                } else {
-                    "waiting".to_string()
-                });
+        tokio::pin!(wait);
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                o = &mut wait => break o,
+                _ = tick.tick() => display.update(&target.status()),
             }
         }
-        // JSON progress once a second, not on every tick.
-        if self.json && self.ticks.is_multiple_of(2) {
-            json_line(json!({
-                "event": "progress",
-                "drives": status.iter().map(|s| json!({
-                    "name": s.name, "size": s.size, "done": s.done,
-                    "complete": s.complete, "connections": s.connections,
-                })).collect::<Vec<_>>(),
-            }));
-        }
-    }
-
-    /// Removes the bars.
-    pub fn clear(&mut self) {
-        if let Some((mp, bars)) = self.bars.take() {
-            for b in bars {
-                b.finish_and_clear();
+    };
+    display.update(&target.status());
+    match outcome {
+        WaitOutcome::Settled => match target.finish().await {
+            Ok(r) => {
+                display.finished(&r);
+                Ended::Done(r)
             }
-            let _ = mp.clear();
+            Err(e) => {
+                display.failed(&format!("{e:#}"), &[]);
+                Ended::Failed
+            }
+        },
+        WaitOutcome::Failed(reason) => {
+            let missing = target.abort().await;
+            display.failed(&reason, &missing);
+            Ended::Failed
         }
-    }
-
-    /// Reports success.
-    pub fn finished(&mut self, r: &Report) {
-        self.clear();
-        let path = r.summary.path.as_ref().map(|p| p.display().to_string());
-        if self.json {
-            json_line(json!({
-                "event": "finished",
-                "archive": path,
-                "bytes": r.bytes,
-                "zero_bytes": r.zero_bytes,
-                "archive_bytes": r.summary.archive_bytes,
-                "copied_bytes": r.summary.copied_bytes,
-                "duration_s": r.duration.as_secs_f64(),
-                "mb_per_s": r.mb_per_s(),
-                "drives": r.summary.drives.iter().map(|(n, size, zero)| json!({"name": n, "size": size, "zero_bytes": zero})).collect::<Vec<_>>(),
-            }));
-        } else {
-            eprintln!(
-                "archive {}: {} bytes from {} drive(s), {} zero bytes, {} archive bytes, {:.1} s, {:.0} MB/s",
-                path.as_deref().unwrap_or("(stdout)"),
-                r.bytes,
-                r.summary.drives.len(),
-                r.zero_bytes,
-                r.summary.archive_bytes,
-                r.duration.as_secs_f64(),
-                r.mb_per_s()
+        WaitOutcome::Stopped => {
+            let missing = target.abort().await;
+            let signal = signal.unwrap_or(Signal::Terminate);
+            display.failed(
+                &format!("stopped by {signal} before the archive was complete"),
+                &missing,
             );
+            Ended::Stopped(signal)
         }
     }
+}
 
-    /// Reports failure; `missing` lists incomplete drives.
-    pub fn failed(&mut self, reason: &str, missing: &[String]) {
-        self.clear();
-        if self.json {
-            json_line(json!({"event": "failed", "reason": reason, "incomplete": missing}));
+/// Backs up `drives` of the QEMU behind `qmp` into `output`, showing
+/// progress; `speed` limits the jobs (bytes per second).
+pub async fn backup_with_display(
+    qmp: &Qmp,
+    drives: &[BackupDrive],
+    archive: &ArchiveOpts,
+    live: &LiveOpts,
+    output: Target,
+    speed: Option<u64>,
+) -> anyhow::Result<Ended> {
+    let dir = tempfile::Builder::new()
+        .prefix("vma-writer-")
+        .tempdir()
+        .context("cannot create a private socket directory")?;
+    let listen = ListenAddr::Unix(dir.path().join("nbd.sock"));
+    let status_out = StatusOut::for_output(&output);
+    let cfg = archive.target_config(live, listen, Vec::new(), output)?;
+    let initial: Vec<DriveStatus> = drives
+        .iter()
+        .map(|d| DriveStatus {
+            name: d.name.clone(),
+            size: d.size,
+            done: 0,
+            complete: false,
+            connections: 0,
+            ever_connected: false,
+            idle_since: None,
+            settled: false,
+        })
+        .collect();
+    let mut display = LiveDisplay::new(live.json, status_out, &initial);
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    let mut signal = None;
+    let res = {
+        let mut observer = |s: &[DriveStatus]| display.update(s);
+        let stop = async {
+            signal = Some((&mut stop).await);
+        };
+        backup::run(qmp, drives, cfg, speed, &mut observer, stop).await
+    };
+    Ok(match res {
+        Ok(r) => {
+            display.finished(&r);
+            Ended::Done(r)
         }
-        eprintln!("vma-writer: backup failed: {reason}");
-        for m in missing {
-            eprintln!("  incomplete drive {m}");
+        Err(e) => {
+            let (reason, incomplete) = match e.downcast_ref::<crate::backup::BackupFailed>() {
+                Some(f) => (f.reason.clone(), f.incomplete.clone()),
+                None => (format!("{e:#}"), Vec::new()),
+            };
+            match signal {
+                Some(s) => {
+                    let reason = format!("stopped by {s} before the archive was complete");
+                    display.failed(&reason, &incomplete);
+                    Ended::Stopped(s)
+                }
+                None => {
+                    display.failed(&reason, &incomplete);
+                    Ended::Failed
+                }
+            }
         }
-    }
+    })
 }

@@ -1,21 +1,30 @@
-//! The `vma-writer` command line: one module per subcommand. Each turns its
-//! clap arguments into library calls; this is, with `main.rs`, the only home
-//! of `anyhow`.
+//! The `vma-writer` command line: one module per subcommand, each turning
+//! its clap arguments into library calls, and the pieces they share:
+//! [`options`] (flags of every command that writes an archive), [`values`]
+//! (typed parsers for sizes, levels and drive specs), [`signals`] (SIGINT,
+//! SIGTERM and exit statuses), [`display`] and [`progress`] (what the user
+//! sees), [`live`] (running a live target or backup to its end) and
+//! [`archive_input`] (opening an archive to read). With `main.rs`, the only
+//! home of `anyhow`.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 mod archive_input;
-pub mod backup;
+mod backup;
 mod config;
 mod create;
 mod demo;
+mod display;
 mod extract;
 mod list;
 mod live;
+mod options;
 mod progress;
-pub mod serve;
+mod serve;
+mod signals;
+mod values;
 mod verify;
 
 /// Proxmox-compatible VMA archives from stock QEMU.
@@ -30,13 +39,13 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create an archive from raw disk images.
+    /// Create an archive from disk images (raw, or any format QEMU reads).
     Create(create::Args),
     /// Print an archive's configs, devices and creation time.
     List(list::Args),
     /// Write one config blob of an archive to stdout.
     Config(config::Args),
-    /// Read a whole archive and check it is valid and complete.
+    /// Read a whole archive and check its structure is valid and complete.
     Verify(verify::Args),
     /// Restore an archive's drives and configs into a new directory.
     Extract(extract::Args),

@@ -5,6 +5,8 @@
 //!   extent headers; no IO.
 //! - [`writer`]: streaming writer to any `Write`; never seeks.
 //! - [`reader`]: streaming, validating reader from any `Read`.
+//! - [`restore_stats`]: the totals Proxmox's `vma` prints while reading,
+//!   with its arithmetic.
 //!
 //! Nothing here knows about NBD, tokio or files.
 
@@ -15,12 +17,14 @@ mod error;
 pub mod extent;
 pub mod header;
 pub mod reader;
+pub mod restore_stats;
 pub mod writer;
 pub mod zero;
 
 pub use error::{FormatError, MissingClusters};
 pub use header::{Config, Device, Header};
 pub use reader::{ClusterData, Extent, ReadStats, Reader};
+pub use restore_stats::RestoreStats;
 pub use writer::{DeviceStats, Writer, WriterBuilder};
 
 /// A device id: the index of the device's header slot (1..=254 when we

@@ -419,6 +419,20 @@ impl TestEnv {
         let out = self.run(&args);
         assert_failure(&out, &args)
     }
+
+    /// Runs the binary; requires a usage error (exit 2); returns stderr.
+    pub fn fails_usage<I, S>(&self, args: I) -> String
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let args: Vec<_> = args
+            .into_iter()
+            .map(|a| a.as_ref().to_os_string())
+            .collect();
+        let out = self.run(&args);
+        assert_usage_error(&out, &args)
+    }
 }
 
 pub fn assert_success(out: &Output, what: &dyn std::fmt::Debug) {
@@ -442,6 +456,17 @@ pub fn assert_failure(out: &Output, what: &dyn std::fmt::Debug) -> String {
     assert!(
         err.contains("error:"),
         "{what:?}: stderr has no error message: {err:?}"
+    );
+    err
+}
+
+/// Requires a usage error: exit status 2 (clap's), with a message.
+pub fn assert_usage_error(out: &Output, what: &dyn std::fmt::Debug) -> String {
+    assert_eq!(out.status.code(), Some(2), "{what:?}: exit status");
+    let err = String::from_utf8(out.stderr.clone()).expect("stderr is UTF-8");
+    assert!(
+        err.contains("error:"),
+        "{what:?}: no error message: {err:?}"
     );
     err
 }

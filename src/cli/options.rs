@@ -1,0 +1,170 @@
+//! Options shared by the commands that write an archive (`create`, `serve`,
+//! `backup`): declared once here, flattened into each command, so every
+//! flag has one spelling and one help text. Also where an output name
+//! becomes a [`Target`] and config files become blobs.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use super::values::{Size, ZstdLevel};
+use crate::assembler::{AssemblerConfig, DEFAULT_PARTIAL_LIMIT, DriveSpec};
+use crate::nbd::{ListenAddr, ServerConfig};
+use crate::sink::{SinkOptions, Target};
+use crate::target::{DEFAULT_RECONNECT_TIMEOUT, TARGET_BYTES_IN_FLIGHT, TargetConfig};
+use crate::vma::WriterBuilder;
+use crate::vma::consts::{PROXMOX_CLUSTERS_PER_EXTENT, VMA_BLOCKS_PER_EXTENT};
+
+/// How the archive is written.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ArchiveOpts {
+    /// A config file to store in the archive (by its file name), e.g.
+    /// qemu-server.conf. May be repeated.
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    pub configs: Vec<PathBuf>,
+    /// Compress the archive with zstd, at LEVEL (default 3).
+    #[arg(long, value_name = "LEVEL", num_args = 0..=1, default_missing_value = "3")]
+    pub zstd: Option<ZstdLevel>,
+    /// zstd worker threads (0: compress on the thread that writes).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub zstd_threads: u32,
+    /// Clusters per extent, 1 to 59 (Proxmox writes 58).
+    #[arg(long, value_name = "N", default_value_t = PROXMOX_CLUSTERS_PER_EXTENT,
+          value_parser = clusters_per_extent)]
+    pub clusters_per_extent: usize,
+    /// Keep ARCHIVE.partial when the command fails or is interrupted.
+    #[arg(long)]
+    pub keep_partial: bool,
+}
+
+fn clusters_per_extent(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of clusters"))?;
+    if n == 0 || n > VMA_BLOCKS_PER_EXTENT {
+        return Err(format!(
+            "{n} clusters per extent: must be 1 to {VMA_BLOCKS_PER_EXTENT}"
+        ));
+    }
+    Ok(n)
+}
+
+impl Default for ArchiveOpts {
+    fn default() -> Self {
+        ArchiveOpts {
+            configs: Vec::new(),
+            zstd: None,
+            zstd_threads: 0,
+            clusters_per_extent: PROXMOX_CLUSTERS_PER_EXTENT,
+            keep_partial: false,
+        }
+    }
+}
+
+/// Limits and reporting of the live commands (`serve`, `backup`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LiveOpts {
+    /// Bound on buffered partial clusters (K/M/G suffixes).
+    #[arg(long, value_name = "SIZE", default_value = "64M")]
+    pub buffer_limit: Size,
+    /// Seconds an incomplete drive may stay without a client before the
+    /// backup fails.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_RECONNECT_TIMEOUT.as_secs())]
+    pub reconnect_timeout: u64,
+    /// Print progress and the result as JSON lines (on stdout; on stderr
+    /// when the archive itself goes to stdout).
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Default for LiveOpts {
+    fn default() -> Self {
+        LiveOpts {
+            buffer_limit: Size(DEFAULT_PARTIAL_LIMIT as u64),
+            reconnect_timeout: DEFAULT_RECONNECT_TIMEOUT.as_secs(),
+            json: false,
+        }
+    }
+}
+
+/// Where an archive named `name` goes: `-` is stdout, which must not be a
+/// terminal (an archive is binary; `zstd` refuses the same way).
+pub fn output_target(name: &str) -> anyhow::Result<Target> {
+    let target = Target::parse(name);
+    if target == Target::Stdout && std::io::stdout().is_terminal() {
+        bail!(
+            "refusing to write an archive to a terminal: redirect stdout (`-o - > FILE`) or give \
+             a file name"
+        );
+    }
+    Ok(target)
+}
+
+impl ArchiveOpts {
+    /// The config files, each named by its file name (Proxmox stores only
+    /// the base name).
+    pub fn read_configs(&self) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        self.configs
+            .iter()
+            .map(|c| {
+                let data = std::fs::read(c)
+                    .with_context(|| format!("cannot read config {}", c.display()))?;
+                let name = c
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .with_context(|| format!("config {}: no usable file name", c.display()))?;
+                Ok((name.to_string(), data))
+            })
+            .collect()
+    }
+
+    /// How the sink writes.
+    pub fn sink_options(&self) -> SinkOptions {
+        SinkOptions {
+            zstd_level: self.zstd.map(|l| l.0),
+            zstd_threads: self.zstd_threads,
+            keep_partial: self.keep_partial,
+        }
+    }
+
+    /// A writer builder with these options and the config files added.
+    pub fn writer_builder(&self) -> anyhow::Result<WriterBuilder> {
+        let mut builder = WriterBuilder::new().clusters_per_extent(self.clusters_per_extent)?;
+        for (name, data) in self.read_configs()? {
+            builder
+                .add_config(&name, &data)
+                .with_context(|| format!("config {name}"))?;
+        }
+        Ok(builder)
+    }
+
+    /// The configuration of a live target serving `drives` on `listen`
+    /// and writing to `output`.
+    pub fn target_config(
+        &self,
+        live: &LiveOpts,
+        listen: ListenAddr,
+        drives: Vec<DriveSpec>,
+        output: Target,
+    ) -> anyhow::Result<TargetConfig> {
+        Ok(TargetConfig {
+            listen,
+            drives,
+            configs: self.read_configs()?,
+            output,
+            sink: self.sink_options(),
+            assembler: AssemblerConfig {
+                partial_limit: usize::try_from(live.buffer_limit.0).unwrap_or(usize::MAX),
+                ..Default::default()
+            },
+            clusters_per_extent: self.clusters_per_extent,
+            reconnect_timeout: Duration::from_secs(live.reconnect_timeout),
+            server: ServerConfig {
+                max_bytes_in_flight: TARGET_BYTES_IN_FLIGHT,
+                ..ServerConfig::default()
+            },
+        })
+    }
+}
