@@ -56,10 +56,9 @@ use self::coverage::Coverage;
 use self::writer_thread::{Locations, Msg, Payload};
 use crate::nbd::{Backend, BackendCaps, BlockStatus, split_range};
 use crate::sink::Sink;
-use crate::vma::consts::{VMA_BLOCK_SIZE, VMA_CLUSTER_SIZE};
-use crate::vma::{DevId, Writer, WriterBuilder};
-
-const CS: u64 = VMA_CLUSTER_SIZE as u64;
+use crate::vma::cluster::{self, clusters_of, stored_len};
+use crate::vma::consts::VMA_CLUSTER_SIZE;
+use crate::vma::{ClusterBitmap, DevId, Writer, WriterBuilder};
 
 /// Clusters the channel to the writer thread holds (16 MiB of data, as much
 /// as QEMU keeps in flight): enough to absorb the pause of one 3.7 MB extent
@@ -219,13 +218,11 @@ struct Partial {
     _permit: OwnedSemaphorePermit,
 }
 
-#[derive(Default)]
 struct DriveState {
-    /// One bit per cluster: handed to the writer.
-    archived: Vec<u64>,
-    archived_count: u64,
-    /// One bit per archived cluster: it is all zeros.
-    zero: Vec<u64>,
+    /// Clusters handed to the writer.
+    archived: ClusterBitmap,
+    /// Archived clusters that are all zeros.
+    zero: ClusterBitmap,
     /// Digest per cluster, valid where `archived` is set; kept only when
     /// the archive cannot be read back (compressed or streamed), since
     /// hashing every cluster costs more than reading back a rare replay.
@@ -241,29 +238,44 @@ struct DriveState {
 }
 
 impl DriveState {
-    fn is_archived(&self, c: u64) -> bool {
-        self.archived[(c / 64) as usize] & (1 << (c % 64)) != 0
-    }
-
-    fn is_zero(&self, c: u64) -> bool {
-        self.zero[(c / 64) as usize] & (1 << (c % 64)) != 0
+    fn new(clusters: u64, keep_digests: bool) -> Self {
+        DriveState {
+            archived: ClusterBitmap::new(clusters),
+            zero: ClusterBitmap::new(clusters),
+            digests: if keep_digests {
+                vec![0; clusters as usize]
+            } else {
+                Vec::new()
+            },
+            partial: HashMap::new(),
+            bytes_done: 0,
+            connections: 0,
+            ever_connected: false,
+            idle_since: None,
+            flushed_complete: false,
+        }
     }
 
     fn set_archived(&mut self, c: u64, zero: bool, digest: Option<u32>, len: u64) {
-        self.archived[(c / 64) as usize] |= 1 << (c % 64);
+        let again = self.archived.set(c);
+        debug_assert!(!again, "cluster {c} archived twice");
         if zero {
-            self.zero[(c / 64) as usize] |= 1 << (c % 64);
+            self.zero.set(c);
         }
         if let Some(d) = digest {
             self.digests[c as usize] = d;
         }
-        self.archived_count += 1;
         self.bytes_done += len;
+    }
+
+    /// Every cluster is archived.
+    fn complete(&self) -> bool {
+        self.archived.is_full()
     }
 
     /// Compares a replayed whole cluster with the archived one.
     fn replay(&self, c: u64, zero: bool, digest: Option<u32>) -> Replay {
-        match (self.is_zero(c), zero) {
+        match (self.zero.get(c), zero) {
             (true, true) => Replay::Same,
             (true, false) | (false, true) => Replay::Different,
             (false, false) => match digest {
@@ -280,7 +292,6 @@ pub struct Drive {
     dev: DevId,
     name: String,
     size: u64,
-    clusters: u64,
     state: Mutex<DriveState>,
     shared: Arc<Shared>,
 }
@@ -308,7 +319,7 @@ pub struct DriveStatus {
 
 impl Drive {
     fn cluster_len(&self, c: u64) -> usize {
-        (self.size - c * CS).min(CS) as usize
+        cluster::cluster_len(self.size, c)
     }
 
     /// Export name.
@@ -319,7 +330,7 @@ impl Drive {
     /// Current status.
     pub fn status(&self) -> DriveStatus {
         let s = lock(&self.state);
-        let complete = s.archived_count == self.clusters;
+        let complete = s.complete();
         DriveStatus {
             name: self.name.clone(),
             size: self.size,
@@ -352,13 +363,13 @@ impl Drive {
         let slot = self.shared.reserve().await?;
         let (complete, replay) = {
             let mut s = lock(&self.state);
-            if s.is_archived(c) {
+            if s.archived.get(c) {
                 (false, Some(s.replay(c, zero, d)))
             } else {
                 // A whole-cluster write supersedes any partial data.
                 s.partial.remove(&c);
                 s.set_archived(c, zero, d, len as u64);
-                (s.archived_count == self.clusters, None)
+                (s.complete(), None)
             }
         };
         match replay {
@@ -455,7 +466,7 @@ impl Drive {
     ) -> Step {
         let clen = self.cluster_len(c);
         let mut s = lock(&self.state);
-        if s.is_archived(c) {
+        if s.archived.get(c) {
             return Step::Archived;
         }
         if let Entry::Vacant(slot) = s.partial.entry(c) {
@@ -490,7 +501,7 @@ impl Drive {
         let buf = p.buf.freeze();
         let (zero, d) = self.fingerprint(&buf);
         s.set_archived(c, zero, d, clen as u64);
-        Step::Completed(buf, s.archived_count == self.clusters)
+        Step::Completed(buf, s.complete())
     }
 
     async fn wait_for_partial_room(&self) -> io::Result<OwnedSemaphorePermit> {
@@ -519,7 +530,7 @@ impl Drive {
         len: usize,
         data: Option<&[u8]>,
     ) -> io::Result<()> {
-        let archived_zero = lock(&self.state).is_zero(c);
+        let archived_zero = lock(&self.state).zero.get(c);
         let new_zero = data.is_none_or(crate::vma::zero::is_zero);
         if archived_zero {
             return if new_zero {
@@ -543,7 +554,7 @@ impl Drive {
     /// The in-device bytes of an archived cluster, read back from the file.
     async fn read_archived(&self, c: u64) -> io::Result<Vec<u8>> {
         let clen = self.cluster_len(c);
-        let zero = lock(&self.state).is_zero(c);
+        let zero = lock(&self.state).zero.get(c);
         if zero {
             return Ok(vec![0; clen]);
         }
@@ -568,19 +579,10 @@ impl Drive {
         };
         let (at, mask) =
             found.ok_or_else(|| io::Error::other("archived cluster not found in the archive"))?;
-        let mut stored = vec![0u8; mask.count_ones() as usize * VMA_BLOCK_SIZE];
+        let mut stored = vec![0u8; stored_len(mask)];
         file.read_exact_at(&mut stored, at)?;
         let mut out = vec![0u8; clen];
-        let mut pos = 0;
-        for i in 0..16 {
-            if mask & (1 << i) == 0 {
-                continue;
-            }
-            let from = i * VMA_BLOCK_SIZE;
-            let n = VMA_BLOCK_SIZE.min(clen.saturating_sub(from));
-            out[from..from + n].copy_from_slice(&stored[pos..pos + n]);
-            pos += VMA_BLOCK_SIZE;
-        }
+        cluster::expand_into(mask, &stored, &mut out);
         Ok(out)
     }
 
@@ -589,7 +591,7 @@ impl Drive {
     /// inside the export, so no piece passes the device end.
     fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, usize, usize)> {
         debug_assert!(offset + len <= self.size);
-        split_range(offset, len, CS)
+        split_range(offset, len, VMA_CLUSTER_SIZE as u64)
     }
 
     async fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -649,7 +651,7 @@ impl Backend for Drive {
     async fn flush(&self) -> io::Result<()> {
         self.shared.flush(true).await?;
         let mut s = lock(&self.state);
-        if s.archived_count == self.clusters {
+        if s.complete() {
             s.flushed_complete = true;
             drop(s);
             self.shared.notify();
@@ -665,7 +667,7 @@ impl Backend for Drive {
             pos += n;
             let archived = {
                 let s = lock(&self.state);
-                if s.is_archived(c) {
+                if s.archived.get(c) {
                     true
                 } else {
                     if let Some(p) = s.partial.get(&c) {
@@ -701,8 +703,8 @@ impl Backend for Drive {
             if i as u64 >= BLOCK_STATUS_MAX_CLUSTERS {
                 break;
             }
-            if s.is_archived(c) {
-                let zero = s.is_zero(c);
+            if s.archived.get(c) {
+                let zero = s.zero.get(c);
                 push(n as u64, if zero { BlockStatus::ZERO } else { DATA });
             } else if let Some(p) = s.partial.get(&c) {
                 let mut pos = off;
@@ -741,7 +743,7 @@ impl Backend for Drive {
     fn disconnected(&self, clean: bool) {
         let mut s = lock(&self.state);
         s.connections = s.connections.saturating_sub(1);
-        if s.connections == 0 && s.archived_count < self.clusters {
+        if s.connections == 0 && !s.complete() {
             s.idle_since = Some(Instant::now());
         }
         drop(s);
@@ -834,22 +836,14 @@ impl Assembler {
             .iter()
             .zip(&header.devices)
             .map(|(d, dev)| {
-                let clusters = d.size.div_ceil(CS);
                 Arc::new(Drive {
                     dev: dev.id,
                     name: d.name.clone(),
                     size: d.size,
-                    clusters,
-                    state: Mutex::new(DriveState {
-                        archived: vec![0; clusters.div_ceil(64) as usize],
-                        zero: vec![0; clusters.div_ceil(64) as usize],
-                        digests: if shared.readback.is_none() {
-                            vec![0; clusters as usize]
-                        } else {
-                            Vec::new()
-                        },
-                        ..Default::default()
-                    }),
+                    state: Mutex::new(DriveState::new(
+                        clusters_of(d.size),
+                        shared.readback.is_none(),
+                    )),
                     shared: shared.clone(),
                 })
             })
@@ -1104,6 +1098,9 @@ mod tests {
         // Reads see archived data (read back from the file) and holes.
         let r = d0.read(65536 - 10, 20).await.unwrap();
         assert_eq!(&r[..], &expect0[65526..65546]);
+        // The last cluster, shorter than its straddling block, too.
+        let r = d0.read(10 * 65536, 1536).await.unwrap();
+        assert_eq!(&r[..], &expect0[10 * 65536..]);
         assert!(!asm.status()[1].complete);
         let r = d1.read(0, 100).await.unwrap();
         assert!(r.iter().all(|&b| b == 0));

@@ -17,8 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Shared;
 use crate::sink::Sink;
-use crate::vma::consts::{VMA_BLOCK_SIZE, VMA_EXTENT_HEADER_SIZE};
-use crate::vma::extent::BlockInfo;
+use crate::vma::extent::{BlockInfo, payload_offset, payload_ranges};
 use crate::vma::{DevId, Writer};
 
 /// A cluster's content on its way to the archive.
@@ -69,14 +68,9 @@ impl Locations {
     pub fn find(&self, dev: DevId, cluster: u64) -> Option<(u64, u16)> {
         let &e = self.index.get(&(dev.0, cluster as u32))?;
         let (at, entries) = &self.extents[e as usize];
-        let mut off = at + VMA_EXTENT_HEADER_SIZE as u64;
-        for b in entries {
-            if b.dev == dev.0 && u64::from(b.cluster) == cluster {
-                return Some((off, b.mask));
-            }
-            off += (b.blocks() * VMA_BLOCK_SIZE) as u64;
-        }
-        None
+        let (b, stored) = payload_ranges(entries)
+            .find(|(b, _)| b.dev == dev.0 && u64::from(b.cluster) == cluster)?;
+        Some((payload_offset(*at) + stored.start as u64, b.mask))
     }
 }
 
