@@ -472,14 +472,20 @@ mod tests {
         assert_eq!(disks[1], vec![0u8; 3 * 65536]);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn abort_leaves_no_archive() {
-        let dir = tempfile::tempdir().unwrap();
-        let (asm, path) = start(dir.path(), &[65536 * 4], AssemblerConfig::default());
+    /// One drive of 4 clusters, the first of them written.
+    async fn one_of_four_written(dir: &std::path::Path) -> (Assembler, PathBuf) {
+        let (asm, path) = start(dir, &[65536 * 4], AssemblerConfig::default());
         asm.drives()[0]
             .write(0, Bytes::from(vec![5u8; 65536]))
             .await
             .unwrap();
+        (asm, path)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn abort_leaves_no_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let (asm, path) = one_of_four_written(dir.path()).await;
         assert!(asm.status()[0].done == 65536);
         asm.abort().await;
         assert!(!path.exists());
@@ -489,11 +495,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn finish_refuses_incomplete_drives() {
         let dir = tempfile::tempdir().unwrap();
-        let (asm, path) = start(dir.path(), &[65536 * 4], AssemblerConfig::default());
-        asm.drives()[0]
-            .write(0, Bytes::from(vec![5u8; 65536]))
-            .await
-            .unwrap();
+        let (asm, path) = one_of_four_written(dir.path()).await;
         let err = asm.finish().await.unwrap_err();
         assert!(
             err.to_string()

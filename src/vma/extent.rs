@@ -111,15 +111,7 @@ impl ExtentHeader {
         if computed.0 != stored {
             // A wrong magic is the likelier story when the md5 fails too;
             // say so, since "bad md5" hides that we are not at an extent.
-            let magic: [u8; 4] = b[..4].try_into().unwrap();
-            if magic != VMA_EXTENT_MAGIC {
-                return Err(FormatError::BadMagic {
-                    offset: at,
-                    what: "extent",
-                    found: magic,
-                    expected: VMA_EXTENT_MAGIC,
-                });
-            }
+            check_magic(b, at)?;
             return Err(FormatError::BadChecksum {
                 offset: at,
                 what: "extent header",
@@ -139,15 +131,7 @@ impl ExtentHeader {
                 expected: *uuid,
             });
         }
-        let magic: [u8; 4] = b[..4].try_into().unwrap();
-        if magic != VMA_EXTENT_MAGIC {
-            return Err(FormatError::BadMagic {
-                offset: at,
-                what: "extent",
-                found: magic,
-                expected: VMA_EXTENT_MAGIC,
-            });
-        }
+        check_magic(b, at)?;
         let reserved = u16::from_be_bytes([b[4], b[5]]);
         if reserved != 0 {
             return Err(FormatError::ReservedNotZero {
@@ -183,6 +167,22 @@ impl ExtentHeader {
             slots,
         })
     }
+}
+
+/// The extent magic of the header at archive offset `at`.
+fn check_magic(b: &[u8; VMA_EXTENT_HEADER_SIZE], at: u64) -> Result<(), FormatError> {
+    let magic: [u8; 4] = b[offset::EXT_MAGIC..offset::EXT_MAGIC + 4]
+        .try_into()
+        .unwrap();
+    if magic != VMA_EXTENT_MAGIC {
+        return Err(FormatError::BadMagic {
+            offset: at,
+            what: "extent",
+            found: magic,
+            expected: VMA_EXTENT_MAGIC,
+        });
+    }
+    Ok(())
 }
 
 /// Offset, within an extent, of blockinfo slot `i` (for error messages).
