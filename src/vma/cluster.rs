@@ -1,9 +1,11 @@
 //! The geometry of clusters and masks (§5.2, §5.3, §6.2): how many clusters
 //! a device has and how many bytes of each lie inside it, which 4 KiB blocks
 //! a blockinfo mask stores, and where each run of them lies in the cluster
-//! and in the stored payload. Every piece of arithmetic on cluster numbers
-//! and masks, in the writer, the reader and the live assembler, is done
-//! here; nothing else walks mask bits.
+//! and in the stored payload. The writer, the reader and the live
+//! assembler do their arithmetic on cluster numbers and masks here; only
+//! [`block_mask`](super::zero::block_mask), which makes a mask from data,
+//! and [`BlockInfo`](super::extent::BlockInfo), which packs it, touch mask
+//! bits otherwise.
 
 use std::ops::Range;
 
