@@ -34,32 +34,43 @@
 //! when it is an uncompressed file, else against a 32-bit digest kept per
 //! cluster (hashing every cluster costs about 6 % of the server's CPU, so
 //! it is only done when there is no archive to read back).
+//!
+//! # Layout
+//!
+//! - this file: [`Assembler`]: starts the writer thread and the drives,
+//!   reports their status, and finishes or abandons the archive.
+//! - `drive`: [`Drive`], one export's [`Backend`](crate::nbd::Backend):
+//!   partial clusters, replays, reads and BLOCK_STATUS.
+//! - `shared`: what the drives and the writer thread share: the channel and
+//!   its messages, the first failure, the partial-buffer pool, counters.
+//! - `writer_thread`: the one thread that owns the [`Writer`].
+//! - `readback`: where archived clusters lie in an uncompressed archive
+//!   file, and reading them back.
+//! - `coverage`: which bytes of a partial cluster have been written.
+//!
+//! Cluster geometry and masks belong to [`crate::vma::cluster`]; nothing
+//! here does arithmetic on mask bits.
 
 mod coverage;
+mod drive;
+mod readback;
+mod shared;
 mod writer_thread;
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
-use self::coverage::Coverage;
-use self::writer_thread::{Locations, Msg, Payload};
-use crate::nbd::{Backend, BackendCaps, BlockStatus, split_range};
+pub use self::drive::{Drive, DriveStatus};
+use self::readback::ReadBack;
+use self::shared::Shared;
 use crate::sink::Sink;
-use crate::vma::consts::{VMA_BLOCK_SIZE, VMA_CLUSTER_SIZE};
-use crate::vma::{DevId, Writer, WriterBuilder};
-
-const CS: u64 = VMA_CLUSTER_SIZE as u64;
+use crate::vma::consts::VMA_CLUSTER_SIZE;
+use crate::vma::{Writer, WriterBuilder};
 
 /// Clusters the channel to the writer thread holds (16 MiB of data, as much
 /// as QEMU keeps in flight): enough to absorb the pause of one 3.7 MB extent
@@ -78,10 +89,6 @@ pub const DEFAULT_PARTIAL_LIMIT: usize = 64 << 20;
 /// forever.
 pub const DEFAULT_PARTIAL_WAIT: Duration = Duration::from_secs(30);
 
-/// Most clusters one BLOCK_STATUS answer looks at (4 GiB); the client asks
-/// again for the rest.
-const BLOCK_STATUS_MAX_CLUSTERS: u64 = 65536;
-
 /// Tunables of an [`Assembler`].
 #[derive(Debug, Clone)]
 pub struct AssemblerConfig {
@@ -97,656 +104,6 @@ impl Default for AssemblerConfig {
             partial_limit: DEFAULT_PARTIAL_LIMIT,
             partial_wait: DEFAULT_PARTIAL_WAIT,
         }
-    }
-}
-
-/// State every drive shares: the writer channel and the first failure.
-pub struct Shared {
-    tx: mpsc::Sender<Msg>,
-    failed: AtomicBool,
-    failure: Mutex<Option<io::Error>>,
-    partial_permits: Arc<Semaphore>,
-    partial_wait: Duration,
-    readback: Option<(File, Arc<Mutex<Locations>>)>,
-    changed: watch::Sender<u64>,
-    copied_bytes: AtomicU64,
-    /// When the first client of any drive connected (the backup's start,
-    /// for throughput figures).
-    first_connect: std::sync::OnceLock<Instant>,
-}
-
-impl Shared {
-    fn failed(&self) -> bool {
-        self.failed.load(Ordering::Acquire)
-    }
-
-    /// The first failure, if any, as a fresh io::Error.
-    fn failure(&self) -> Option<io::Error> {
-        if !self.failed() {
-            return None;
-        }
-        lock(&self.failure).as_ref().map(writer_thread::clone_err)
-    }
-
-    /// Records the first failure; later ones are only logged.
-    fn fail_with(&self, e: io::Error, what: &str) {
-        tracing::error!("{what}: {e}");
-        let mut f = lock(&self.failure);
-        if f.is_none() {
-            // EFBIG (a file size limit) is "no space" to an NBD client.
-            let e = if e.raw_os_error() == Some(libc::EFBIG) {
-                io::Error::new(io::ErrorKind::StorageFull, format!("{what}: {e}"))
-            } else {
-                io::Error::new(e.kind(), format!("{what}: {e}"))
-            };
-            *f = Some(e);
-            self.failed.store(true, Ordering::Release);
-        }
-        drop(f);
-        self.notify();
-    }
-
-    fn check(&self) -> io::Result<()> {
-        match self.failure() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    fn notify(&self) {
-        self.changed.send_modify(|v| *v += 1);
-    }
-
-    async fn send(&self, msg: Msg) -> io::Result<()> {
-        self.tx.send(msg).await.map_err(|_| {
-            io::Error::new(io::ErrorKind::BrokenPipe, "the archive is already closed")
-        })?;
-        self.check()
-    }
-
-    /// A guaranteed place in the channel to the writer (waits while it is
-    /// full: back-pressure). Fails once the archive failed or closed.
-    async fn reserve(&self) -> io::Result<mpsc::Permit<'_, Msg>> {
-        self.check()?;
-        self.tx
-            .reserve()
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the archive is already closed"))
-    }
-
-    async fn flush(&self, sync: bool) -> io::Result<()> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Msg::Flush { sync, reply }).await?;
-        rx.await
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the archive writer stopped"))?
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// 32-bit content digest of an archived cluster, to recognise replays.
-fn digest(data: &[u8]) -> u32 {
-    xxhash_rust::xxh3::xxh3_64(data) as u32
-}
-
-/// What a replayed whole cluster is, compared with the archived one.
-enum Replay {
-    /// Identical: accept without archiving again.
-    Same,
-    /// Different: refuse.
-    Different,
-    /// Only the archive itself can tell: read it back.
-    ReadBack,
-}
-
-/// What [`Drive::partial_step`] did.
-enum Step {
-    /// The cluster is archived already.
-    Archived,
-    /// No partial buffer is free: wait for one.
-    NeedRoom,
-    /// Copied; the cluster is still incomplete.
-    Buffered,
-    /// Copied, and the cluster is now complete (drive complete too?).
-    Completed(Bytes, bool),
-}
-
-struct Partial {
-    buf: BytesMut,
-    covered: Coverage,
-    _permit: OwnedSemaphorePermit,
-}
-
-#[derive(Default)]
-struct DriveState {
-    /// One bit per cluster: handed to the writer.
-    archived: Vec<u64>,
-    archived_count: u64,
-    /// One bit per archived cluster: it is all zeros.
-    zero: Vec<u64>,
-    /// Digest per cluster, valid where `archived` is set; kept only when
-    /// the archive cannot be read back (compressed or streamed), since
-    /// hashing every cluster costs more than reading back a rare replay.
-    digests: Vec<u32>,
-    partial: HashMap<u64, Partial>,
-    bytes_done: u64,
-    connections: u32,
-    ever_connected: bool,
-    /// Set when the last connection closed while clusters were missing.
-    idle_since: Option<Instant>,
-    /// A FLUSH arrived after the drive became complete.
-    flushed_complete: bool,
-}
-
-impl DriveState {
-    fn is_archived(&self, c: u64) -> bool {
-        self.archived[(c / 64) as usize] & (1 << (c % 64)) != 0
-    }
-
-    fn is_zero(&self, c: u64) -> bool {
-        self.zero[(c / 64) as usize] & (1 << (c % 64)) != 0
-    }
-
-    fn set_archived(&mut self, c: u64, zero: bool, digest: Option<u32>, len: u64) {
-        self.archived[(c / 64) as usize] |= 1 << (c % 64);
-        if zero {
-            self.zero[(c / 64) as usize] |= 1 << (c % 64);
-        }
-        if let Some(d) = digest {
-            self.digests[c as usize] = d;
-        }
-        self.archived_count += 1;
-        self.bytes_done += len;
-    }
-
-    /// Compares a replayed whole cluster with the archived one.
-    fn replay(&self, c: u64, zero: bool, digest: Option<u32>) -> Replay {
-        match (self.is_zero(c), zero) {
-            (true, true) => Replay::Same,
-            (true, false) | (false, true) => Replay::Different,
-            (false, false) => match digest {
-                Some(d) if self.digests[c as usize] == d => Replay::Same,
-                Some(_) => Replay::Different,
-                None => Replay::ReadBack,
-            },
-        }
-    }
-}
-
-/// One drive export: implements [`Backend`]; see the module docs.
-pub struct Drive {
-    dev: DevId,
-    name: String,
-    size: u64,
-    clusters: u64,
-    state: Mutex<DriveState>,
-    shared: Arc<Shared>,
-}
-
-/// A drive's progress, for displays and completion decisions.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DriveStatus {
-    /// Export/device name.
-    pub name: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// In-device bytes of archived clusters.
-    pub done: u64,
-    /// Every cluster archived.
-    pub complete: bool,
-    /// Open NBD connections.
-    pub connections: u32,
-    /// A client has connected at least once.
-    pub ever_connected: bool,
-    /// Incomplete with no connection since then.
-    pub idle_since: Option<Instant>,
-    /// Complete, and its clients have flushed or disconnected.
-    pub settled: bool,
-}
-
-impl Drive {
-    fn cluster_len(&self, c: u64) -> usize {
-        (self.size - c * CS).min(CS) as usize
-    }
-
-    /// Export name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Current status.
-    pub fn status(&self) -> DriveStatus {
-        let s = lock(&self.state);
-        let complete = s.archived_count == self.clusters;
-        DriveStatus {
-            name: self.name.clone(),
-            size: self.size,
-            done: s.bytes_done,
-            complete,
-            connections: s.connections,
-            ever_connected: s.ever_connected,
-            idle_since: s.idle_since,
-            settled: complete && s.ever_connected && (s.connections == 0 || s.flushed_complete),
-        }
-    }
-
-    /// Whether `data` is all zeros, and its digest when digests are kept.
-    fn fingerprint(&self, data: &[u8]) -> (bool, Option<u32>) {
-        let zero = crate::vma::zero::is_zero(data);
-        let keep = self.shared.readback.is_none() && !zero;
-        (zero, keep.then(|| digest(data)))
-    }
-
-    /// Archives a whole cluster, or checks a replay of one.
-    async fn full_cluster(&self, c: u64, payload: Payload) -> io::Result<()> {
-        let len = self.cluster_len(c);
-        let (zero, d) = match &payload {
-            Payload::Data(b) => self.fingerprint(b),
-            Payload::Zero => (true, None),
-        };
-        // Room in the channel first: from the state change to the send
-        // nothing may await, so a request dropped mid-way (its client is
-        // gone) never leaves a cluster marked archived but not sent.
-        let slot = self.shared.reserve().await?;
-        let (complete, replay) = {
-            let mut s = lock(&self.state);
-            if s.is_archived(c) {
-                (false, Some(s.replay(c, zero, d)))
-            } else {
-                // A whole-cluster write supersedes any partial data.
-                s.partial.remove(&c);
-                s.set_archived(c, zero, d, len as u64);
-                (s.archived_count == self.clusters, None)
-            }
-        };
-        match replay {
-            None => {}
-            Some(Replay::Same) => return Ok(()),
-            Some(Replay::Different) => return Err(self.rewrite_error(c)),
-            Some(Replay::ReadBack) => {
-                drop(slot);
-                let old = self.read_archived(c).await?;
-                let same = match &payload {
-                    Payload::Data(b) => old[..] == b[..],
-                    Payload::Zero => crate::vma::zero::is_zero(&old),
-                };
-                return if same {
-                    Ok(())
-                } else {
-                    Err(self.rewrite_error(c))
-                };
-            }
-        }
-        slot.send(Msg::Cluster {
-            dev: self.dev,
-            cluster: c,
-            payload,
-        });
-        if complete {
-            tracing::info!(drive = %self.name, "all clusters archived");
-            self.shared.notify();
-        }
-        Ok(())
-    }
-
-    fn rewrite_error(&self, c: u64) -> io::Error {
-        tracing::error!(
-            drive = %self.name,
-            cluster = c,
-            "rewrite of an archived cluster with different content; the archive cannot represent it"
-        );
-        io::Error::other(format!(
-            "drive {}: cluster {c} was already archived with different content",
-            self.name
-        ))
-    }
-
-    /// Writes part of a cluster (`data`, or zeros when `None`) at `off`.
-    async fn partial_piece(
-        &self,
-        c: u64,
-        off: usize,
-        len: usize,
-        data: Option<Bytes>,
-    ) -> io::Result<()> {
-        let mut permit: Option<OwnedSemaphorePermit> = None;
-        loop {
-            // As in full_cluster: channel room before any state change.
-            let slot = self.shared.reserve().await?;
-            let step = self.partial_step(c, off, len, data.as_deref(), &mut permit);
-            match step {
-                Step::Archived => {
-                    drop(slot);
-                    return self
-                        .check_archived_range(c, off, len, data.as_deref())
-                        .await;
-                }
-                Step::NeedRoom => {
-                    drop(slot);
-                    permit = Some(self.wait_for_partial_room().await?);
-                }
-                Step::Buffered => return Ok(()),
-                Step::Completed(buf, complete) => {
-                    slot.send(Msg::Cluster {
-                        dev: self.dev,
-                        cluster: c,
-                        payload: Payload::Data(buf),
-                    });
-                    if complete {
-                        tracing::info!(drive = %self.name, "all clusters archived");
-                        self.shared.notify();
-                    }
-                    return Ok(());
-                }
-            }
-        }
-    }
-
-    /// The locked part of [`Self::partial_piece`]: never awaits.
-    fn partial_step(
-        &self,
-        c: u64,
-        off: usize,
-        len: usize,
-        data: Option<&[u8]>,
-        permit: &mut Option<OwnedSemaphorePermit>,
-    ) -> Step {
-        let clen = self.cluster_len(c);
-        let mut s = lock(&self.state);
-        if s.is_archived(c) {
-            return Step::Archived;
-        }
-        if let Entry::Vacant(slot) = s.partial.entry(c) {
-            let p = match permit.take() {
-                Some(p) => p,
-                None => match self.shared.partial_permits.clone().try_acquire_owned() {
-                    Ok(p) => p,
-                    Err(_) => return Step::NeedRoom,
-                },
-            };
-            slot.insert(Partial {
-                buf: BytesMut::zeroed(clen),
-                covered: Coverage::default(),
-                _permit: p,
-            });
-        }
-        let p = s.partial.get_mut(&c).expect("inserted above");
-        let dst = &mut p.buf[off..off + len];
-        match data {
-            // The one copy of this path: into the partial buffer.
-            Some(b) => dst.copy_from_slice(b),
-            None => dst.fill(0),
-        }
-        self.shared
-            .copied_bytes
-            .fetch_add(len as u64, Ordering::Relaxed);
-        p.covered.insert(off as u32, (off + len) as u32);
-        if !p.covered.is_full(clen as u32) {
-            return Step::Buffered;
-        }
-        let p = s.partial.remove(&c).expect("present");
-        let buf = p.buf.freeze();
-        let (zero, d) = self.fingerprint(&buf);
-        s.set_archived(c, zero, d, clen as u64);
-        Step::Completed(buf, s.archived_count == self.clusters)
-    }
-
-    async fn wait_for_partial_room(&self) -> io::Result<OwnedSemaphorePermit> {
-        let sem = self.shared.partial_permits.clone();
-        match tokio::time::timeout(self.shared.partial_wait, sem.acquire_owned()).await {
-            Ok(Ok(p)) => Ok(p),
-            _ => {
-                tracing::error!(
-                    drive = %self.name,
-                    "partial-cluster buffer limit reached and no cluster completed for {:?}",
-                    self.shared.partial_wait
-                );
-                Err(io::Error::other(
-                    "partial-cluster buffer limit reached; raise --buffer-limit or write whole clusters",
-                ))
-            }
-        }
-    }
-
-    /// A partial rewrite of an archived cluster: accepted when the bytes
-    /// equal what was archived.
-    async fn check_archived_range(
-        &self,
-        c: u64,
-        off: usize,
-        len: usize,
-        data: Option<&[u8]>,
-    ) -> io::Result<()> {
-        let archived_zero = lock(&self.state).is_zero(c);
-        let new_zero = data.is_none_or(crate::vma::zero::is_zero);
-        if archived_zero {
-            return if new_zero {
-                Ok(())
-            } else {
-                Err(self.rewrite_error(c))
-            };
-        }
-        let old = self.read_archived(c).await?;
-        let same = match data {
-            Some(d) => old[off..off + len] == *d,
-            None => crate::vma::zero::is_zero(&old[off..off + len]),
-        };
-        if same {
-            Ok(())
-        } else {
-            Err(self.rewrite_error(c))
-        }
-    }
-
-    /// The in-device bytes of an archived cluster, read back from the file.
-    async fn read_archived(&self, c: u64) -> io::Result<Vec<u8>> {
-        let clen = self.cluster_len(c);
-        let zero = lock(&self.state).is_zero(c);
-        if zero {
-            return Ok(vec![0; clen]);
-        }
-        let Some((file, locs)) = &self.shared.readback else {
-            tracing::warn!(
-                drive = %self.name,
-                cluster = c,
-                "cannot read an archived cluster: the archive is compressed or not a file"
-            );
-            return Err(io::Error::other(
-                "archived clusters cannot be read back from a compressed or streamed archive",
-            ));
-        };
-        let first = lock(locs).find(self.dev, c);
-        let found = match first {
-            Some(f) => Some(f),
-            None => {
-                // Still queued or in the pending extent: write it out.
-                self.shared.flush(false).await?;
-                lock(locs).find(self.dev, c)
-            }
-        };
-        let (at, mask) =
-            found.ok_or_else(|| io::Error::other("archived cluster not found in the archive"))?;
-        let mut stored = vec![0u8; mask.count_ones() as usize * VMA_BLOCK_SIZE];
-        file.read_exact_at(&mut stored, at)?;
-        let mut out = vec![0u8; clen];
-        let mut pos = 0;
-        for i in 0..16 {
-            if mask & (1 << i) == 0 {
-                continue;
-            }
-            let from = i * VMA_BLOCK_SIZE;
-            let n = VMA_BLOCK_SIZE.min(clen.saturating_sub(from));
-            out[from..from + n].copy_from_slice(&stored[pos..pos + n]);
-            pos += VMA_BLOCK_SIZE;
-        }
-        Ok(out)
-    }
-
-    /// Splits `[offset, offset + len)` into per-cluster pieces
-    /// `(cluster, offset in cluster, length)`. The server keeps requests
-    /// inside the export, so no piece passes the device end.
-    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, usize, usize)> {
-        debug_assert!(offset + len <= self.size);
-        split_range(offset, len, CS)
-    }
-
-    async fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.shared.check()?;
-        for (c, off, n) in self.pieces(offset, len) {
-            if off == 0 && n == self.cluster_len(c) {
-                self.full_cluster(c, Payload::Zero).await?;
-            } else {
-                self.partial_piece(c, off, n, None).await?;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Backend for Drive {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn caps(&self) -> BackendCaps {
-        BackendCaps {
-            read_only: false,
-            // One writer serves every connection, so a FLUSH covers all.
-            flush_is_global: true,
-            fast_zero: true,
-            trim: true,
-        }
-    }
-
-    async fn write(&self, offset: u64, data: Bytes) -> io::Result<()> {
-        self.shared.check()?;
-        let mut pos = 0usize;
-        for (c, off, n) in self.pieces(offset, data.len() as u64) {
-            let piece = data.slice(pos..pos + n);
-            pos += n;
-            if off == 0 && n == self.cluster_len(c) {
-                self.full_cluster(c, Payload::Data(piece)).await?;
-            } else {
-                self.partial_piece(c, off, n, Some(piece)).await?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn write_zeroes(&self, offset: u64, len: u64, _may_trim: bool) -> io::Result<()> {
-        // NO_HOLE or not, a zero range is recorded as zero blocks: VMA
-        // stores zeros as cleared mask bits either way.
-        self.zero_range(offset, len).await
-    }
-
-    async fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
-        // Trimmed ranges read as zeros and are archived as zero blocks.
-        self.zero_range(offset, len).await
-    }
-
-    async fn flush(&self) -> io::Result<()> {
-        self.shared.flush(true).await?;
-        let mut s = lock(&self.state);
-        if s.archived_count == self.clusters {
-            s.flushed_complete = true;
-            drop(s);
-            self.shared.notify();
-        }
-        Ok(())
-    }
-
-    async fn read(&self, offset: u64, len: u32) -> io::Result<Bytes> {
-        let mut out = BytesMut::zeroed(len as usize);
-        let mut pos = 0usize;
-        for (c, off, n) in self.pieces(offset, u64::from(len)) {
-            let dst = &mut out[pos..pos + n];
-            pos += n;
-            let archived = {
-                let s = lock(&self.state);
-                if s.is_archived(c) {
-                    true
-                } else {
-                    if let Some(p) = s.partial.get(&c) {
-                        for &(a, b) in p.covered.ranges() {
-                            let (a, b) = (a as usize, b as usize);
-                            let (lo, hi) = (a.max(off), b.min(off + n));
-                            if lo < hi {
-                                dst[lo - off..hi - off].copy_from_slice(&p.buf[lo..hi]);
-                            }
-                        }
-                    }
-                    false
-                }
-            };
-            if archived {
-                let data = self.read_archived(c).await?;
-                dst.copy_from_slice(&data[off..off + n]);
-            }
-        }
-        Ok(out.freeze())
-    }
-
-    async fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<BlockStatus>> {
-        const DATA: u32 = 0;
-        const UNWRITTEN: u32 = BlockStatus::HOLE | BlockStatus::ZERO;
-        let mut runs: Vec<BlockStatus> = Vec::new();
-        let mut push = |len: u64, flags: u32| match runs.last_mut() {
-            Some(r) if r.flags == flags => r.len += len,
-            _ => runs.push(BlockStatus { len, flags }),
-        };
-        let s = lock(&self.state);
-        for (i, (c, off, n)) in self.pieces(offset, len).enumerate() {
-            if i as u64 >= BLOCK_STATUS_MAX_CLUSTERS {
-                break;
-            }
-            if s.is_archived(c) {
-                let zero = s.is_zero(c);
-                push(n as u64, if zero { BlockStatus::ZERO } else { DATA });
-            } else if let Some(p) = s.partial.get(&c) {
-                let mut pos = off;
-                for &(a, b) in p.covered.ranges() {
-                    let (a, b) = ((a as usize).max(off), (b as usize).min(off + n));
-                    if a >= b {
-                        continue;
-                    }
-                    if a > pos {
-                        push((a - pos) as u64, UNWRITTEN);
-                    }
-                    push((b - a) as u64, DATA);
-                    pos = b;
-                }
-                if pos < off + n {
-                    push((off + n - pos) as u64, UNWRITTEN);
-                }
-            } else {
-                push(n as u64, UNWRITTEN);
-            }
-        }
-        Ok(runs)
-    }
-
-    fn connected(&self) {
-        self.shared.first_connect.get_or_init(Instant::now);
-        let mut s = lock(&self.state);
-        s.connections += 1;
-        s.ever_connected = true;
-        s.idle_since = None;
-        drop(s);
-        tracing::info!(drive = %self.name, "client connected");
-        self.shared.notify();
-    }
-
-    fn disconnected(&self, clean: bool) {
-        let mut s = lock(&self.state);
-        s.connections = s.connections.saturating_sub(1);
-        if s.connections == 0 && s.archived_count < self.clusters {
-            s.idle_since = Some(Instant::now());
-        }
-        drop(s);
-        tracing::info!(drive = %self.name, clean, "client disconnected");
-        self.shared.notify();
     }
 }
 
@@ -787,14 +144,10 @@ impl Drop for Assembler {
     fn drop(&mut self) {
         // Dropped without finish/abort: stop the thread without blocking;
         // it drops the sink, which removes the partial file.
-        if self.thread.is_some() && self.shared.tx.try_send(Msg::Close).is_err() {
-            // The channel is full: wait for room on a thread of its own, so
-            // the writer still stops (and its partial file goes) without
-            // blocking whoever dropped us.
-            let tx = self.shared.tx.clone();
-            std::thread::spawn(move || {
-                let _ = tx.blocking_send(Msg::Close);
-            });
+        // Even when the channel is full, the writer still stops (and its
+        // partial file goes) without blocking whoever dropped us.
+        if self.thread.is_some() {
+            self.shared.close_in_background();
         }
     }
 }
@@ -809,7 +162,7 @@ impl Assembler {
         cfg: &AssemblerConfig,
     ) -> io::Result<Assembler> {
         let readback = match (sink.is_plain_file(), sink.partial()) {
-            (true, Some(p)) => Some((File::open(p)?, Arc::new(Mutex::new(Locations::default())))),
+            (true, Some(p)) => Some(Arc::new(ReadBack::open(p)?)),
             _ => None,
         };
         let header = builder.header();
@@ -817,41 +170,19 @@ impl Assembler {
         let (tx, rx) = mpsc::channel(CHANNEL_CLUSTERS);
         let (changed_tx, changed) = watch::channel(0);
         let permits = (cfg.partial_limit / VMA_CLUSTER_SIZE).max(1);
-        let shared = Arc::new(Shared {
-            tx,
-            failed: AtomicBool::new(false),
-            failure: Mutex::new(None),
-            partial_permits: Arc::new(Semaphore::new(permits)),
-            partial_wait: cfg.partial_wait,
-            readback,
-            changed: changed_tx,
-            copied_bytes: AtomicU64::new(0),
-            first_connect: std::sync::OnceLock::new(),
-        });
-        let locations = shared.readback.as_ref().map(|(_, l)| l.clone());
-        let thread = writer_thread::spawn(writer, rx, shared.clone(), locations)?;
+        let shared = Arc::new(Shared::new(tx, changed_tx, permits, cfg.partial_wait));
+        let thread = writer_thread::spawn(writer, rx, shared.clone(), readback.clone())?;
         let drives = drives
             .iter()
             .zip(&header.devices)
             .map(|(d, dev)| {
-                let clusters = d.size.div_ceil(CS);
-                Arc::new(Drive {
-                    dev: dev.id,
-                    name: d.name.clone(),
-                    size: d.size,
-                    clusters,
-                    state: Mutex::new(DriveState {
-                        archived: vec![0; clusters.div_ceil(64) as usize],
-                        zero: vec![0; clusters.div_ceil(64) as usize],
-                        digests: if shared.readback.is_none() {
-                            vec![0; clusters as usize]
-                        } else {
-                            Vec::new()
-                        },
-                        ..Default::default()
-                    }),
-                    shared: shared.clone(),
-                })
+                Arc::new(Drive::new(
+                    dev.id,
+                    d.name.clone(),
+                    d.size,
+                    shared.clone(),
+                    readback.clone(),
+                ))
             })
             .collect();
         Ok(Assembler {
@@ -879,12 +210,12 @@ impl Assembler {
 
     /// Bytes copied into partial-cluster buffers so far.
     pub fn copied_bytes(&self) -> u64 {
-        self.shared.copied_bytes.load(Ordering::Relaxed)
+        self.shared.copied_bytes()
     }
 
     /// When the first client connected, if one has.
     pub fn first_connect(&self) -> Option<Instant> {
-        self.shared.first_connect.get().copied()
+        self.shared.first_connect()
     }
 
     /// A receiver that changes whenever a drive connects, disconnects,
@@ -898,7 +229,7 @@ impl Assembler {
     fn stop_thread(&mut self) -> Writer<Sink> {
         // The drives hold senders too, so the channel never closes by
         // itself. Blocks while the channel is full, which the thread drains.
-        let _ = self.shared.tx.blocking_send(Msg::Close);
+        self.shared.close_blocking();
         let thread = self.thread.take().expect("writer thread already stopped");
         thread.join().expect("archive writer thread panicked")
     }
@@ -950,7 +281,7 @@ impl Assembler {
                     .into_iter()
                     .map(|s| (s.name, s.size, s.zero_bytes))
                     .collect(),
-                copied_bytes: shared.copied_bytes.load(Ordering::Relaxed),
+                copied_bytes: shared.copied_bytes(),
             })
         })
         .await
@@ -963,7 +294,7 @@ impl Assembler {
     pub fn fail(&self, reason: &str) {
         self.shared
             .fail_with(io::Error::other("backup aborted"), reason);
-        self.shared.partial_permits.close();
+        self.shared.close_partial_room();
     }
 
     /// Abandons the archive: the partial file is removed (or kept, as the
@@ -975,7 +306,12 @@ impl Assembler {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::File;
+
+    use bytes::Bytes;
+
     use super::*;
+    use crate::nbd::{Backend, BlockStatus};
     use crate::sink::{SinkOptions, Target};
     use crate::vma::Reader;
 
@@ -1104,6 +440,9 @@ mod tests {
         // Reads see archived data (read back from the file) and holes.
         let r = d0.read(65536 - 10, 20).await.unwrap();
         assert_eq!(&r[..], &expect0[65526..65546]);
+        // The last cluster, shorter than its straddling block, too.
+        let r = d0.read(10 * 65536, 1536).await.unwrap();
+        assert_eq!(&r[..], &expect0[10 * 65536..]);
         assert!(!asm.status()[1].complete);
         let r = d1.read(0, 100).await.unwrap();
         assert!(r.iter().all(|&b| b == 0));
@@ -1133,14 +472,20 @@ mod tests {
         assert_eq!(disks[1], vec![0u8; 3 * 65536]);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn abort_leaves_no_archive() {
-        let dir = tempfile::tempdir().unwrap();
-        let (asm, path) = start(dir.path(), &[65536 * 4], AssemblerConfig::default());
+    /// One drive of 4 clusters, the first of them written.
+    async fn one_of_four_written(dir: &std::path::Path) -> (Assembler, PathBuf) {
+        let (asm, path) = start(dir, &[65536 * 4], AssemblerConfig::default());
         asm.drives()[0]
             .write(0, Bytes::from(vec![5u8; 65536]))
             .await
             .unwrap();
+        (asm, path)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn abort_leaves_no_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let (asm, path) = one_of_four_written(dir.path()).await;
         assert!(asm.status()[0].done == 65536);
         asm.abort().await;
         assert!(!path.exists());
@@ -1150,11 +495,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn finish_refuses_incomplete_drives() {
         let dir = tempfile::tempdir().unwrap();
-        let (asm, path) = start(dir.path(), &[65536 * 4], AssemblerConfig::default());
-        asm.drives()[0]
-            .write(0, Bytes::from(vec![5u8; 65536]))
-            .await
-            .unwrap();
+        let (asm, path) = one_of_four_written(dir.path()).await;
         let err = asm.finish().await.unwrap_err();
         assert!(
             err.to_string()

@@ -4,81 +4,19 @@
 //! instead of unbounded memory). Blocking file IO stays off the tokio
 //! workers.
 //!
-//! The thread also records where every extent landed, so that archived
-//! clusters can be read back from an uncompressed file (`Locations`).
+//! The thread also tells the [`ReadBack`] where every extent landed, so
+//! that archived clusters can be read back from an uncompressed file.
 
-use std::collections::HashMap;
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use super::Shared;
+use super::readback::ReadBack;
+use super::shared::{Msg, Payload, Shared, clone_err};
 use crate::sink::Sink;
-use crate::vma::consts::{VMA_BLOCK_SIZE, VMA_EXTENT_HEADER_SIZE};
-use crate::vma::extent::BlockInfo;
-use crate::vma::{DevId, Writer};
-
-/// A cluster's content on its way to the archive.
-#[derive(Debug)]
-pub enum Payload {
-    /// The cluster's in-device bytes; a slice of the client's WRITE buffer
-    /// when the write covered the whole cluster (no copy), else the
-    /// assembled partial buffer.
-    Data(Bytes),
-    /// An all-zero cluster (mask 0, no payload).
-    Zero,
-}
-
-/// What the drive exports ask of the writer thread.
-pub enum Msg {
-    /// Archive one cluster (the exports guarantee each cluster once).
-    Cluster {
-        /// Device.
-        dev: DevId,
-        /// Cluster number.
-        cluster: u64,
-        /// Its content.
-        payload: Payload,
-    },
-    /// Write out the pending extent; with `sync`, also fdatasync.
-    Flush {
-        /// fdatasync after writing.
-        sync: bool,
-        /// Gets the outcome.
-        reply: oneshot::Sender<io::Result<()>>,
-    },
-    /// Stop and hand the writer back (to finish or drop it).
-    Close,
-}
-
-/// Where archived clusters are in an uncompressed archive file.
-#[derive(Default)]
-pub struct Locations {
-    /// Per extent: file offset of its header and its entries.
-    extents: Vec<(u64, Vec<BlockInfo>)>,
-    /// (dev, cluster) → index into `extents`.
-    index: HashMap<(u8, u32), u32>,
-}
-
-impl Locations {
-    /// File offset and mask of the stored blocks of `(dev, cluster)`, if
-    /// its extent has been written.
-    pub fn find(&self, dev: DevId, cluster: u64) -> Option<(u64, u16)> {
-        let &e = self.index.get(&(dev.0, cluster as u32))?;
-        let (at, entries) = &self.extents[e as usize];
-        let mut off = at + VMA_EXTENT_HEADER_SIZE as u64;
-        for b in entries {
-            if b.dev == dev.0 && u64::from(b.cluster) == cluster {
-                return Some((off, b.mask));
-            }
-            off += (b.blocks() * VMA_BLOCK_SIZE) as u64;
-        }
-        None
-    }
-}
+use crate::vma::Writer;
 
 /// Starts the writer thread; returns its join handle, which yields the
 /// writer back after [`Msg::Close`] (or when every sender is gone).
@@ -86,17 +24,10 @@ pub fn spawn(
     mut writer: Writer<Sink>,
     mut rx: mpsc::Receiver<Msg>,
     shared: Arc<Shared>,
-    locations: Option<Arc<Mutex<Locations>>>,
+    readback: Option<Arc<ReadBack>>,
 ) -> io::Result<JoinHandle<Writer<Sink>>> {
-    if let Some(locs) = locations {
-        writer.set_extent_observer(Box::new(move |at, entries| {
-            let mut l = locs.lock().unwrap_or_else(|e| e.into_inner());
-            let idx = l.extents.len() as u32;
-            for b in entries {
-                l.index.insert((b.dev, b.cluster), idx);
-            }
-            l.extents.push((at, entries.to_vec()));
-        }));
+    if let Some(rb) = readback {
+        writer.set_extent_observer(Box::new(move |at, entries| rb.record(at, entries)));
     }
     std::thread::Builder::new()
         .name("vma-writer".into())
@@ -143,12 +74,4 @@ pub fn spawn(
             }
             writer
         })
-}
-
-/// io::Error is not Clone; keep kind, errno and text.
-pub fn clone_err(e: &io::Error) -> io::Error {
-    match e.raw_os_error() {
-        Some(code) => io::Error::from_raw_os_error(code),
-        None => io::Error::new(e.kind(), e.to_string()),
-    }
 }

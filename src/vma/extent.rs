@@ -3,9 +3,11 @@
 
 use uuid::Uuid;
 
-use super::FormatError;
+use std::ops::Range;
+
 use super::consts::*;
 use super::header::hex;
+use super::{FormatError, cluster};
 
 /// One blockinfo word (§3.2): which cluster of which device, and which of
 /// its 4 KiB blocks are stored.
@@ -39,6 +41,11 @@ impl BlockInfo {
     /// Number of stored 4 KiB blocks.
     pub fn blocks(self) -> usize {
         self.mask.count_ones() as usize
+    }
+
+    /// Bytes of payload the cluster takes in its extent.
+    pub fn stored_len(self) -> usize {
+        cluster::stored_len(self.mask)
     }
 }
 
@@ -104,15 +111,7 @@ impl ExtentHeader {
         if computed.0 != stored {
             // A wrong magic is the likelier story when the md5 fails too;
             // say so, since "bad md5" hides that we are not at an extent.
-            let magic: [u8; 4] = b[..4].try_into().unwrap();
-            if magic != VMA_EXTENT_MAGIC {
-                return Err(FormatError::BadMagic {
-                    offset: at,
-                    what: "extent",
-                    found: magic,
-                    expected: VMA_EXTENT_MAGIC,
-                });
-            }
+            check_magic(b, at)?;
             return Err(FormatError::BadChecksum {
                 offset: at,
                 what: "extent header",
@@ -132,15 +131,7 @@ impl ExtentHeader {
                 expected: *uuid,
             });
         }
-        let magic: [u8; 4] = b[..4].try_into().unwrap();
-        if magic != VMA_EXTENT_MAGIC {
-            return Err(FormatError::BadMagic {
-                offset: at,
-                what: "extent",
-                found: magic,
-                expected: VMA_EXTENT_MAGIC,
-            });
-        }
+        check_magic(b, at)?;
         let reserved = u16::from_be_bytes([b[4], b[5]]);
         if reserved != 0 {
             return Err(FormatError::ReservedNotZero {
@@ -178,9 +169,44 @@ impl ExtentHeader {
     }
 }
 
+/// The extent magic of the header at archive offset `at`.
+fn check_magic(b: &[u8; VMA_EXTENT_HEADER_SIZE], at: u64) -> Result<(), FormatError> {
+    let magic: [u8; 4] = b[offset::EXT_MAGIC..offset::EXT_MAGIC + 4]
+        .try_into()
+        .unwrap();
+    if magic != VMA_EXTENT_MAGIC {
+        return Err(FormatError::BadMagic {
+            offset: at,
+            what: "extent",
+            found: magic,
+            expected: VMA_EXTENT_MAGIC,
+        });
+    }
+    Ok(())
+}
+
 /// Offset, within an extent, of blockinfo slot `i` (for error messages).
 pub fn blockinfo_offset(extent_at: u64, slot: usize) -> u64 {
     extent_at + (offset::EXT_BLOCKINFO + 8 * slot) as u64
+}
+
+/// Archive offset of the payload of the extent whose header is at
+/// `extent_at`.
+pub fn payload_offset(extent_at: u64) -> u64 {
+    extent_at + VMA_EXTENT_HEADER_SIZE as u64
+}
+
+/// The used entries of an extent, in order, each with the bytes of the
+/// payload that hold its stored blocks (§5.3).
+pub fn payload_ranges(
+    entries: &[BlockInfo],
+) -> impl Iterator<Item = (BlockInfo, Range<usize>)> + '_ {
+    let mut pos = 0;
+    entries.iter().map(move |&e| {
+        let start = pos;
+        pos += e.stored_len();
+        (e, start..pos)
+    })
 }
 
 #[cfg(test)]
@@ -222,6 +248,9 @@ mod tests {
         let h = ExtentHeader::decode(&b, &u, 0).unwrap();
         assert_eq!(h.block_count, 18);
         assert_eq!(h.entries().map(|(_, e)| e).collect::<Vec<_>>(), entries);
+        let ranges: Vec<_> = payload_ranges(&entries).map(|(_, r)| r).collect();
+        assert_eq!(ranges, [0..65536, 65536..65536, 65536..73728]);
+        assert_eq!(payload_offset(1000), 1512);
 
         let other = Uuid::from_bytes([1; 16]);
         assert!(matches!(

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
 use super::consts::*;
-use super::{DevId, FormatError};
+use super::{DevId, FormatError, cluster};
 
 /// One config blob (e.g. `qemu-server.conf`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,14 +35,13 @@ pub struct Device {
 impl Device {
     /// Number of 64 KiB clusters, the last one possibly partial.
     pub fn clusters(&self) -> u64 {
-        self.size.div_ceil(VMA_CLUSTER_SIZE as u64)
+        cluster::clusters_of(self.size)
     }
 
     /// Bytes of `cluster` that lie inside the device: 65536, or less for the
     /// last cluster of a device whose size is not a multiple of 64 KiB.
     pub fn cluster_len(&self, cluster: u64) -> usize {
-        let start = cluster * VMA_CLUSTER_SIZE as u64;
-        (self.size.saturating_sub(start)).min(VMA_CLUSTER_SIZE as u64) as usize
+        cluster::cluster_len(self.size, cluster)
     }
 }
 

@@ -1,6 +1,11 @@
 //! The Proxmox VMA archive format (`format/VMA.md` is its specification).
 //!
 //! - [`consts`]: every number of the format.
+//! - [`cluster`]: cluster geometry and masks: clusters of a device, bytes of
+//!   a cluster inside it, the runs of stored 4 KiB blocks of a mask and where
+//!   they lie in the payload. The only place that does arithmetic on masks.
+//! - [`ClusterBitmap`]: one bit per cluster (seen, archived, zero).
+//! - [`zero`]: zero detection per 4 KiB block and the mask of a cluster.
 //! - [`header`], [`extent`]: pure encode/decode of the archive header and of
 //!   extent headers; no IO.
 //! - [`writer`]: streaming writer to any `Write`; never seeks.
@@ -12,6 +17,8 @@
 
 #![deny(missing_docs)]
 
+mod bitmap;
+pub mod cluster;
 pub mod consts;
 mod error;
 pub mod extent;
@@ -21,6 +28,7 @@ pub mod restore_stats;
 pub mod writer;
 pub mod zero;
 
+pub use bitmap::ClusterBitmap;
 pub use error::{FormatError, MissingClusters};
 pub use header::{Config, Device, Header};
 pub use reader::{ClusterData, Extent, ReadStats, Reader};

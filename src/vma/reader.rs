@@ -10,10 +10,11 @@
 
 use std::io::{self, Read};
 
+use super::cluster::{self, cluster_len, stored_runs, valid_mask};
 use super::consts::*;
-use super::extent::{BlockInfo, ExtentHeader, blockinfo_offset};
+use super::extent::{BlockInfo, ExtentHeader, blockinfo_offset, payload_ranges};
 use super::header::Header;
-use super::{DevId, FormatError, MissingClusters};
+use super::{ClusterBitmap, DevId, FormatError, MissingClusters};
 
 /// Reads until `buf` is full or EOF; returns the bytes read.
 fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
@@ -31,9 +32,7 @@ fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
 
 struct DevTrack {
     size: u64,
-    clusters: u64,
-    seen: Vec<u64>,
-    seen_count: u64,
+    seen: ClusterBitmap,
 }
 
 /// Totals over the clusters read so far.
@@ -92,9 +91,7 @@ impl<R: Read> Reader<R> {
         for d in &header.devices {
             devs[d.id.0 as usize] = Some(DevTrack {
                 size: d.size,
-                clusters: d.clusters(),
-                seen: vec![0; d.clusters().div_ceil(64) as usize],
-                seen_count: 0,
+                seen: ClusterBitmap::new(d.clusters()),
             });
         }
         Ok(Reader {
@@ -181,18 +178,16 @@ impl<R: Read> Reader<R> {
                 })?;
             let dev = DevId(e.dev);
             let cluster = u64::from(e.cluster);
-            if cluster >= track.clusters {
+            if cluster >= track.seen.len() {
                 return Err(FormatError::ClusterOutOfRange {
                     offset: off,
                     dev,
                     cluster,
-                    clusters: track.clusters,
+                    clusters: track.seen.len(),
                 });
             }
-            let in_dev =
-                (track.size - cluster * VMA_CLUSTER_SIZE as u64).min(VMA_CLUSTER_SIZE as u64);
-            let valid_blocks = in_dev.div_ceil(VMA_BLOCK_SIZE as u64) as u32;
-            if valid_blocks < 16 && u32::from(e.mask) >> valid_blocks != 0 {
+            let in_dev = cluster_len(track.size, cluster);
+            if e.mask & !valid_mask(in_dev) != 0 {
                 return Err(FormatError::MaskPastEnd {
                     offset: off,
                     dev,
@@ -201,20 +196,17 @@ impl<R: Read> Reader<R> {
                     size: track.size,
                 });
             }
-            let (w, b) = ((cluster / 64) as usize, cluster % 64);
-            if track.seen[w] & (1 << b) != 0 {
+            if track.seen.set(cluster) {
                 return Err(FormatError::DuplicateCluster {
                     offset: off,
                     dev,
                     cluster,
                 });
             }
-            track.seen[w] |= 1 << b;
-            track.seen_count += 1;
-            let stored = (e.blocks() * VMA_BLOCK_SIZE) as u64;
+            let in_dev = in_dev as u64;
             self.stats.clusters += 1;
             self.stats.bytes += in_dev;
-            self.stats.zero_bytes += in_dev.saturating_sub(stored);
+            self.stats.zero_bytes += in_dev.saturating_sub(e.stored_len() as u64);
             entries.push(e);
         }
         Ok(Some(Extent {
@@ -229,20 +221,13 @@ impl<R: Read> Reader<R> {
         let mut missing = Vec::new();
         for d in &self.header.devices {
             let t = self.devs[d.id.0 as usize].as_ref().expect("registered");
-            if t.seen_count == t.clusters {
+            let Some(first) = t.seen.first_clear() else {
                 continue;
-            }
-            // Word by word: a huge device is not walked bit by bit.
-            let first = t
-                .seen
-                .iter()
-                .enumerate()
-                .find(|(_, w)| **w != u64::MAX)
-                .map_or(0, |(i, w)| i as u64 * 64 + u64::from(w.trailing_ones()));
+            };
             missing.push(MissingClusters {
                 dev: d.id,
                 name: d.name.clone(),
-                missing: t.clusters - t.seen_count,
+                missing: t.seen.len() - t.seen.count(),
                 first,
             });
         }
@@ -275,19 +260,14 @@ pub struct Extent<'a> {
 impl<'a> Extent<'a> {
     /// The clusters of this extent, in order.
     pub fn clusters(&self) -> impl Iterator<Item = ClusterData<'a>> + '_ {
-        let mut pos = 0;
-        self.entries.iter().map(move |e| {
-            let len = e.blocks() * VMA_BLOCK_SIZE;
-            let data = &self.payload[pos..pos + len];
-            pos += len;
+        payload_ranges(&self.entries).map(|(e, stored)| {
             let size = self.sizes[e.dev as usize].as_ref().map_or(0, |t| t.size);
-            let start = u64::from(e.cluster) * VMA_CLUSTER_SIZE as u64;
             ClusterData {
                 dev: DevId(e.dev),
                 cluster: u64::from(e.cluster),
                 mask: e.mask,
-                len: (size - start).min(VMA_CLUSTER_SIZE as u64) as usize,
-                stored: data,
+                len: cluster_len(size, u64::from(e.cluster)),
+                stored: &self.payload[stored],
             }
         })
     }
@@ -321,41 +301,22 @@ pub struct ClusterData<'a> {
 impl<'a> ClusterData<'a> {
     /// Byte offset of the cluster in its device.
     pub fn device_offset(&self) -> u64 {
-        self.cluster * VMA_CLUSTER_SIZE as u64
+        cluster::cluster_offset(self.cluster)
     }
 
     /// Runs of stored data as `(offset within the cluster, bytes)`, clamped
     /// to the device end; consecutive stored blocks form one run.
     pub fn runs(&self) -> impl Iterator<Item = (usize, &'a [u8])> + '_ {
-        let mut i = 0usize;
-        let mut pos = 0usize;
-        std::iter::from_fn(move || {
-            while i < VMA_BLOCKS_PER_CLUSTER && self.mask & (1 << i) == 0 {
-                i += 1;
-            }
-            if i >= VMA_BLOCKS_PER_CLUSTER {
-                return None;
-            }
-            let start = i;
-            while i < VMA_BLOCKS_PER_CLUSTER && self.mask & (1 << i) != 0 {
-                i += 1;
-            }
-            let bytes = (i - start) * VMA_BLOCK_SIZE;
-            let from = start * VMA_BLOCK_SIZE;
-            let keep = bytes.min(self.len.saturating_sub(from));
-            let run = &self.stored[pos..pos + keep];
-            pos += bytes;
-            Some((from, run))
+        stored_runs(self.mask).map(|run| {
+            let r = run.in_device(self.len);
+            let from = run.payload_range().start;
+            (r.start, &self.stored[from..from + r.len()])
         })
     }
 
     /// Writes the cluster's in-device bytes into `out` (`len` bytes), zeros
     /// where blocks are not stored.
     pub fn expand_into(&self, out: &mut [u8]) {
-        let out = &mut out[..self.len];
-        out.fill(0);
-        for (off, run) in self.runs() {
-            out[off..off + run.len()].copy_from_slice(run);
-        }
+        cluster::expand_into(self.mask, self.stored, &mut out[..self.len]);
     }
 }

@@ -13,11 +13,12 @@ use std::io::{self, IoSlice, Write};
 use bytes::Bytes;
 use uuid::Uuid;
 
+use super::cluster::{stored_len, stored_runs};
 use super::consts::*;
 use super::extent::{BlockInfo, ExtentHeader};
 use super::header::{Config, Device, Header, check_name};
 use super::zero::block_mask;
-use super::{DevId, FormatError, MissingClusters};
+use super::{ClusterBitmap, DevId, FormatError, MissingClusters};
 
 /// Zero bytes used to pad the block that straddles a device's end.
 static ZERO_BLOCK: [u8; VMA_BLOCK_SIZE] = [0; VMA_BLOCK_SIZE];
@@ -156,7 +157,7 @@ impl WriterBuilder {
             .devices
             .iter()
             .map(|d| DevState {
-                seen: vec![0u64; d.clusters().div_ceil(64) as usize],
+                seen: ClusterBitmap::new(d.clusters()),
                 archived: 0,
                 zero_bytes: 0,
                 dev: d.clone(),
@@ -179,8 +180,8 @@ impl WriterBuilder {
 
 struct DevState {
     dev: Device,
-    /// One bit per cluster: already archived (or pending).
-    seen: Vec<u64>,
+    /// Clusters already archived (or pending).
+    seen: ClusterBitmap,
     archived: u64,
     zero_bytes: u64,
 }
@@ -280,7 +281,7 @@ impl<W: Write> Writer<W> {
                 clusters,
             });
         }
-        if d.seen[(cluster / 64) as usize] & (1 << (cluster % 64)) != 0 {
+        if d.seen.get(cluster) {
             return Err(FormatError::DuplicateCluster {
                 offset: 0,
                 dev,
@@ -311,8 +312,7 @@ impl<W: Write> Writer<W> {
             });
         }
         let mask = block_mask(&data);
-        let stored = mask.count_ones() as usize * VMA_BLOCK_SIZE;
-        let zero = (expected as u64).saturating_sub(stored as u64);
+        let zero = (expected as u64).saturating_sub(stored_len(mask) as u64);
         self.push(
             idx,
             cluster,
@@ -346,7 +346,7 @@ impl<W: Write> Writer<W> {
             self.write_extent()?;
         }
         let d = &mut self.devs[idx];
-        d.seen[(cluster / 64) as usize] |= 1 << (cluster % 64);
+        d.seen.set(cluster);
         d.archived += len;
         d.zero_bytes += zero;
         self.pending.push(Pending {
@@ -406,23 +406,11 @@ impl<W: Write> Writer<W> {
         self.devs
             .iter()
             .filter_map(|d| {
-                let clusters = d.dev.clusters();
-                let missing = clusters
-                    - d.seen
-                        .iter()
-                        .map(|w| u64::from(w.count_ones()))
-                        .sum::<u64>();
-                if missing == 0 {
-                    return None;
-                }
-                // Whole words at a time: a huge device is not walked bit by bit.
-                let (w, word) = d.seen.iter().enumerate().find(|(_, w)| **w != u64::MAX)?;
-                let first = w as u64 * 64 + u64::from(word.trailing_ones());
                 Some(MissingClusters {
+                    first: d.seen.first_clear()?,
                     dev: d.dev.id,
                     name: d.dev.name.clone(),
-                    missing,
-                    first,
+                    missing: d.seen.len() - d.seen.count(),
                 })
             })
             .collect()
@@ -471,35 +459,20 @@ impl<W: Write> Writer<W> {
     }
 }
 
-/// Appends the stored blocks of one cluster to `slices`; returns their
-/// length on disk (a multiple of 4 KiB).
+/// Appends the stored blocks of one cluster to `slices`, one slice per run
+/// of stored blocks (a full cluster is one slice); returns their length on
+/// disk (a multiple of 4 KiB).
 fn push_stored<'a>(slices: &mut Vec<IoSlice<'a>>, data: &'a [u8], mask: u16) -> usize {
-    if mask == u16::MAX && data.len() == VMA_CLUSTER_SIZE {
-        slices.push(IoSlice::new(data));
-        return VMA_CLUSTER_SIZE;
-    }
-    let mut total = 0;
-    let mut i = 0;
-    while i < VMA_BLOCKS_PER_CLUSTER {
-        if mask & (1 << i) == 0 {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while i < VMA_BLOCKS_PER_CLUSTER && mask & (1 << i) != 0 {
-            i += 1;
-        }
-        let from = start * VMA_BLOCK_SIZE;
-        let to = i * VMA_BLOCK_SIZE;
-        let end = to.min(data.len());
-        slices.push(IoSlice::new(&data[from..end]));
-        if end < to {
+    for run in stored_runs(mask) {
+        let r = run.in_device(data.len());
+        let pad = run.payload_range().len() - r.len();
+        slices.push(IoSlice::new(&data[r]));
+        if pad > 0 {
             // The block straddling the device end: pad with zeros.
-            slices.push(IoSlice::new(&ZERO_BLOCK[..to - end]));
+            slices.push(IoSlice::new(&ZERO_BLOCK[..pad]));
         }
-        total += to - from;
     }
-    total
+    stored_len(mask)
 }
 
 /// `write_all` for a list of slices (std's `write_all_vectored` is unstable).
@@ -532,6 +505,7 @@ mod tests {
         assert_eq!(mask, 0b11);
         let mut slices = Vec::new();
         assert_eq!(push_stored(&mut slices, &data, mask), 8192);
+        assert_eq!(slices.len(), 2, "one run, then the padding");
         let flat: Vec<u8> = slices.iter().flat_map(|s| s.to_vec()).collect();
         assert_eq!(flat.len(), 8192);
         assert_eq!(&flat[..data.len()], &data[..]);
