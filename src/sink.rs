@@ -109,6 +109,18 @@ impl Sink {
                     .create_new(true)
                     .open(&partial)
                     .map_err(|e| {
+                        if e.kind() == io::ErrorKind::AlreadyExists {
+                            return io::Error::new(
+                                e.kind(),
+                                format!(
+                                    "{} exists: the unfinished archive of an earlier run that \
+                                     was killed or kept with --keep-partial. It is not a \
+                                     complete archive; delete it to write {}",
+                                    partial.display(),
+                                    path.display()
+                                ),
+                            );
+                        }
                         io::Error::new(
                             e.kind(),
                             format!("cannot create {}: {e}", partial.display()),
