@@ -330,7 +330,7 @@ fn create_via_qemu(a: &Args, specs: &[DriveSpec]) -> anyhow::Result<ExitCode> {
         })?;
         let res = async {
             let qmp = daemon.connect().await?;
-            let nodes = qmp.block_nodes().await?;
+            let nodes = qmp.query_named_block_nodes().await?;
             let mut drives = Vec::new();
             for (i, s) in specs.iter().enumerate() {
                 let node = format!("vmaw{i}");

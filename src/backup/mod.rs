@@ -13,7 +13,11 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
+
+pub mod drives;
+
+pub use drives::{BackupDrive, NamedNode, all_drives, archive_name, block_nodes, resolve_drives};
 
 use crate::assembler::{DriveSpec, DriveStatus};
 use crate::nbd::ListenAddr;
@@ -30,17 +34,6 @@ pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often progress is reported to the [`Observer`].
 pub const TICK: Duration = Duration::from_millis(500);
 
-/// One drive to back up.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackupDrive {
-    /// QEMU node (or drive) name of the source.
-    pub node: String,
-    /// Device name in the archive and NBD export name.
-    pub name: String,
-    /// Exact size in bytes.
-    pub size: u64,
-}
-
 /// Receives progress; the CLI draws bars or prints JSON.
 pub trait Observer {
     /// Called every [`TICK`] while the jobs run.
@@ -51,69 +44,6 @@ impl<F: FnMut(&[DriveStatus])> Observer for F {
     fn progress(&mut self, status: &[DriveStatus]) {
         self(status)
     }
-}
-
-/// Proxmox's device name for a QEMU drive: `drive-` + the drive id, unless
-/// it already starts with `drive-`.
-pub fn archive_name(id: &str) -> String {
-    if id.starts_with("drive-") {
-        id.to_string()
-    } else {
-        format!("drive-{id}")
-    }
-}
-
-/// Resolves `--drive NODE[=NAME]` and `--all` against what QEMU reports.
-pub async fn resolve_drives(
-    qmp: &Qmp,
-    specs: &[String],
-    all: bool,
-) -> anyhow::Result<Vec<BackupDrive>> {
-    let nodes = qmp
-        .block_nodes()
-        .await
-        .context("cannot list QEMU's block nodes")?;
-    let mut out = Vec::new();
-    if all {
-        for n in qmp
-            .all_drives()
-            .await
-            .context("cannot list QEMU's drives")?
-        {
-            let id = n.drive_name.clone().unwrap_or_else(|| n.node_name.clone());
-            out.push(BackupDrive {
-                node: n.node_name,
-                name: archive_name(&id),
-                size: n.size,
-            });
-        }
-    }
-    for s in specs {
-        let (node, name) = match s.split_once('=') {
-            Some((n, name)) => (n, Some(name.to_string())),
-            None => (s.as_str(), None),
-        };
-        let found = nodes
-            .iter()
-            .find(|n| n.node_name == node || n.drive_name.as_deref() == Some(node))
-            .with_context(|| format!("QEMU has no block node or drive named '{node}'"))?;
-        out.push(BackupDrive {
-            node: found.node_name.clone(),
-            name: name.unwrap_or_else(|| archive_name(node)),
-            size: found.size,
-        });
-    }
-    if out.is_empty() {
-        bail!("no drives to back up: name them with --drive NODE[=NAME] or use --all");
-    }
-    let mut seen = HashSet::new();
-    for d in &out {
-        crate::vma::header::check_file_name("drive", &d.name)?;
-        if !seen.insert(d.name.clone()) {
-            bail!("drive name '{}' is used twice", d.name);
-        }
-    }
-    Ok(out)
 }
 
 /// Node and job names carry our pid, so two backups of one QEMU (of
