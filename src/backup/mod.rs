@@ -22,7 +22,9 @@ pub use drives::{BackupDrive, NamedNode, all_drives, archive_name, block_nodes, 
 use crate::assembler::{DriveSpec, DriveStatus};
 use crate::nbd::ListenAddr;
 use crate::qmp::{self, BackupJob, JobEvent, Qmp};
-use crate::target::{BackupTarget, Report, TargetConfig, WaitOutcome, describe_incomplete};
+use crate::target::{
+    BackupTarget, IncompleteDrive, Report, TargetConfig, WaitOutcome, incomplete_drives,
+};
 
 /// How long cancelled jobs get to report their end before we go on.
 pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -138,7 +140,7 @@ pub async fn run(
                 _ = &mut stop => { abort = Some(Abort::Stopped); break; }
                 o = &mut target_wait => {
                     abort = Some(Abort::Failed(match o {
-                        WaitOutcome::Failed(r) => r,
+                        WaitOutcome::Failed(r) => r.to_string(),
                         other => format!("the backup target ended early ({other:?})"),
                     }));
                     break;
@@ -199,14 +201,18 @@ pub async fn run(
         match settled {
             Ok(WaitOutcome::Settled) => {
                 observer.progress(&target.status());
-                return target.finish().await;
+                return Ok(target.finish().await?);
             }
             Ok(WaitOutcome::Stopped) => abort = Some(Abort::Stopped),
-            Ok(WaitOutcome::Failed(r)) => abort = Some(Abort::Failed(r)),
+            Ok(WaitOutcome::Failed(r)) => abort = Some(Abort::Failed(r.to_string())),
             Err(_) => {
                 abort = Some(Abort::Failed(format!(
                     "jobs completed but the drives did not settle within {SETTLE_TIMEOUT:?}: {}",
-                    describe_incomplete(&target.status()).join("; ")
+                    incomplete_drives(&target.status())
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 )))
             }
         }
@@ -239,10 +245,10 @@ pub async fn run(
 
 /// Why a backup failed, and which drives it left incomplete.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{reason}{}", if incomplete.is_empty() { String::new() } else { format!("; incomplete drives: {}", incomplete.join("; ")) })]
+#[error("{reason}{}", if incomplete.is_empty() { String::new() } else { format!("; incomplete drives: {}", incomplete.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")) })]
 pub struct BackupFailed {
     /// What went wrong.
     pub reason: String,
-    /// "NAME: N of M bytes missing" for every incomplete drive.
-    pub incomplete: Vec<String>,
+    /// Every drive the backup left incomplete.
+    pub incomplete: Vec<IncompleteDrive>,
 }

@@ -10,7 +10,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::assembler::DriveStatus;
-use crate::target::Report;
+use crate::target::{IncompleteDrive, Report};
 
 /// How often the live commands refresh progress.
 pub const TICK: Duration = Duration::from_millis(500);
@@ -140,9 +140,10 @@ impl LiveDisplay {
     }
 
     /// Reports failure; `missing` lists incomplete drives.
-    pub fn failed(&mut self, reason: &str, missing: &[String]) {
+    pub fn failed(&mut self, reason: &str, missing: &[IncompleteDrive]) {
         self.clear();
         if self.json {
+            let missing: Vec<String> = missing.iter().map(ToString::to_string).collect();
             json_line(json!({"event": "failed", "reason": reason, "incomplete": missing}));
         }
         eprintln!("vma-writer: backup failed: {reason}");

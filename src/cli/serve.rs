@@ -173,13 +173,13 @@ pub async fn drive_to_end(target: BackupTarget, json: bool) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                display.failed(&format!("{e:#}"), &[]);
+                display.failed(&format!("{:#}", anyhow::Error::from(e)), &[]);
                 ExitCode::FAILURE
             }
         },
         WaitOutcome::Failed(reason) => {
             let missing = target.abort().await;
-            display.failed(&reason, &missing);
+            display.failed(&reason.to_string(), &missing);
             ExitCode::FAILURE
         }
         WaitOutcome::Stopped => {
