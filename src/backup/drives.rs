@@ -8,8 +8,7 @@
 
 use std::collections::HashSet;
 
-use anyhow::{Context, bail};
-
+use super::error::Error;
 use crate::qmp::{self, BlockGraph, BlockInfo, BlockNode, ErrorClass, Qmp};
 
 /// One drive to back up.
@@ -114,20 +113,20 @@ async fn all_of(
         .collect())
 }
 
-/// Resolves `--drive NODE[=NAME]` and `--all` against what QEMU reports.
+/// Resolves `--drive NODE[=NAME]` and `--all` against what QEMU reports:
+/// the `--all` drives first, then the named ones. Archive names must be
+/// valid and unique.
 pub async fn resolve_drives(
     qmp: &Qmp,
     specs: &[String],
     all: bool,
-) -> anyhow::Result<Vec<BackupDrive>> {
-    let (nodes, drives) = inventory(qmp)
-        .await
-        .context("cannot list QEMU's block nodes")?;
+) -> Result<Vec<BackupDrive>, Error> {
+    let (nodes, drives) = inventory(qmp).await.map_err(Error::ListNodes)?;
     let mut out = Vec::new();
     if all {
         out = all_of(qmp, &nodes, &drives)
             .await
-            .context("cannot list QEMU's drives")?;
+            .map_err(Error::ListDrives)?;
     }
     for s in specs {
         let (node, name) = match s.split_once('=') {
@@ -137,7 +136,9 @@ pub async fn resolve_drives(
         let found = nodes
             .iter()
             .find(|n| n.node.node_name == node || n.drive_name.as_deref() == Some(node))
-            .with_context(|| format!("QEMU has no block node or drive named '{node}'"))?;
+            .ok_or_else(|| Error::NoSuchNode {
+                node: node.to_string(),
+            })?;
         out.push(BackupDrive {
             node: found.node.node_name.clone(),
             name: name.unwrap_or_else(|| archive_name(node)),
@@ -145,13 +146,15 @@ pub async fn resolve_drives(
         });
     }
     if out.is_empty() {
-        bail!("no drives to back up: name them with --drive NODE[=NAME] or use --all");
+        return Err(Error::NoDrives);
     }
     let mut seen = HashSet::new();
     for d in &out {
-        crate::vma::header::check_file_name("drive", &d.name)?;
-        if !seen.insert(d.name.clone()) {
-            bail!("drive name '{}' is used twice", d.name);
+        crate::vma::header::check_file_name("drive", &d.name).map_err(Error::BadName)?;
+        if !seen.insert(d.name.as_str()) {
+            return Err(Error::DuplicateName {
+                name: d.name.clone(),
+            });
         }
     }
     Ok(out)

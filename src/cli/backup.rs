@@ -91,14 +91,21 @@ pub async fn run_with_display(
         let mut observer = |s: &[crate::assembler::DriveStatus]| display.update(s);
         backup::run(qmp, drives, cfg, speed, &mut observer, stop_signal()).await
     };
-    match &res {
-        Ok(r) => display.finished(r),
-        Err(e) => match e.downcast_ref::<crate::backup::BackupFailed>() {
-            Some(f) => display.failed(&f.reason, &f.incomplete),
-            None => display.failed(&format!("{e:#}"), &[]),
-        },
+    match res {
+        Ok(r) => {
+            display.finished(&r);
+            Ok(r)
+        }
+        Err(backup::Error::Failed { reason, incomplete }) => {
+            display.failed(&reason.to_string(), &incomplete);
+            Err(backup::Error::Failed { reason, incomplete }.into())
+        }
+        Err(e) => {
+            let e = anyhow::Error::from(e);
+            display.failed(&format!("{e:#}"), &[]);
+            Err(e)
+        }
     }
-    res
 }
 
 /// Runs `backup`.
