@@ -346,11 +346,7 @@ impl BackupTarget {
         // Throughput counts from the first client, not from when we started
         // waiting for one.
         let started = self.assembler.first_connect().unwrap_or(self.started);
-        let summary = self
-            .assembler
-            .finish()
-            .await
-            .map_err(Error::Finish)?;
+        let summary = self.assembler.finish().await.map_err(Error::Finish)?;
         let bytes = summary.drives.iter().map(|d| d.1).sum();
         let zero_bytes = summary.drives.iter().map(|d| d.2).sum();
         Ok(Report {

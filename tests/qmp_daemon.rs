@@ -223,10 +223,7 @@ async fn backup_into_nbdkit_completes() {
 
     // The targets hold exactly the sources.
     for (node, target) in drives.iter().zip(&targets) {
-        let src = sources
-            .iter()
-            .find(|i| i.node_name == node.node)
-            .unwrap();
+        let src = sources.iter().find(|i| i.node_name == node.node).unwrap();
         assert!(
             qmp_support::images_equal(
                 src.path.to_str().unwrap(),

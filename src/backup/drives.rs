@@ -4,7 +4,7 @@
 //! storage daemon "has" as drives.
 //!
 //! Policy only: the raw queries are [`crate::qmp`]'s typed commands; running
-//! the backup is [`super::run`]'s.
+//! the backup is [`super::run`](mod@super::run)'s.
 
 use std::collections::HashSet;
 

@@ -3,7 +3,7 @@
 //! abandoned (carried with the drives it left incomplete).
 //!
 //! Only types; the drive rules are [`super::drives`]'s and the run is
-//! [`super::run`]'s.
+//! [`super::run`](mod@super::run)'s.
 
 use std::time::Duration;
 

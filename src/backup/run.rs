@@ -4,7 +4,7 @@
 //! the targets (QEMU then flushes and disconnects) and finish the archive.
 //!
 //! Every step returns a [`Failure`] with `?`; a failed backup is cleaned up
-//! in one place ([`Backup::clean_up`]): cancel the jobs that still run, wait
+//! in one place (`Backup::clean_up`): cancel the jobs that still run, wait
 //! for them, remove the targets still added, abandon the archive.
 //!
 //! Leaves to others: which drives ([`super::drives`]), the QMP commands

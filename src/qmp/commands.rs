@@ -386,7 +386,6 @@ fn backup_args(j: &BackupJob) -> Value {
     data
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,7 +499,13 @@ mod tests {
             "nodes": [{"name": "a", "type": "block-driver", "id": 2},
                       {"name": "", "type": "block-backend", "id": 1}]}))
         .unwrap();
-        assert_eq!(g.edges, [BlockGraphEdge { parent: 2, child: 3 }]);
+        assert_eq!(
+            g.edges,
+            [BlockGraphEdge {
+                parent: 2,
+                child: 3
+            }]
+        );
         assert_eq!(g.nodes[0].node_type, "block-driver");
         assert_eq!(g.nodes[1].name, "");
     }

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 /// Longest piece of a bad message quoted in an error.
-const MAX_QUOTE: usize = 512;
+pub const MAX_QUOTE: usize = 512;
 
 /// A message that is not what QMP allows at that point.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -443,9 +443,15 @@ mod tests {
             (&b"garbage"[..], "bad JSON"),
             (b"[1,2]", "message is not a JSON object"),
             (b"{\"foo\": 1}", "neither greeting, reply nor event"),
-            (b"{\"error\": {\"desc\": \"no class\"}}", "error without class"),
+            (
+                b"{\"error\": {\"desc\": \"no class\"}}",
+                "error without class",
+            ),
             (b"{\"event\": 5}", "event name is not a string"),
-            (b"{\"event\": \"X\", \"timestamp\": 1}", "bad event timestamp"),
+            (
+                b"{\"event\": \"X\", \"timestamp\": 1}",
+                "bad event timestamp",
+            ),
             (b"{\"QMP\": {}}", "greeting without version.qemu"),
         ] {
             let e = decode(line).unwrap_err();
@@ -566,10 +572,7 @@ mod tests {
 
         let ev = event(br#"{"event": "BLOCK_JOB_COMPLETED", "data": {"device": "j"}}"#);
         let e = ev.typed().unwrap_err();
-        assert!(
-            e.what.starts_with("bad BLOCK_JOB_COMPLETED event"),
-            "{e}"
-        );
+        assert!(e.what.starts_with("bad BLOCK_JOB_COMPLETED event"), "{e}");
         let ev = event(br#"{"event": "X", "timestamp": {"seconds": -1, "microseconds": -1}}"#);
         assert_eq!(ev.data, Value::Null);
         assert_eq!(ev.timestamp.to_system_time(), None);
