@@ -369,3 +369,44 @@ impl BackupTarget {
         missing
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(name: &str, size: u64, done: u64) -> DriveStatus {
+        DriveStatus {
+            name: name.into(),
+            size,
+            done,
+            complete: done == size,
+            connections: 0,
+            ever_connected: true,
+            idle_since: None,
+            settled: false,
+        }
+    }
+
+    #[test]
+    fn incomplete_drives_as_data() {
+        let missing = incomplete_drives(&[status("a", 4096, 4096), status("b", 4096, 1024)]);
+        assert_eq!(
+            missing,
+            [IncompleteDrive {
+                name: "b".into(),
+                missing: 3072,
+                size: 4096
+            }]
+        );
+        assert_eq!(missing[0].to_string(), "b: 3072 of 4096 bytes missing");
+        let gone = Failure::ClientGone {
+            drive: missing[0].clone(),
+            timeout: Duration::from_secs(30),
+        };
+        assert_eq!(
+            gone.to_string(),
+            "the client of drive b disconnected with 3072 of 4096 bytes missing and did not \
+             reconnect within 30s"
+        );
+    }
+}

@@ -148,3 +148,43 @@ pub enum Failure {
     #[error("stopped by signal")]
     Stopped,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drive(name: &str) -> IncompleteDrive {
+        IncompleteDrive {
+            name: name.into(),
+            missing: 1024,
+            size: 4096,
+        }
+    }
+
+    #[test]
+    fn failed_names_reason_then_incomplete_drives() {
+        let e = Error::Failed {
+            reason: Failure::Stopped,
+            incomplete: vec![drive("drive-a"), drive("drive-b")],
+        };
+        assert_eq!(
+            e.to_string(),
+            "stopped by signal; incomplete drives: drive-a: 1024 of 4096 bytes missing; \
+             drive-b: 1024 of 4096 bytes missing"
+        );
+        let e = Error::Failed {
+            reason: Failure::JobCancelled { job: "j0".into() },
+            incomplete: Vec::new(),
+        };
+        assert_eq!(e.to_string(), "backup job j0 was cancelled");
+        let e = Failure::NotSettled {
+            timeout: Duration::from_secs(60),
+            incomplete: vec![drive("drive-a")],
+        };
+        assert_eq!(
+            e.to_string(),
+            "jobs completed but the drives did not settle within 60s: \
+             drive-a: 1024 of 4096 bytes missing"
+        );
+    }
+}
