@@ -15,11 +15,18 @@
 //! - [`assembler`]: the NBD backend of each drive export; turns writes of any
 //!   shape into whole 64 KiB clusters for the archive writer.
 //! - [`target`]: the live-backup target: exports + assembler + the rules
-//!   for when the archive is final or the backup failed.
-//! - [`backup`]: a whole live backup driven over QMP (targets, one
-//!   transaction of jobs, completion, cleanup on failure).
+//!   for when the archive is final or the backup failed; typed
+//!   [`target::Error`] and [`target::Failure`].
+//! - [`backup`]: a whole live backup driven over QMP: [`backup::drives`]
+//!   picks the drives (`--drive`, `--all`) and names them, [`backup::run`](mod@backup::run)
+//!   adds the targets, starts one transaction of jobs, waits, and cleans up
+//!   on failure in one place; [`backup::Error`] carries a failed backup's
+//!   incomplete drives.
 //! - [`sink`]: bytes out: plain or zstd, fsync, temp-then-rename commit.
-//! - [`qmp`]: a small async client for QEMU's JSON monitor.
+//! - [`qmp`]: a small async client for QEMU's JSON monitor:
+//!   [`qmp::protocol`] (pure message decoding, error classes, typed
+//!   events), [`qmp::client`] (connection, `execute`, event streams),
+//!   [`qmp::commands`] (typed block commands and queries).
 //! - [`qemu`]: starting and stopping `qemu-storage-daemon` for `create`,
 //!   `demo` and tests.
 //! - [`cli`]: one module per subcommand of the `vma-writer` binary.

@@ -42,26 +42,8 @@ fn main() -> ExitCode {
     match vma_writer::cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vma-writer: error: {}", describe(&e));
+            eprintln!("vma-writer: error: {}", vma_writer::cli::describe(&*e));
             ExitCode::FAILURE
         }
     }
-}
-
-/// The error and its causes, joined by ": ", each cause said once: a
-/// cause whose text the message already holds (an I/O error quoted by the
-/// error that wraps it) is not repeated.
-fn describe(e: &anyhow::Error) -> String {
-    let mut msg = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if msg.contains(&text) {
-            continue;
-        }
-        if !msg.is_empty() {
-            msg.push_str(": ");
-        }
-        msg.push_str(&text);
-    }
-    msg
 }

@@ -32,6 +32,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use rustix::process::{Pid, Signal};
 use tokio::process::{Child, Command};
 use tracing::{debug, warn};
 
@@ -394,17 +395,15 @@ impl StorageDaemon {
             .stdout(Stdio::null())
             .stderr(stderr)
             .kill_on_drop(true);
-        let parent = std::process::id();
+        let parent = Pid::from_raw(std::process::id() as i32);
         // SAFETY: the closure only makes async-signal-safe calls (prctl,
-        // getppid) and allocates nothing.
+        // getppid, as raw syscalls) and allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
                 // We may have died between fork and prctl.
-                if libc::getppid() as u32 != parent {
-                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                if rustix::process::getppid() != parent {
+                    return Err(rustix::io::Errno::SRCH.into());
                 }
                 Ok(())
             });
@@ -544,11 +543,11 @@ impl StorageDaemon {
             Ok(Ok(())) => debug!(pid = self.pid, "qemu-storage-daemon: quit sent"),
             Ok(Err(e)) => {
                 debug!(pid = self.pid, error = %e, "quit failed; sending SIGTERM");
-                signal(&mut child, libc::SIGTERM);
+                signal(&mut child, Signal::TERM);
             }
             Err(_) => {
                 debug!(pid = self.pid, "quit timed out; sending SIGTERM");
-                signal(&mut child, libc::SIGTERM);
+                signal(&mut child, Signal::TERM);
             }
         }
         let status = match tokio::time::timeout(EXIT_TIMEOUT, child.wait()).await {
@@ -582,14 +581,12 @@ impl StorageDaemon {
 
 /// Sends `sig` to the child unless it has been reaped (so the pid cannot
 /// belong to another process yet).
-fn signal(child: &mut Child, sig: libc::c_int) {
+fn signal(child: &mut Child, sig: Signal) {
     if let Ok(None) = child.try_wait()
-        && let Some(pid) = child.id()
+        && let Some(pid) = child.id().and_then(|p| Pid::from_raw(p as i32))
     {
-        // SAFETY: plain syscall on a pid we own and have not reaped.
-        unsafe {
-            libc::kill(pid as libc::pid_t, sig);
-        }
+        // Only fails when the child is already gone (ESRCH).
+        let _ = rustix::process::kill_process(pid, sig);
     }
 }
 
@@ -610,7 +607,7 @@ impl Drop for StorageDaemon {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        signal(&mut child, libc::SIGTERM);
+        signal(&mut child, Signal::TERM);
         if !wait_blocking(&mut child, DROP_WAIT) {
             warn!(
                 pid = self.pid,

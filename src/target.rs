@@ -4,24 +4,29 @@
 //! non-raw images) and `demo`; knows nothing of QMP.
 //!
 //! The archive is final when every drive is complete and each drive's
-//! clients have flushed or disconnected. The backup fails when the archive
-//! writer fails, when a drive's last client leaves with clusters missing and
-//! none reconnects within the reconnect timeout, or when the caller stops it
-//! (signals).
+//! clients have flushed or disconnected. The backup fails ([`Failure`]) when
+//! the archive writer fails, when a drive's last client leaves with clusters
+//! missing and none reconnects within the reconnect timeout, or when the
+//! caller stops it (signals). Starting and finishing report an [`Error`].
+//!
+//! Leaves to others: the NBD protocol ([`crate::nbd`]), cluster assembly
+//! ([`crate::assembler`]), the output file ([`crate::sink`]), and who
+//! drives the clients (QEMU over QMP in [`crate::backup`], or anyone for
+//! `serve`).
 
+use std::fmt;
 use std::future::Future;
-use std::path::PathBuf;
+use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::assembler::{Assembler, AssemblerConfig, Drive, DriveSpec, DriveStatus, Summary};
 use crate::nbd::{Export, ListenAddr, Listener, Server, ServerConfig};
 use crate::sink::{Sink, SinkOptions, Target};
-use crate::vma::WriterBuilder;
+use crate::vma::{FormatError, WriterBuilder};
 
 /// Default time a drive may stay incomplete with no client connected (after
 /// one was connected) before the backup fails. QEMU reconnects within its
@@ -57,13 +62,130 @@ pub struct TargetConfig {
     pub server: ServerConfig,
 }
 
+/// Why a target could not start or finish its archive.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The archive layout is invalid, e.g. clusters per extent out of range.
+    #[error(transparent)]
+    Layout(FormatError),
+    /// A config blob cannot go into the archive (name, size, count).
+    #[error("config {name}")]
+    Config {
+        /// The config's file name.
+        name: String,
+        /// What is wrong with it.
+        source: FormatError,
+    },
+    /// A drive cannot go into the archive (name, size, count).
+    #[error("drive {name}")]
+    Drive {
+        /// The drive's name.
+        name: String,
+        /// What is wrong with it.
+        source: FormatError,
+    },
+    /// The NBD listener cannot be bound.
+    #[error("cannot listen on {addr}")]
+    Listen {
+        /// The address asked for.
+        addr: ListenAddr,
+        /// Why binding failed.
+        source: io::Error,
+    },
+    /// The bound listener cannot tell its address.
+    #[error("cannot read the address of the listener on {addr}")]
+    LocalAddr {
+        /// The address asked for.
+        addr: ListenAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The archive file (or stdout stream) cannot be created.
+    #[error("cannot create the archive")]
+    CreateArchive(#[source] io::Error),
+    /// The archive writer cannot start (e.g. writing the header failed).
+    #[error("cannot start the archive writer")]
+    StartWriter(#[source] io::Error),
+    /// The last extent, fsync or rename failed, or a drive is incomplete.
+    #[error("cannot finish the archive")]
+    Finish(#[source] io::Error),
+}
+
+/// Why a target's backup cannot complete any more ([`WaitOutcome::Failed`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// The archive writer failed (write error, disk full, broken pipe...);
+    /// its message.
+    #[error("{0}")]
+    Writer(String),
+    /// A drive's last client left with data missing and none reconnected
+    /// in time.
+    #[error(
+        "the client of drive {} disconnected with {} of {} bytes missing and did not reconnect within {timeout:?}",
+        drive.name,
+        drive.missing,
+        drive.size
+    )]
+    ClientGone {
+        /// The drive and what it lacks.
+        drive: IncompleteDrive,
+        /// The reconnect timeout that passed.
+        timeout: Duration,
+    },
+    /// The assembler's state channel closed (its writer is gone).
+    #[error("archive state lost")]
+    StateLost,
+}
+
+/// A drive that is missing data when a backup ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncompleteDrive {
+    /// The drive's name in the archive.
+    pub name: String,
+    /// Bytes not yet written.
+    pub missing: u64,
+    /// The drive's size.
+    pub size: u64,
+}
+
+impl fmt::Display for IncompleteDrive {
+    /// "drive-scsi0: 1048576 of 4194304 bytes missing".
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} of {} bytes missing",
+            self.name, self.missing, self.size
+        )
+    }
+}
+
+impl IncompleteDrive {
+    /// The drive `s` describes, as incomplete.
+    fn of(s: &DriveStatus) -> IncompleteDrive {
+        IncompleteDrive {
+            name: s.name.clone(),
+            missing: s.size - s.done,
+            size: s.size,
+        }
+    }
+}
+
+/// The drives of `status` that are not complete.
+pub fn incomplete_drives(status: &[DriveStatus]) -> Vec<IncompleteDrive> {
+    status
+        .iter()
+        .filter(|s| !s.complete)
+        .map(IncompleteDrive::of)
+        .collect()
+}
+
 /// How [`BackupTarget::wait`] ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WaitOutcome {
     /// Every drive is complete and settled: call [`BackupTarget::finish`].
     Settled,
-    /// The backup cannot complete; the reason.
-    Failed(String),
+    /// The backup cannot complete.
+    Failed(Failure),
     /// The caller's stop future fired (e.g. SIGTERM).
     Stopped,
 }
@@ -98,43 +220,40 @@ impl Report {
     }
 }
 
-/// Describes incomplete drives: "drive-scsi0: 1048576 of 4194304 bytes missing".
-pub fn describe_incomplete(status: &[DriveStatus]) -> Vec<String> {
-    status
-        .iter()
-        .filter(|s| !s.complete)
-        .map(|s| {
-            format!(
-                "{}: {} of {} bytes missing",
-                s.name,
-                s.size - s.done,
-                s.size
-            )
-        })
-        .collect()
-}
-
 impl BackupTarget {
     /// Creates the archive (header written), binds the listener and starts
     /// serving the drive exports.
-    pub async fn start(cfg: TargetConfig) -> anyhow::Result<BackupTarget> {
-        let mut builder = WriterBuilder::new().clusters_per_extent(cfg.clusters_per_extent)?;
+    pub async fn start(cfg: TargetConfig) -> Result<BackupTarget, Error> {
+        let mut builder = WriterBuilder::new()
+            .clusters_per_extent(cfg.clusters_per_extent)
+            .map_err(Error::Layout)?;
         for (name, data) in &cfg.configs {
             builder
                 .add_config(name, data)
-                .with_context(|| format!("config {name}"))?;
+                .map_err(|source| Error::Config {
+                    name: name.clone(),
+                    source,
+                })?;
         }
         for d in &cfg.drives {
             builder
                 .add_device(&d.name, d.size)
-                .with_context(|| format!("drive {}", d.name))?;
+                .map_err(|source| Error::Drive {
+                    name: d.name.clone(),
+                    source,
+                })?;
         }
-        let listener = Listener::bind(&cfg.listen)
-            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-        let addr = listener.local_addr()?;
-        let sink = Sink::create(&cfg.output, &cfg.sink).context("cannot create the archive")?;
+        let listener = Listener::bind(&cfg.listen).map_err(|source| Error::Listen {
+            addr: cfg.listen.clone(),
+            source,
+        })?;
+        let addr = listener.local_addr().map_err(|source| Error::LocalAddr {
+            addr: cfg.listen.clone(),
+            source,
+        })?;
+        let sink = Sink::create(&cfg.output, &cfg.sink).map_err(Error::CreateArchive)?;
         let assembler = Assembler::start(builder, &cfg.drives, sink, &cfg.assembler)
-            .context("cannot start the archive writer")?;
+            .map_err(Error::StartWriter)?;
         let exports = assembler
             .drives()
             .iter()
@@ -179,7 +298,7 @@ impl BackupTarget {
         tokio::pin!(stop);
         loop {
             if let Some(e) = self.assembler.failure() {
-                return WaitOutcome::Failed(e.to_string());
+                return WaitOutcome::Failed(Failure::Writer(e.to_string()));
             }
             let status = self.assembler.status();
             if status.iter().all(|s| s.settled) {
@@ -191,13 +310,10 @@ impl BackupTarget {
                 if let Some(since) = s.idle_since {
                     let deadline = since + self.reconnect_timeout;
                     if deadline <= now {
-                        return WaitOutcome::Failed(format!(
-                            "the client of drive {} disconnected with {} of {} bytes missing and did not reconnect within {:?}",
-                            s.name,
-                            s.size - s.done,
-                            s.size,
-                            self.reconnect_timeout
-                        ));
+                        return WaitOutcome::Failed(Failure::ClientGone {
+                            drive: IncompleteDrive::of(s),
+                            timeout: self.reconnect_timeout,
+                        });
                     }
                     next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
                 }
@@ -209,7 +325,7 @@ impl BackupTarget {
             );
             tokio::select! {
                 _ = &mut stop => return WaitOutcome::Stopped,
-                r = changed.changed() => if r.is_err() { return WaitOutcome::Failed("archive state lost".into()) },
+                r = changed.changed() => if r.is_err() { return WaitOutcome::Failed(Failure::StateLost) },
                 _ = sleep => {}
             }
         }
@@ -225,16 +341,12 @@ impl BackupTarget {
     }
 
     /// Stops serving and completes the archive (last extent, fsync, rename).
-    pub async fn finish(mut self) -> anyhow::Result<Report> {
+    pub async fn finish(mut self) -> Result<Report, Error> {
         self.stop_server().await;
         // Throughput counts from the first client, not from when we started
         // waiting for one.
         let started = self.assembler.first_connect().unwrap_or(self.started);
-        let summary = self
-            .assembler
-            .finish()
-            .await
-            .context("cannot finish the archive")?;
+        let summary = self.assembler.finish().await.map_err(Error::Finish)?;
         let bytes = summary.drives.iter().map(|d| d.1).sum();
         let zero_bytes = summary.drives.iter().map(|d| d.2).sum();
         Ok(Report {
@@ -245,23 +357,56 @@ impl BackupTarget {
         })
     }
 
-    /// Stops serving and abandons the archive; returns the incomplete
-    /// drives' descriptions.
-    pub async fn abort(mut self) -> Vec<String> {
+    /// Stops serving and abandons the archive; returns the drives it
+    /// leaves incomplete.
+    pub async fn abort(mut self) -> Vec<IncompleteDrive> {
         // Fail pending requests first, so the server's shutdown does not
         // wait for writes blocked on buffer room.
         self.assembler.fail("the backup was abandoned");
         self.stop_server().await;
-        let missing = describe_incomplete(&self.assembler.status());
+        let missing = incomplete_drives(&self.assembler.status());
         self.assembler.abort().await;
         missing
     }
 }
 
-/// `ARCHIVE.partial` for a file target.
-pub fn partial_of(target: &Target) -> Option<PathBuf> {
-    match target {
-        Target::File(p) => Some(crate::sink::partial_path(p)),
-        Target::Stdout => None,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(name: &str, size: u64, done: u64) -> DriveStatus {
+        DriveStatus {
+            name: name.into(),
+            size,
+            done,
+            complete: done == size,
+            connections: 0,
+            ever_connected: true,
+            idle_since: None,
+            settled: false,
+        }
+    }
+
+    #[test]
+    fn incomplete_drives_as_data() {
+        let missing = incomplete_drives(&[status("a", 4096, 4096), status("b", 4096, 1024)]);
+        assert_eq!(
+            missing,
+            [IncompleteDrive {
+                name: "b".into(),
+                missing: 3072,
+                size: 4096
+            }]
+        );
+        assert_eq!(missing[0].to_string(), "b: 3072 of 4096 bytes missing");
+        let gone = Failure::ClientGone {
+            drive: missing[0].clone(),
+            timeout: Duration::from_secs(30),
+        };
+        assert_eq!(
+            gone.to_string(),
+            "the client of drive b disconnected with 3072 of 4096 bytes missing and did not \
+             reconnect within 30s"
+        );
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use qmp_support::{Nbdkit, TOOLS};
 use serde_json::json;
+use vma_writer::backup;
 use vma_writer::qemu::{self, DaemonOptions, Image, StorageDaemon};
 use vma_writer::qmp::{BackupJob, Error, ErrorClass, Event, JobEvent, JobStatus};
 
@@ -56,7 +57,7 @@ async fn lists_nodes_with_exact_sizes() {
     let qmp = daemon.connect().await.unwrap();
     assert!(qmp.version().major >= 5, "{}", qmp.version());
 
-    let mut nodes = qmp.block_nodes().await.unwrap();
+    let mut nodes = qmp.query_named_block_nodes().await.unwrap();
     nodes.sort_by(|a, b| a.node_name.cmp(&b.node_name));
     let summary: Vec<_> = nodes
         .iter()
@@ -78,12 +79,13 @@ async fn lists_nodes_with_exact_sizes() {
     assert_eq!(size("raw0-file"), ODD_SIZE);
     assert_eq!(size("qcow0"), QCOW2_SIZE);
     assert_ne!(size("qcow0-file"), QCOW2_SIZE); // the qcow2 file itself
-    assert!(nodes.iter().all(|n| n.drive_name.is_none()));
+    let named = backup::block_nodes(&qmp).await.unwrap();
+    assert!(named.iter().all(|n| n.drive_name.is_none()));
 
     // --all on the storage daemon: the format nodes (graph roots), also
     // the read-only one.
-    let all = qmp.all_drives().await.unwrap();
-    let names: Vec<_> = all.iter().map(|n| n.node_name.as_str()).collect();
+    let all = backup::all_drives(&qmp).await.unwrap();
+    let names: Vec<_> = all.iter().map(|n| n.node.as_str()).collect();
     assert_eq!(names, ["qcow0", "raw0", "ro0"]);
     // The start-up probes of the QMP sockets leave no noise.
     assert_eq!(daemon.stderr(), "(no output)");
@@ -180,23 +182,23 @@ async fn backup_into_nbdkit_completes() {
     let daemon = StorageDaemon::start(opts).await.unwrap();
     let qmp = daemon.connect().await.unwrap();
 
-    let drives = qmp.all_drives().await.unwrap();
+    let drives = backup::all_drives(&qmp).await.unwrap();
     let targets: Vec<Nbdkit> = drives
         .iter()
-        .map(|n| Nbdkit::memory(dir.path(), &n.node_name, n.size))
+        .map(|n| Nbdkit::memory(dir.path(), &n.node, n.size))
         .collect();
     let mut jobs = Vec::new();
     for (node, target) in drives.iter().zip(&targets) {
-        let tgt = format!("nbd-{}", node.node_name);
+        let tgt = format!("nbd-{}", node.node);
         qmp.blockdev_add_nbd(&tgt, &target.socket, "")
             .await
             .unwrap();
         jobs.push(BackupJob {
-            job_id: format!("backup-{}", node.node_name),
-            device: node.node_name.clone(),
+            job_id: format!("backup-{}", node.node),
+            device: node.node.clone(),
             target: tgt,
             speed: None,
-            filter_node_name: Some(format!("cbw-{}", node.node_name)),
+            filter_node_name: Some(format!("cbw-{}", node.node)),
         });
     }
 
@@ -221,10 +223,7 @@ async fn backup_into_nbdkit_completes() {
 
     // The targets hold exactly the sources.
     for (node, target) in drives.iter().zip(&targets) {
-        let src = sources
-            .iter()
-            .find(|i| i.node_name == node.node_name)
-            .unwrap();
+        let src = sources.iter().find(|i| i.node_name == node.node).unwrap();
         assert!(
             qmp_support::images_equal(
                 src.path.to_str().unwrap(),
@@ -233,7 +232,7 @@ async fn backup_into_nbdkit_completes() {
                 "raw"
             ),
             "{} differs from its backup",
-            node.node_name
+            node.node
         );
     }
     drop(qmp);

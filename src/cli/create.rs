@@ -304,7 +304,7 @@ fn create_via_qemu(a: &Args) -> anyhow::Result<ExitCode> {
         })?;
         let res = async {
             let qmp = daemon.connect().await?;
-            let nodes = qmp.block_nodes().await?;
+            let nodes = qmp.query_named_block_nodes().await?;
             let mut drives = Vec::new();
             for (i, s) in a.drives.iter().enumerate() {
                 let size = nodes
@@ -326,7 +326,7 @@ fn create_via_qemu(a: &Args) -> anyhow::Result<ExitCode> {
         if let Err(e) = daemon.shutdown().await {
             tracing::warn!("qemu-storage-daemon did not stop cleanly: {e}");
         }
-        let ended = res.map_err(|e| anyhow::anyhow!(explain(format!("{e:#}"))))?;
+        let ended = res.map_err(|e| anyhow::anyhow!(explain(super::describe(&*e))))?;
         if let (Ended::Done(report), true) = (&ended, a.verbose) {
             for (name, size, zero) in &report.summary.drives {
                 print_image_totals(name, *size, *zero);

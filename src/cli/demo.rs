@@ -232,7 +232,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                     "  the guest wrote 1 MiB at offset {} MiB of drive-scsi0 while the backup ran",
                     GUEST_WRITE_OFFSET / MIB
                 ),
-                Ok(Err(e)) => say!(a.json, "  (the guest write could not run: {e:#})"),
+                Ok(Err(e)) => say!(a.json, "  (the guest write could not run: {})", super::describe(&*e)),
                 Err(e) => say!(a.json, "  (the guest write task failed: {e})"),
             }
             Ok::<_, anyhow::Error>(ended)
@@ -254,7 +254,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         }
         Err(e) => {
             eprintln!(
-                "demo failed: {e:#}\n  work directory kept: {}",
+                "demo failed: {}\n  work directory kept: {}",
+                super::describe(&*e),
                 dir.display()
             );
             return Ok(ExitCode::FAILURE);

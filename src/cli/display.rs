@@ -11,7 +11,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::assembler::DriveStatus;
-use crate::target::Report;
+use crate::target::{IncompleteDrive, Report};
 
 /// How often the live commands refresh progress.
 pub const TICK: Duration = Duration::from_millis(500);
@@ -155,9 +155,10 @@ impl LiveDisplay {
     }
 
     /// Reports failure; `missing` lists incomplete drives.
-    pub fn failed(&mut self, reason: &str, missing: &[String]) {
+    pub fn failed(&mut self, reason: &str, missing: &[IncompleteDrive]) {
         self.clear();
         if self.json {
+            let missing: Vec<String> = missing.iter().map(ToString::to_string).collect();
             self.out
                 .json_line(json!({"event": "failed", "reason": reason, "incomplete": missing}));
         }

@@ -66,13 +66,13 @@ pub async fn serve_to_end(target: BackupTarget, display: &mut LiveDisplay) -> En
                 Ended::Done(r)
             }
             Err(e) => {
-                display.failed(&format!("{e:#}"), &[]);
+                display.failed(&super::describe(&e), &[]);
                 Ended::Failed
             }
         },
         WaitOutcome::Failed(reason) => {
             let missing = target.abort().await;
-            display.failed(&reason, &missing);
+            display.failed(&reason.to_string(), &missing);
             Ended::Failed
         }
         WaitOutcome::Stopped => {
@@ -134,9 +134,9 @@ pub async fn backup_with_display(
             Ended::Done(r)
         }
         Err(e) => {
-            let (reason, incomplete) = match e.downcast_ref::<crate::backup::BackupFailed>() {
-                Some(f) => (f.reason.clone(), f.incomplete.clone()),
-                None => (format!("{e:#}"), Vec::new()),
+            let (reason, incomplete) = match e {
+                backup::Error::Failed { reason, incomplete } => (reason.to_string(), incomplete),
+                e => (super::describe(&e), Vec::new()),
             };
             match signal {
                 Some(s) => {

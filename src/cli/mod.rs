@@ -70,3 +70,22 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(a) => demo::run(a),
     }
 }
+
+/// An error and its causes, joined by ": ", each said once: a cause whose
+/// text the message already holds (an I/O error quoted by the error that
+/// wraps it) is not repeated.
+pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = String::new();
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+        }
+        cause = c.source();
+    }
+    msg
+}

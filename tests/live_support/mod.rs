@@ -627,7 +627,7 @@ pub async fn assert_no_leftovers(qmp: &Qmp) {
         jobs.iter().all(|j| !j.device.starts_with("vmaw")),
         "block jobs left: {jobs:?}"
     );
-    let nodes = qmp.block_nodes().await.unwrap();
+    let nodes = qmp.query_named_block_nodes().await.unwrap();
     let left: Vec<&str> = nodes
         .iter()
         .map(|n| n.node_name.as_str())
