@@ -37,15 +37,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, trace, warn};
 
 use super::backend::{Backend, BackendCaps, BlockStatus};
-use super::handshake::{BASE_ALLOCATION_ID, Negotiated, ReadOutcome, ReplyMode, read_or_shutdown};
+use super::session::{BASE_ALLOCATION_ID, ReadOutcome, ReplyMode, Session, read_or_shutdown};
 use super::wire::*;
-
-/// Largest READ or WRITE payload we accept, advertised as the maximum in
-/// `NBD_INFO_BLOCK_SIZE`. Larger READs are answered EINVAL; larger WRITEs
-/// are drained (up to [`MAX_DRAIN`]) and answered EINVAL. 32 MiB is what
-/// common clients already respect (qemu-nbd uses the same limit), and QEMU
-/// keeps its 1 MiB backup chunks with it.
-pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 
 /// Largest refused WRITE payload we still read and discard to keep the
 /// stream in step. A header announcing more than this is taken as hostile
@@ -403,18 +396,6 @@ fn encode_reply(
             Frame::new(&h, Bytes::new(), permit)
         }
     }
-}
-
-/// Parameters of one transmission phase.
-pub(super) struct Session<B> {
-    /// The export's backend.
-    pub backend: Arc<B>,
-    /// Export name, for logs.
-    pub export: Arc<str>,
-    /// What the handshake agreed.
-    pub negotiated: Negotiated,
-    /// Per-connection byte budget.
-    pub max_bytes_in_flight: usize,
 }
 
 /// Serves requests until DISC, EOF, a framing fault, or shutdown; waits for

@@ -423,6 +423,14 @@ pub enum ProtocolError {
 /// `ERR_INVALID` (or `ERR_TOO_BIG`) and the connection stays up.
 pub const MAX_STRING_LEN: usize = 4096;
 
+/// Largest READ or WRITE payload we accept, advertised as the maximum in
+/// `NBD_INFO_BLOCK_SIZE`. Larger READs are answered EINVAL; larger WRITEs
+/// are drained (up to `MAX_DRAIN`, see `nbd::transmission`) and answered
+/// EINVAL. 32 MiB is what
+/// common clients already respect (qemu-nbd uses the same limit), and QEMU
+/// keeps its 1 MiB backup chunks with it.
+pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+
 // ---------------------------------------------------------------------------
 // Handshake codecs
 // ---------------------------------------------------------------------------
