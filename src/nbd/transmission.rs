@@ -96,7 +96,7 @@ struct Conn<B> {
 
 /// One encoded reply, queued in `Replies`.
 pub(super) struct Frame {
-    head: [u8; 40],
+    head: [u8; MAX_REPLY_HEAD_LEN],
     head_len: u8,
     body: Bytes,
     /// Byte budget of the request; released once the reply is written.
@@ -105,7 +105,7 @@ pub(super) struct Frame {
 
 impl Frame {
     fn new(head: &[u8], body: Bytes, permit: Option<OwnedSemaphorePermit>) -> Self {
-        let mut h = [0u8; 40];
+        let mut h = [0u8; MAX_REPLY_HEAD_LEN];
         h[..head.len()].copy_from_slice(head);
         Self {
             head: h,
@@ -282,118 +282,58 @@ fn clamp_extents(runs: Vec<BlockStatus>, len: u64, req_one: bool) -> Vec<BlockSt
     out
 }
 
-/// Encodes the reply to `req` in the negotiated style.
+/// The reply to `req` in the negotiated style; the bytes come from
+/// `nbd::wire`, READ data is passed on without a copy.
 fn encode_reply(
     mode: ReplyMode,
     req: &Request,
     outcome: Result<Output, NbdErrno>,
     permit: Option<OwnedSemaphorePermit>,
 ) -> Frame {
-    let cookie = req.cookie;
-    let done = NBD_REPLY_FLAG_DONE;
+    let (cookie, offset) = (req.cookie, req.offset);
+    let none = Bytes::new;
     match (mode, outcome) {
         (ReplyMode::Simple, Ok(Output::Data(d))) => {
             Frame::new(&encode_simple_reply(NBD_SUCCESS, cookie), d, permit)
         }
-        (ReplyMode::Simple, Ok(_)) => Frame::new(
-            &encode_simple_reply(NBD_SUCCESS, cookie),
-            Bytes::new(),
-            permit,
-        ),
-        (ReplyMode::Simple, Err(e)) => {
-            Frame::new(&encode_simple_reply(e, cookie), Bytes::new(), permit)
+        (ReplyMode::Simple, Ok(_)) => {
+            Frame::new(&encode_simple_reply(NBD_SUCCESS, cookie), none(), permit)
         }
+        (ReplyMode::Simple, Err(e)) => Frame::new(&encode_simple_reply(e, cookie), none(), permit),
 
         (ReplyMode::Structured, Ok(Output::Data(d))) if !d.is_empty() => {
-            let mut h = [0u8; STRUCTURED_REPLY_LEN + 8];
-            let len = 8 + d.len() as u32;
-            h[..STRUCTURED_REPLY_LEN].copy_from_slice(&encode_structured_reply(
-                done,
-                NBD_REPLY_TYPE_OFFSET_DATA,
-                cookie,
-                len,
-            ));
-            h[STRUCTURED_REPLY_LEN..].copy_from_slice(&req.offset.to_be_bytes());
+            // d.len() <= MAX_PAYLOAD (checked by validate()).
+            let h = encode_structured_offset_data(cookie, offset, d.len() as u32);
             Frame::new(&h, d, permit)
         }
         (ReplyMode::Structured, Ok(Output::Extents(runs))) => {
-            let mut p = BytesMut::with_capacity(4 + runs.len() * 8);
-            p.put_u32(BASE_ALLOCATION_ID);
-            for r in &runs {
-                // Clamped to the request length, which is a u32 here.
-                p.put_u32(r.len.min(u64::from(u32::MAX)) as u32);
-                p.put_u32(r.flags);
-            }
-            let h =
-                encode_structured_reply(done, NBD_REPLY_TYPE_BLOCK_STATUS, cookie, p.len() as u32);
-            Frame::new(&h, p.freeze(), permit)
+            let (h, p) = encode_block_status_chunk(cookie, BASE_ALLOCATION_ID, &runs);
+            Frame::new(&h, Bytes::from(p), permit)
         }
         (ReplyMode::Structured, Ok(_)) if req.command == NBD_CMD_READ => {
             // Zero-length read: nothing to send but the end of the reply.
-            let h = encode_structured_reply(done, NBD_REPLY_TYPE_NONE, cookie, 0);
-            Frame::new(&h, Bytes::new(), permit)
+            Frame::new(&encode_structured_done(cookie), none(), permit)
         }
-        (ReplyMode::Structured, Ok(_)) => Frame::new(
-            &encode_simple_reply(NBD_SUCCESS, cookie),
-            Bytes::new(),
-            permit,
-        ),
+        (ReplyMode::Structured, Ok(_)) => {
+            Frame::new(&encode_simple_reply(NBD_SUCCESS, cookie), none(), permit)
+        }
         (ReplyMode::Structured, Err(e)) => {
-            let mut h = [0u8; STRUCTURED_REPLY_LEN + 6];
-            h[..STRUCTURED_REPLY_LEN].copy_from_slice(&encode_structured_reply(
-                done,
-                NBD_REPLY_TYPE_ERROR,
-                cookie,
-                6,
-            ));
-            h[STRUCTURED_REPLY_LEN..STRUCTURED_REPLY_LEN + 4].copy_from_slice(&e.0.to_be_bytes());
-            Frame::new(&h, Bytes::new(), permit)
+            Frame::new(&encode_structured_error(cookie, e), none(), permit)
         }
 
         (ReplyMode::Extended, Ok(Output::Data(d))) if !d.is_empty() => {
-            let mut h = [0u8; EXTENDED_REPLY_LEN + 8];
-            h[..EXTENDED_REPLY_LEN].copy_from_slice(&encode_extended_reply(
-                done,
-                NBD_REPLY_TYPE_OFFSET_DATA,
-                cookie,
-                req.offset,
-                8 + d.len() as u64,
-            ));
-            h[EXTENDED_REPLY_LEN..].copy_from_slice(&req.offset.to_be_bytes());
+            let h = encode_extended_offset_data(cookie, offset, d.len() as u64);
             Frame::new(&h, d, permit)
         }
         (ReplyMode::Extended, Ok(Output::Extents(runs))) => {
-            let mut p = BytesMut::with_capacity(8 + runs.len() * 16);
-            p.put_u32(BASE_ALLOCATION_ID);
-            p.put_u32(runs.len() as u32);
-            for r in &runs {
-                p.put_u64(r.len);
-                p.put_u64(u64::from(r.flags));
-            }
-            let h = encode_extended_reply(
-                done,
-                NBD_REPLY_TYPE_BLOCK_STATUS_EXT,
-                cookie,
-                req.offset,
-                p.len() as u64,
-            );
-            Frame::new(&h, p.freeze(), permit)
+            let (h, p) = encode_block_status_ext_chunk(cookie, offset, BASE_ALLOCATION_ID, &runs);
+            Frame::new(&h, Bytes::from(p), permit)
         }
         (ReplyMode::Extended, Ok(_)) => {
-            let h = encode_extended_reply(done, NBD_REPLY_TYPE_NONE, cookie, req.offset, 0);
-            Frame::new(&h, Bytes::new(), permit)
+            Frame::new(&encode_extended_done(cookie, offset), none(), permit)
         }
         (ReplyMode::Extended, Err(e)) => {
-            let mut h = [0u8; EXTENDED_REPLY_LEN + 6];
-            h[..EXTENDED_REPLY_LEN].copy_from_slice(&encode_extended_reply(
-                done,
-                NBD_REPLY_TYPE_ERROR,
-                cookie,
-                req.offset,
-                6,
-            ));
-            h[EXTENDED_REPLY_LEN..EXTENDED_REPLY_LEN + 4].copy_from_slice(&e.0.to_be_bytes());
-            Frame::new(&h, Bytes::new(), permit)
+            Frame::new(&encode_extended_error(cookie, offset, e), none(), permit)
         }
     }
 }
