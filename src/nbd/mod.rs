@@ -30,6 +30,8 @@ mod backend;
 mod handshake;
 mod memory;
 mod null;
+mod pool;
+mod replies;
 mod server;
 mod session;
 mod transmission;
@@ -41,12 +43,11 @@ pub use handshake::{
 };
 pub use memory::{MemoryBackend, PAGE_SIZE};
 pub use null::NullBackend;
+pub use pool::{BUFFER_POOL_BYTES, BufferPool, PooledBuf};
 pub use server::{
     HANDSHAKE_TIMEOUT, ListenAddr, ListenAddrError, Listener, MAX_BYTES_IN_FLIGHT, MAX_CONNECTIONS,
     Server, ServerConfig,
 };
 pub use session::SHUTDOWN_GRACE;
-pub use transmission::{
-    BUFFER_POOL_BYTES, MAX_DRAIN, MAX_EXTENTS, READ_BUFFER, REQUEST_OVERHEAD, errno_of,
-};
+pub use transmission::{MAX_DRAIN, MAX_EXTENTS, READ_BUFFER, REQUEST_OVERHEAD, errno_of};
 pub use wire::{MAX_PAYLOAD, MAX_STRING_LEN, NbdErrno, ProtocolError};
