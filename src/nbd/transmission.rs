@@ -25,9 +25,11 @@
 //! [`ServerConfig::max_bytes_in_flight`]: super::ServerConfig::max_bytes_in_flight
 
 use std::io;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes};
+use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -481,9 +483,9 @@ where
         let conn = Arc::clone(conn);
         tasks.spawn(
             async move {
-                let run = CatchPanic {
-                    inner: execute(&conn, &req, payload),
-                };
+                // A panic in the backend is answered (EIO) instead of
+                // leaving the client waiting forever for that cookie.
+                let run = AssertUnwindSafe(execute(&conn, &req, payload)).catch_unwind();
                 let done = tokio::select! {
                     biased;
                     r = run => r,
@@ -495,7 +497,7 @@ where
                 };
                 let outcome = match done {
                     Ok(outcome) => outcome,
-                    Err(()) => {
+                    Err(_panic) => {
                         error!(export = %conn.export, cookie = req.cookie, offset = req.offset,
                                len = req.len, command = %req.command,
                                "backend panicked; answering EIO");
@@ -519,31 +521,6 @@ where
         // its cooperative budget; clients with a full pipeline (nbdcopy)
         // then stall waiting for replies.
         tokio::task::yield_now().await;
-    }
-}
-
-/// Runs a backend call and turns a panic into `Err(())`, so a bug in one
-/// backend call is answered (EIO) instead of leaving the client waiting
-/// forever for that cookie.
-struct CatchPanic<F> {
-    inner: F,
-}
-
-impl<F: Future> Future for CatchPanic<F> {
-    type Output = Result<F::Output, ()>;
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        // SAFETY: `inner` is structurally pinned: it is never moved out of
-        // `self`, and `CatchPanic` has no Drop impl or Unpin impl of its own.
-        let inner = unsafe { self.map_unchecked_mut(|s| &mut s.inner) };
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
-            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
-            Err(_) => std::task::Poll::Ready(Err(())),
-        }
     }
 }
 
