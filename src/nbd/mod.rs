@@ -9,8 +9,12 @@
 //!   torn EOF, shutdown grace) and what the handshake agreed (reply mode,
 //!   meta-context id), handed on to transmission.
 //! - `transmission`: one connection's read → validate → run → reply loop,
-//!   with one reader per connection, concurrent request tasks that write
-//!   their own replies, back-pressure and errno mapping.
+//!   with one reader per connection, concurrent request tasks,
+//!   back-pressure and errno mapping.
+//! - `replies`: the reply writer of one connection: a queue that request
+//!   tasks write out in turn, combining replies into one `writev`.
+//! - `pool`: [`BufferPool`], recycled buffers that travel as `Bytes`
+//!   (WRITE payloads; reusable by any reader that fills large buffers).
 //! - `server`: [`Listener`] (Unix/TCP), [`Server`] with its connection limit
 //!   and graceful shutdown.
 //! - `backend`: [`Backend`], what an export implements, and [`Export`],

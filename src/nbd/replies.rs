@@ -28,8 +28,14 @@ use super::wire::MAX_REPLY_HEAD_LEN;
 /// passed to the kernel as their own iovec.
 const COPY_THRESHOLD: usize = 8 * 1024;
 
-/// Most iovecs handed to one `writev`.
+/// Most iovecs handed to one `writev`: far below the kernel's `IOV_MAX`
+/// (1024), and with bodies of at least [`COPY_THRESHOLD`] bytes each, more
+/// than a socket buffer takes in one call anyway.
 const MAX_IOVECS: usize = 64;
+
+/// Initial capacity of the staging buffer small replies are copied into:
+/// room for thousands of header-only replies before it must grow.
+const STAGING_CAPACITY: usize = 64 * 1024;
 
 /// One encoded reply, queued in `Replies`.
 pub(super) struct Frame {
@@ -88,7 +94,7 @@ impl Replies {
             queue: std::sync::Mutex::new(Vec::new()),
             writer: tokio::sync::Mutex::new(WriterState {
                 w,
-                staging: BytesMut::with_capacity(64 * 1024),
+                staging: BytesMut::with_capacity(STAGING_CAPACITY),
                 segs: VecDeque::new(),
                 batch: Vec::new(),
             }),

@@ -1,10 +1,11 @@
-//! Listeners, exports, the connection limit and graceful shutdown.
+//! Listeners, export routing, the connection limit and graceful shutdown.
 //!
 //! [`Server::run`] accepts connections on a [`Listener`] until the caller's
 //! [`CancellationToken`] fires, runs each connection (handshake, then
 //! transmission) in its own task, and on shutdown waits for every
 //! connection to answer its requests before it returns. Protocol details
-//! live in `nbd::handshake` and `nbd::transmission`.
+//! live in `nbd::handshake` and `nbd::transmission`; [`Export`] itself is
+//! defined beside the `Backend` trait.
 
 use std::fmt;
 use std::io;
