@@ -810,15 +810,9 @@ pub fn encode_structured_offset_data(
     offset: u64,
     data_len: u32,
 ) -> [u8; STRUCTURED_REPLY_LEN + 8] {
-    let mut b = [0u8; STRUCTURED_REPLY_LEN + 8];
-    b[..STRUCTURED_REPLY_LEN].copy_from_slice(&encode_structured_reply(
-        NBD_REPLY_FLAG_DONE,
-        NBD_REPLY_TYPE_OFFSET_DATA,
-        cookie,
-        8 + data_len,
-    ));
-    b[STRUCTURED_REPLY_LEN..].copy_from_slice(&offset.to_be_bytes());
-    b
+    let len = 8 + data_len;
+    let h = encode_structured_reply(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, cookie, len);
+    concat(&h, &offset.to_be_bytes())
 }
 
 /// The extended OFFSET_DATA chunk that answers a READ, up to its data: the
@@ -828,16 +822,9 @@ pub fn encode_extended_offset_data(
     offset: u64,
     data_len: u64,
 ) -> [u8; EXTENDED_REPLY_LEN + 8] {
-    let mut b = [0u8; EXTENDED_REPLY_LEN + 8];
-    b[..EXTENDED_REPLY_LEN].copy_from_slice(&encode_extended_reply(
-        NBD_REPLY_FLAG_DONE,
-        NBD_REPLY_TYPE_OFFSET_DATA,
-        cookie,
-        offset,
-        8 + data_len,
-    ));
-    b[EXTENDED_REPLY_LEN..].copy_from_slice(&offset.to_be_bytes());
-    b
+    let kind = NBD_REPLY_TYPE_OFFSET_DATA;
+    let h = encode_extended_reply(NBD_REPLY_FLAG_DONE, kind, cookie, offset, 8 + data_len);
+    concat(&h, &offset.to_be_bytes())
 }
 
 /// A final structured NONE chunk: success with nothing to send (a READ of
@@ -856,15 +843,9 @@ pub fn encode_structured_error(
     cookie: u64,
     error: NbdErrno,
 ) -> [u8; STRUCTURED_REPLY_LEN + ERROR_CHUNK_LEN] {
-    let mut b = [0u8; STRUCTURED_REPLY_LEN + ERROR_CHUNK_LEN];
-    b[..STRUCTURED_REPLY_LEN].copy_from_slice(&encode_structured_reply(
-        NBD_REPLY_FLAG_DONE,
-        NBD_REPLY_TYPE_ERROR,
-        cookie,
-        ERROR_CHUNK_LEN as u32,
-    ));
-    b[STRUCTURED_REPLY_LEN..STRUCTURED_REPLY_LEN + 4].copy_from_slice(&error.0.to_be_bytes());
-    b
+    let len = ERROR_CHUNK_LEN as u32;
+    let h = encode_structured_reply(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, cookie, len);
+    concat(&h, &encode_error_payload(error))
 }
 
 /// A final extended ERROR chunk echoing `offset`: `error` and an empty
@@ -874,15 +855,34 @@ pub fn encode_extended_error(
     offset: u64,
     error: NbdErrno,
 ) -> [u8; EXTENDED_REPLY_LEN + ERROR_CHUNK_LEN] {
-    let mut b = [0u8; EXTENDED_REPLY_LEN + ERROR_CHUNK_LEN];
-    b[..EXTENDED_REPLY_LEN].copy_from_slice(&encode_extended_reply(
+    let len = ERROR_CHUNK_LEN as u64;
+    let h = encode_extended_reply(
         NBD_REPLY_FLAG_DONE,
         NBD_REPLY_TYPE_ERROR,
         cookie,
         offset,
-        ERROR_CHUNK_LEN as u64,
-    ));
-    b[EXTENDED_REPLY_LEN..EXTENDED_REPLY_LEN + 4].copy_from_slice(&error.0.to_be_bytes());
+        len,
+    );
+    concat(&h, &encode_error_payload(error))
+}
+
+/// Payload of our ERROR chunks: u32 errno, u16 message length 0.
+fn encode_error_payload(error: NbdErrno) -> [u8; ERROR_CHUNK_LEN] {
+    let mut p = [0u8; ERROR_CHUNK_LEN];
+    p[0..4].copy_from_slice(&error.0.to_be_bytes());
+    p
+}
+
+/// `head` then `tail` in one array of exactly their combined length.
+fn concat<const N: usize>(head: &[u8], tail: &[u8]) -> [u8; N] {
+    assert_eq!(
+        head.len() + tail.len(),
+        N,
+        "reply parts do not fill the array"
+    );
+    let mut b = [0u8; N];
+    b[..head.len()].copy_from_slice(head);
+    b[head.len()..].copy_from_slice(tail);
     b
 }
 
