@@ -1,5 +1,6 @@
 //! The per-export backend trait: what the transmission phase calls to serve
-//! one export's data requests.
+//! one export's data requests, and [`Export`], which gives a backend the
+//! name clients select it by.
 //!
 //! The server validates every request (range, flags, read-only, payload size)
 //! before it reaches a backend, so a backend only ever sees in-range requests
@@ -10,6 +11,7 @@
 
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -126,6 +128,29 @@ pub trait Backend: Send + Sync + 'static {
     /// answered. `clean` is true when the client sent DISC first.
     fn disconnected(&self, clean: bool) {
         let _ = clean;
+    }
+}
+
+/// One export: a name clients select, and the backend serving it.
+#[derive(Debug)]
+pub struct Export<B> {
+    /// Name clients pass to GO/EXPORT_NAME; the empty name selects the first
+    /// export unless one is literally named "". Names must be unique (a
+    /// later duplicate is unreachable) and at most 4096 bytes.
+    pub name: String,
+    /// Free text shown by `nbdinfo --list` (NBD_INFO_DESCRIPTION).
+    pub description: String,
+    /// The data side.
+    pub backend: Arc<B>,
+}
+
+impl<B> Clone for Export<B> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            backend: Arc::clone(&self.backend),
+        }
     }
 }
 

@@ -7,17 +7,15 @@
 //! state exists before a valid `GO` or `EXPORT_NAME` (nbdkit
 //! CVE-2019-14850). The caller (`nbd::server`) applies the handshake
 //! deadline and calls `Backend::connected`; data requests are left to
-//! `nbd::transmission`.
+//! `nbd::transmission`. The read helpers and the [`Negotiated`] result
+//! live in `nbd::session`, which both phases share.
 
-use std::time::Duration;
-
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, trace};
 
-use super::backend::{Backend, BackendCaps};
-use super::server::Export;
-use super::transmission::MAX_PAYLOAD;
+use super::backend::{Backend, BackendCaps, Export};
+use super::session::{BASE_ALLOCATION_ID, Negotiated, ReadOutcome, ReplyMode, read_or_shutdown};
 use super::wire::*;
 
 /// Most options one connection may send before we hang up. Real clients
@@ -38,45 +36,12 @@ pub const OPTIONS_PER_LISTED_EXPORT: usize = 4;
 /// closed without reading the payload.
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
 
-/// How long a connection in the option phase (or idle in transmission)
-/// still gets after the server was told to shut down: enough for an option
-/// or request already on its way to be answered `ERR_SHUTDOWN`/`ESHUTDOWN`,
-/// short enough not to hold up the shutdown.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
-
 /// Smallest request alignment we advertise in `NBD_INFO_BLOCK_SIZE`: any
 /// byte offset and length work.
 pub const MIN_BLOCK_SIZE: u32 = 1;
 /// Preferred block size we advertise: the page size, below which writes
 /// cost read-modify-write in most backends.
 pub const PREFERRED_BLOCK_SIZE: u32 = 4096;
-
-/// Id of the `base:allocation` context once selected with SET_META_CONTEXT.
-pub const BASE_ALLOCATION_ID: u32 = 1;
-
-/// Which reply format the transmission phase uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ReplyMode {
-    /// Simple replies only (nothing negotiated).
-    Simple,
-    /// `NBD_OPT_STRUCTURED_REPLY` negotiated.
-    Structured,
-    /// `NBD_OPT_EXTENDED_HEADERS` negotiated: 32-byte requests and replies.
-    Extended,
-}
-
-/// The outcome of a successful handshake.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Negotiated {
-    /// Index into the server's export list.
-    pub export: usize,
-    /// Reply format for transmission.
-    pub mode: ReplyMode,
-    /// `base:allocation` was selected, so BLOCK_STATUS is allowed.
-    pub base_allocation: bool,
-    /// Transmission flags sent to the client.
-    pub flags: u16,
-}
 
 /// The transmission flags an export advertises, given its capabilities and
 /// the negotiated reply mode.
@@ -99,65 +64,6 @@ pub fn transmission_flags(caps: BackendCaps, mode: ReplyMode) -> u16 {
         f |= NBD_FLAG_SEND_DF;
     }
     f
-}
-
-/// Reads exactly `buf.len()` bytes. Returns `Ok(false)` when the peer closed
-/// the connection before sending the first byte, and
-/// [`ProtocolError::TornMessage`] when it closed in the middle.
-pub(super) async fn read_exact_or_eof<R: AsyncRead + Unpin>(
-    r: &mut BufReader<R>,
-    buf: &mut [u8],
-) -> Result<bool, ProtocolError> {
-    if r.fill_buf().await?.is_empty() {
-        return Ok(false);
-    }
-    match r.read_exact(buf).await {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(ProtocolError::TornMessage),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// What [`read_or_shutdown`] got.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) enum ReadOutcome {
-    /// `buf` is filled.
-    Data,
-    /// The peer closed between messages.
-    Eof,
-    /// Shutdown was requested and nothing arrived within [`SHUTDOWN_GRACE`].
-    ShutdownIdle,
-}
-
-/// [`read_exact_or_eof`] that gives up [`SHUTDOWN_GRACE`] after `shutdown`
-/// fires, without losing a message that is already arriving.
-pub(super) async fn read_or_shutdown<R: AsyncRead + Unpin>(
-    r: &mut BufReader<R>,
-    buf: &mut [u8],
-    shutdown: &CancellationToken,
-) -> Result<ReadOutcome, ProtocolError> {
-    let fut = read_exact_or_eof(r, buf);
-    tokio::pin!(fut);
-    let map = |res: Result<bool, ProtocolError>| {
-        res.map(|got| {
-            if got {
-                ReadOutcome::Data
-            } else {
-                ReadOutcome::Eof
-            }
-        })
-    };
-    if !shutdown.is_cancelled() {
-        tokio::select! {
-            biased;
-            res = &mut fut => return map(res),
-            _ = shutdown.cancelled() => {}
-        }
-    }
-    match tokio::time::timeout(SHUTDOWN_GRACE, fut).await {
-        Ok(res) => map(res),
-        Err(_) => Ok(ReadOutcome::ShutdownIdle),
-    }
 }
 
 /// Per-connection negotiation state.

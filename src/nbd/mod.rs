@@ -5,13 +5,21 @@
 //! - `handshake`: the fixed-newstyle option loop (GO, INFO, EXPORT_NAME,
 //!   LIST, ABORT, STRUCTURED_REPLY, EXTENDED_HEADERS, META_CONTEXT), ending
 //!   in a negotiated export or a closed socket.
+//! - `session`: what both phases share: reading from the peer (clean vs
+//!   torn EOF, shutdown grace) and what the handshake agreed (reply mode,
+//!   meta-context id), handed on to transmission.
 //! - `transmission`: one connection's read → validate → run → reply loop,
-//!   with one reader per connection, concurrent request tasks that write
-//!   their own replies, back-pressure and errno mapping.
+//!   with one reader per connection, concurrent request tasks,
+//!   back-pressure and errno mapping.
+//! - `replies`: the reply writer of one connection: a queue that request
+//!   tasks write out in turn, combining replies into one `writev`.
+//! - `pool`: [`BufferPool`], recycled buffers that travel as `Bytes`
+//!   (WRITE payloads; reusable by any reader that fills large buffers).
 //! - `server`: [`Listener`] (Unix/TCP), [`Server`] with its connection limit
 //!   and graceful shutdown.
-//! - [`Backend`] is what an export implements; [`MemoryBackend`] and
-//!   [`NullBackend`] are the two built-in ones.
+//! - `backend`: [`Backend`], what an export implements, and [`Export`],
+//!   which names one; [`MemoryBackend`] and [`NullBackend`] are the two
+//!   built-in backends.
 //!
 //! Supported: fixed newstyle with NO_ZEROES; simple, structured and
 //! extended replies; READ, WRITE, FLUSH, TRIM, WRITE_ZEROES (NO_HOLE,
@@ -26,22 +34,24 @@ mod backend;
 mod handshake;
 mod memory;
 mod null;
+mod pool;
+mod replies;
 mod server;
+mod session;
 mod transmission;
 pub mod wire;
 
-pub use backend::{Backend, BackendCaps, BlockStatus, split_range};
+pub use backend::{Backend, BackendCaps, BlockStatus, Export, split_range};
 pub use handshake::{
     MAX_OPTION_LEN, MAX_OPTIONS, MIN_BLOCK_SIZE, OPTIONS_PER_LISTED_EXPORT, PREFERRED_BLOCK_SIZE,
-    SHUTDOWN_GRACE,
 };
 pub use memory::{MemoryBackend, PAGE_SIZE};
 pub use null::NullBackend;
+pub use pool::{BUFFER_POOL_BYTES, BufferPool, PooledBuf};
 pub use server::{
-    Export, HANDSHAKE_TIMEOUT, ListenAddr, ListenAddrError, Listener, MAX_BYTES_IN_FLIGHT,
-    MAX_CONNECTIONS, Server, ServerConfig,
+    HANDSHAKE_TIMEOUT, ListenAddr, ListenAddrError, Listener, MAX_BYTES_IN_FLIGHT, MAX_CONNECTIONS,
+    Server, ServerConfig,
 };
-pub use transmission::{
-    BUFFER_POOL_BYTES, MAX_DRAIN, MAX_EXTENTS, MAX_PAYLOAD, READ_BUFFER, REQUEST_OVERHEAD, errno_of,
-};
-pub use wire::{MAX_STRING_LEN, NbdErrno, ProtocolError};
+pub use session::SHUTDOWN_GRACE;
+pub use transmission::{MAX_DRAIN, MAX_EXTENTS, READ_BUFFER, REQUEST_OVERHEAD, errno_of};
+pub use wire::{MAX_PAYLOAD, MAX_STRING_LEN, NbdErrno, ProtocolError};

@@ -1,10 +1,11 @@
-//! Listeners, exports, the connection limit and graceful shutdown.
+//! Listeners, export routing, the connection limit and graceful shutdown.
 //!
 //! [`Server::run`] accepts connections on a [`Listener`] until the caller's
 //! [`CancellationToken`] fires, runs each connection (handshake, then
 //! transmission) in its own task, and on shutdown waits for every
 //! connection to answer its requests before it returns. Protocol details
-//! live in `nbd::handshake` and `nbd::transmission`.
+//! live in `nbd::handshake` and `nbd::transmission`; [`Export`] itself is
+//! defined beside the `Backend` trait.
 
 use std::fmt;
 use std::io;
@@ -23,9 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::backend::Backend;
-use super::handshake::{self, Negotiated};
-use super::transmission::{self, READ_BUFFER, Session};
+use super::backend::{Backend, Export};
+use super::handshake;
+use super::session::{Negotiated, Session};
+use super::transmission::{self, READ_BUFFER};
 use super::wire::ProtocolError;
 
 /// Default for [`ServerConfig::max_connections`]. At the limit the server
@@ -67,29 +69,6 @@ impl Default for ServerConfig {
             max_connections: MAX_CONNECTIONS,
             max_bytes_in_flight: MAX_BYTES_IN_FLIGHT,
             handshake_timeout: HANDSHAKE_TIMEOUT,
-        }
-    }
-}
-
-/// One export: a name clients select, and the backend serving it.
-#[derive(Debug)]
-pub struct Export<B> {
-    /// Name clients pass to GO/EXPORT_NAME; the empty name selects the first
-    /// export unless one is literally named "". Names must be unique (a
-    /// later duplicate is unreachable) and at most 4096 bytes.
-    pub name: String,
-    /// Free text shown by `nbdinfo --list` (NBD_INFO_DESCRIPTION).
-    pub description: String,
-    /// The data side.
-    pub backend: Arc<B>,
-}
-
-impl<B> Clone for Export<B> {
-    fn clone(&self) -> Self {
-        Self {
-            name: self.name.clone(),
-            description: self.description.clone(),
-            backend: Arc::clone(&self.backend),
         }
     }
 }

@@ -4,15 +4,14 @@
 //! Each connection has one reader (the task that called [`serve`]). It
 //! decodes headers, validates each request once ([`validate`]), reads WRITE
 //! payloads from the socket straight into a recycled buffer (one copy, no
-//! page faults: see [`BUFFER_POOL_BYTES`]) that reaches the backend as
-//! `Bytes`, and spawns one task per request. A request task calls the
-//! backend, queues its encoded reply and writes the queue out, unless
-//! another task is writing at that moment, which then writes this reply
-//! too (`Replies`). So requests run concurrently, replies go out in
-//! completion order without a hand-off to a writer task, and replies that
-//! complete together share one `writev`. The reader never writes to the
-//! socket, so it keeps reading even while replies are stuck behind a client
-//! that is busy sending a large WRITE (no deadlock).
+//! page faults: see `nbd::pool`) that reaches the backend as `Bytes`, and
+//! spawns one task per request. A request task calls the backend, picks
+//! its reply (the bytes come from `nbd::wire`) and hands it to the
+//! connection's reply writer (`nbd::replies`), which writes it in
+//! completion order, sharing one `writev` with replies that complete
+//! together. The reader never writes to the socket, so it keeps reading
+//! even while replies are stuck behind a client that is busy sending a
+//! large WRITE (no deadlock).
 //!
 //! Back-pressure: every request holds permits from a per-connection byte
 //! budget ([`ServerConfig::max_bytes_in_flight`]) until its reply has been
@@ -25,27 +24,23 @@
 //!
 //! [`ServerConfig::max_bytes_in_flight`]: super::ServerConfig::max_bytes_in_flight
 
-use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use bytes::{BufMut, Bytes};
+use futures_util::FutureExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, trace, warn};
 
 use super::backend::{Backend, BackendCaps, BlockStatus};
-use super::handshake::{BASE_ALLOCATION_ID, Negotiated, ReadOutcome, ReplyMode, read_or_shutdown};
+use super::pool::{BUFFER_POOL_BYTES, BufferPool};
+use super::replies::{Frame, Replies};
+use super::session::{BASE_ALLOCATION_ID, ReadOutcome, ReplyMode, Session, read_or_shutdown};
 use super::wire::*;
-
-/// Largest READ or WRITE payload we accept, advertised as the maximum in
-/// `NBD_INFO_BLOCK_SIZE`. Larger READs are answered EINVAL; larger WRITEs
-/// are drained (up to [`MAX_DRAIN`]) and answered EINVAL. 32 MiB is what
-/// common clients already respect (qemu-nbd uses the same limit), and QEMU
-/// keeps its 1 MiB backup chunks with it.
-pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 
 /// Largest refused WRITE payload we still read and discard to keep the
 /// stream in step. A header announcing more than this is taken as hostile
@@ -65,14 +60,6 @@ pub const REQUEST_OVERHEAD: usize = 4096;
 /// bytes of a WRITE payload that land in it (and are copied once more) are
 /// few; large enough for many pipelined headers per read call.
 pub const READ_BUFFER: usize = 16 * 1024;
-
-/// Replies smaller than this are copied into the writer's staging buffer
-/// (coalescing many small replies into one write); larger payloads are
-/// passed to the kernel as their own iovec.
-const COPY_THRESHOLD: usize = 8 * 1024;
-
-/// Most iovecs handed to one `writev`.
-const MAX_IOVECS: usize = 64;
 
 /// What a validated request does once it reaches the backend.
 #[derive(Debug)]
@@ -99,28 +86,6 @@ struct Conn<B> {
     /// running are dropped instead of waited for. Backends are cancel-safe
     /// (see [`Backend`]).
     gone: CancellationToken,
-}
-
-/// One encoded reply, queued in `Replies`.
-pub(super) struct Frame {
-    head: [u8; 40],
-    head_len: u8,
-    body: Bytes,
-    /// Byte budget of the request; released once the reply is written.
-    _permit: Option<OwnedSemaphorePermit>,
-}
-
-impl Frame {
-    fn new(head: &[u8], body: Bytes, permit: Option<OwnedSemaphorePermit>) -> Self {
-        let mut h = [0u8; 40];
-        h[..head.len()].copy_from_slice(head);
-        Self {
-            head: h,
-            head_len: head.len() as u8,
-            body,
-            _permit: permit,
-        }
-    }
 }
 
 /// Maps a backend error to the errno the client sees. The one place this
@@ -289,132 +254,60 @@ fn clamp_extents(runs: Vec<BlockStatus>, len: u64, req_one: bool) -> Vec<BlockSt
     out
 }
 
-/// Encodes the reply to `req` in the negotiated style.
+/// The reply to `req` in the negotiated style; the bytes come from
+/// `nbd::wire`, READ data is passed on without a copy.
 fn encode_reply(
     mode: ReplyMode,
     req: &Request,
     outcome: Result<Output, NbdErrno>,
     permit: Option<OwnedSemaphorePermit>,
 ) -> Frame {
-    let cookie = req.cookie;
-    let done = NBD_REPLY_FLAG_DONE;
+    let (cookie, offset) = (req.cookie, req.offset);
+    let none = Bytes::new;
     match (mode, outcome) {
         (ReplyMode::Simple, Ok(Output::Data(d))) => {
             Frame::new(&encode_simple_reply(NBD_SUCCESS, cookie), d, permit)
         }
-        (ReplyMode::Simple, Ok(_)) => Frame::new(
-            &encode_simple_reply(NBD_SUCCESS, cookie),
-            Bytes::new(),
-            permit,
-        ),
-        (ReplyMode::Simple, Err(e)) => {
-            Frame::new(&encode_simple_reply(e, cookie), Bytes::new(), permit)
+        (ReplyMode::Simple, Ok(_)) => {
+            Frame::new(&encode_simple_reply(NBD_SUCCESS, cookie), none(), permit)
         }
+        (ReplyMode::Simple, Err(e)) => Frame::new(&encode_simple_reply(e, cookie), none(), permit),
 
         (ReplyMode::Structured, Ok(Output::Data(d))) if !d.is_empty() => {
-            let mut h = [0u8; STRUCTURED_REPLY_LEN + 8];
-            let len = 8 + d.len() as u32;
-            h[..STRUCTURED_REPLY_LEN].copy_from_slice(&encode_structured_reply(
-                done,
-                NBD_REPLY_TYPE_OFFSET_DATA,
-                cookie,
-                len,
-            ));
-            h[STRUCTURED_REPLY_LEN..].copy_from_slice(&req.offset.to_be_bytes());
+            // d.len() <= MAX_PAYLOAD (checked by validate()).
+            let h = encode_structured_offset_data(cookie, offset, d.len() as u32);
             Frame::new(&h, d, permit)
         }
         (ReplyMode::Structured, Ok(Output::Extents(runs))) => {
-            let mut p = BytesMut::with_capacity(4 + runs.len() * 8);
-            p.put_u32(BASE_ALLOCATION_ID);
-            for r in &runs {
-                // Clamped to the request length, which is a u32 here.
-                p.put_u32(r.len.min(u64::from(u32::MAX)) as u32);
-                p.put_u32(r.flags);
-            }
-            let h =
-                encode_structured_reply(done, NBD_REPLY_TYPE_BLOCK_STATUS, cookie, p.len() as u32);
-            Frame::new(&h, p.freeze(), permit)
+            let (h, p) = encode_block_status_chunk(cookie, BASE_ALLOCATION_ID, &runs);
+            Frame::new(&h, Bytes::from(p), permit)
         }
         (ReplyMode::Structured, Ok(_)) if req.command == NBD_CMD_READ => {
             // Zero-length read: nothing to send but the end of the reply.
-            let h = encode_structured_reply(done, NBD_REPLY_TYPE_NONE, cookie, 0);
-            Frame::new(&h, Bytes::new(), permit)
+            Frame::new(&encode_structured_done(cookie), none(), permit)
         }
-        (ReplyMode::Structured, Ok(_)) => Frame::new(
-            &encode_simple_reply(NBD_SUCCESS, cookie),
-            Bytes::new(),
-            permit,
-        ),
+        (ReplyMode::Structured, Ok(_)) => {
+            Frame::new(&encode_simple_reply(NBD_SUCCESS, cookie), none(), permit)
+        }
         (ReplyMode::Structured, Err(e)) => {
-            let mut h = [0u8; STRUCTURED_REPLY_LEN + 6];
-            h[..STRUCTURED_REPLY_LEN].copy_from_slice(&encode_structured_reply(
-                done,
-                NBD_REPLY_TYPE_ERROR,
-                cookie,
-                6,
-            ));
-            h[STRUCTURED_REPLY_LEN..STRUCTURED_REPLY_LEN + 4].copy_from_slice(&e.0.to_be_bytes());
-            Frame::new(&h, Bytes::new(), permit)
+            Frame::new(&encode_structured_error(cookie, e), none(), permit)
         }
 
         (ReplyMode::Extended, Ok(Output::Data(d))) if !d.is_empty() => {
-            let mut h = [0u8; EXTENDED_REPLY_LEN + 8];
-            h[..EXTENDED_REPLY_LEN].copy_from_slice(&encode_extended_reply(
-                done,
-                NBD_REPLY_TYPE_OFFSET_DATA,
-                cookie,
-                req.offset,
-                8 + d.len() as u64,
-            ));
-            h[EXTENDED_REPLY_LEN..].copy_from_slice(&req.offset.to_be_bytes());
+            let h = encode_extended_offset_data(cookie, offset, d.len() as u64);
             Frame::new(&h, d, permit)
         }
         (ReplyMode::Extended, Ok(Output::Extents(runs))) => {
-            let mut p = BytesMut::with_capacity(8 + runs.len() * 16);
-            p.put_u32(BASE_ALLOCATION_ID);
-            p.put_u32(runs.len() as u32);
-            for r in &runs {
-                p.put_u64(r.len);
-                p.put_u64(u64::from(r.flags));
-            }
-            let h = encode_extended_reply(
-                done,
-                NBD_REPLY_TYPE_BLOCK_STATUS_EXT,
-                cookie,
-                req.offset,
-                p.len() as u64,
-            );
-            Frame::new(&h, p.freeze(), permit)
+            let (h, p) = encode_block_status_ext_chunk(cookie, offset, BASE_ALLOCATION_ID, &runs);
+            Frame::new(&h, Bytes::from(p), permit)
         }
         (ReplyMode::Extended, Ok(_)) => {
-            let h = encode_extended_reply(done, NBD_REPLY_TYPE_NONE, cookie, req.offset, 0);
-            Frame::new(&h, Bytes::new(), permit)
+            Frame::new(&encode_extended_done(cookie, offset), none(), permit)
         }
         (ReplyMode::Extended, Err(e)) => {
-            let mut h = [0u8; EXTENDED_REPLY_LEN + 6];
-            h[..EXTENDED_REPLY_LEN].copy_from_slice(&encode_extended_reply(
-                done,
-                NBD_REPLY_TYPE_ERROR,
-                cookie,
-                req.offset,
-                6,
-            ));
-            h[EXTENDED_REPLY_LEN..EXTENDED_REPLY_LEN + 4].copy_from_slice(&e.0.to_be_bytes());
-            Frame::new(&h, Bytes::new(), permit)
+            Frame::new(&encode_extended_error(cookie, offset, e), none(), permit)
         }
     }
-}
-
-/// Parameters of one transmission phase.
-pub(super) struct Session<B> {
-    /// The export's backend.
-    pub backend: Arc<B>,
-    /// Export name, for logs.
-    pub export: Arc<str>,
-    /// What the handshake agreed.
-    pub negotiated: Negotiated,
-    /// Per-connection byte budget.
-    pub max_bytes_in_flight: usize,
 }
 
 /// Serves requests until DISC, EOF, a framing fault, or shutdown; waits for
@@ -432,7 +325,7 @@ where
     B: Backend,
 {
     let replies = Arc::new(Replies::new(Box::pin(writer)));
-    let writer_dead = replies.dead.clone();
+    let writer_dead = replies.dead().clone();
     let budget_total = session.max_bytes_in_flight.clamp(
         REQUEST_OVERHEAD,
         Semaphore::MAX_PERMITS.min(u32::MAX as usize),
@@ -499,7 +392,7 @@ where
         REQUEST_LEN
     };
     let mut hb = [0u8; EXTENDED_REQUEST_LEN];
-    let pool = Arc::new(BufferPool::default());
+    let pool = BufferPool::new(BUFFER_POOL_BYTES);
     loop {
         let outcome = tokio::select! {
             biased;
@@ -590,9 +483,9 @@ where
         let conn = Arc::clone(conn);
         tasks.spawn(
             async move {
-                let run = CatchPanic {
-                    inner: execute(&conn, &req, payload),
-                };
+                // A panic in the backend is answered (EIO) instead of
+                // leaving the client waiting forever for that cookie.
+                let run = AssertUnwindSafe(execute(&conn, &req, payload)).catch_unwind();
                 let done = tokio::select! {
                     biased;
                     r = run => r,
@@ -604,7 +497,7 @@ where
                 };
                 let outcome = match done {
                     Ok(outcome) => outcome,
-                    Err(()) => {
+                    Err(_panic) => {
                         error!(export = %conn.export, cookie = req.cookie, offset = req.offset,
                                len = req.len, command = %req.command,
                                "backend panicked; answering EIO");
@@ -631,102 +524,6 @@ where
     }
 }
 
-/// Runs a backend call and turns a panic into `Err(())`, so a bug in one
-/// backend call is answered (EIO) instead of leaving the client waiting
-/// forever for that cookie.
-struct CatchPanic<F> {
-    inner: F,
-}
-
-impl<F: Future> Future for CatchPanic<F> {
-    type Output = Result<F::Output, ()>;
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        // SAFETY: `inner` is structurally pinned: it is never moved out of
-        // `self`, and `CatchPanic` has no Drop impl or Unpin impl of its own.
-        let inner = unsafe { self.map_unchecked_mut(|s| &mut s.inner) };
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
-            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
-            Err(_) => std::task::Poll::Ready(Err(())),
-        }
-    }
-}
-
-/// Most bytes of idle WRITE buffers one connection keeps for reuse. Fresh
-/// buffers of 256 KiB and more come from `mmap` and page-fault on first
-/// touch, which cost more than the copy from the socket; recycling them
-/// avoids that. 16 MiB covers nbdcopy's 64 × 256 KiB queue.
-pub const BUFFER_POOL_BYTES: usize = 16 * 1024 * 1024;
-
-/// Recycles one connection's WRITE payload buffers. A buffer goes back to
-/// the pool when the last `Bytes` referring to it is dropped (by the
-/// backend, or when the request ends), if the pool still exists and has room.
-#[derive(Debug, Default)]
-struct BufferPool {
-    free: std::sync::Mutex<PoolInner>,
-}
-
-#[derive(Debug, Default)]
-struct PoolInner {
-    bufs: Vec<Vec<u8>>,
-    bytes: usize,
-}
-
-impl BufferPool {
-    /// An empty buffer with capacity for at least `len` bytes.
-    fn take(&self, len: usize) -> Vec<u8> {
-        let mut inner = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        let best = inner
-            .bufs
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.capacity() >= len)
-            .min_by_key(|(_, b)| b.capacity())
-            .map(|(i, _)| i);
-        if let Some(i) = best {
-            let b = inner.bufs.swap_remove(i);
-            inner.bytes -= b.capacity();
-            return b;
-        }
-        drop(inner);
-        // Round up so buffers of similar requests are interchangeable.
-        Vec::with_capacity(len.next_power_of_two().max(4096))
-    }
-
-    fn put(&self, mut buf: Vec<u8>) {
-        buf.clear();
-        let mut inner = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.bytes + buf.capacity() <= BUFFER_POOL_BYTES {
-            inner.bytes += buf.capacity();
-            inner.bufs.push(buf);
-        }
-    }
-}
-
-/// Owner of a pooled buffer inside a `Bytes`; returns it on drop.
-struct Pooled {
-    buf: Vec<u8>,
-    pool: std::sync::Weak<BufferPool>,
-}
-
-impl AsRef<[u8]> for Pooled {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        if let Some(pool) = self.pool.upgrade() {
-            pool.put(std::mem::take(&mut self.buf));
-        }
-    }
-}
-
 /// Reads a WRITE payload into a (recycled) buffer: the bytes already
 /// buffered are copied, the rest is read from the socket directly into it.
 async fn read_payload<R: AsyncRead + Unpin>(
@@ -734,7 +531,7 @@ async fn read_payload<R: AsyncRead + Unpin>(
     len: usize,
     pool: &Arc<BufferPool>,
 ) -> Result<Bytes, ProtocolError> {
-    let mut buf = pool.take(len);
+    let mut buf = pool.get(len);
     let buffered = reader.buffer();
     let n = buffered.len().min(len);
     buf.extend_from_slice(&buffered[..n]);
@@ -742,16 +539,13 @@ async fn read_payload<R: AsyncRead + Unpin>(
     let inner = reader.get_mut();
     while buf.len() < len {
         let want = len - buf.len();
-        let mut limited = (&mut buf).limit(want);
+        let mut limited = (&mut *buf).limit(want);
         let got = inner.read_buf(&mut limited).await?;
         if got == 0 {
             return Err(ProtocolError::TornMessage);
         }
     }
-    Ok(Bytes::from_owner(Pooled {
-        buf,
-        pool: Arc::downgrade(pool),
-    }))
+    Ok(buf.freeze())
 }
 
 /// Reads and discards `len` payload bytes of a refused request.
@@ -764,156 +558,6 @@ async fn drain<R: AsyncRead + Unpin>(
         return Err(ProtocolError::TornMessage);
     }
     Ok(())
-}
-
-/// Replies waiting to go out, and the socket half they go to.
-///
-/// Whoever queues a reply also writes, unless another task is writing at
-/// that moment, in which case that task picks the reply up before it lets
-/// go of the socket (it re-checks the queue after unlocking). So replies
-/// need no hand-off to a dedicated writer task, and replies that complete
-/// together share one `writev`. The reader never writes (see `read_loop`).
-struct Replies {
-    queue: std::sync::Mutex<Vec<Frame>>,
-    writer: tokio::sync::Mutex<WriterState>,
-    /// Cancelled when a write fails: the reader stops, queued replies are
-    /// dropped.
-    dead: CancellationToken,
-}
-
-/// The socket half and the buffers used to write to it.
-struct WriterState {
-    w: std::pin::Pin<Box<dyn AsyncWrite + Send>>,
-    staging: BytesMut,
-    segs: VecDeque<Bytes>,
-    /// Frames being written; their budget is released once they are sent.
-    batch: Vec<Frame>,
-}
-
-impl Replies {
-    fn new(w: std::pin::Pin<Box<dyn AsyncWrite + Send>>) -> Self {
-        Self {
-            queue: std::sync::Mutex::new(Vec::new()),
-            writer: tokio::sync::Mutex::new(WriterState {
-                w,
-                staging: BytesMut::with_capacity(64 * 1024),
-                segs: VecDeque::new(),
-                batch: Vec::new(),
-            }),
-            dead: CancellationToken::new(),
-        }
-    }
-
-    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<Frame>> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Queues a reply; follow with [`Replies::flush`] (or spawn it).
-    fn push(&self, f: Frame) {
-        self.queue().push(f);
-    }
-
-    /// Writes every queued reply, unless another task is writing (it will
-    /// write ours too).
-    async fn flush(&self) {
-        loop {
-            let Ok(mut st) = self.writer.try_lock() else {
-                return;
-            };
-            self.write_queued(&mut st).await;
-            drop(st);
-            if self.dead.is_cancelled() || self.queue().is_empty() {
-                return;
-            }
-        }
-    }
-
-    async fn write_queued(&self, st: &mut WriterState) {
-        loop {
-            std::mem::swap(&mut *self.queue(), &mut st.batch);
-            if st.batch.is_empty() {
-                return;
-            }
-            if self.dead.is_cancelled() {
-                st.batch.clear();
-                continue;
-            }
-            let WriterState {
-                w,
-                staging,
-                segs,
-                batch,
-            } = st;
-            for f in batch.iter_mut() {
-                staging.extend_from_slice(&f.head[..f.head_len as usize]);
-                let body = std::mem::take(&mut f.body);
-                if body.len() < COPY_THRESHOLD {
-                    staging.extend_from_slice(&body);
-                } else {
-                    segs.push_back(staging.split().freeze());
-                    segs.push_back(body);
-                }
-            }
-            if !staging.is_empty() {
-                segs.push_back(staging.split().freeze());
-            }
-            let res = write_segments(w, segs).await;
-            // Replies are on the wire (or lost): release their budget.
-            batch.clear();
-            if let Err(e) = res {
-                debug!(error = %e, "writing replies failed");
-                segs.clear();
-                self.dead.cancel();
-            }
-        }
-    }
-
-    /// Writes what is left and shuts down our sending side.
-    async fn close(&self) {
-        let mut st = self.writer.lock().await;
-        self.write_queued(&mut st).await;
-        let _ = st.w.shutdown().await;
-    }
-}
-
-/// Writes every segment with `writev`, resuming after partial writes.
-async fn write_segments<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    segs: &mut VecDeque<Bytes>,
-) -> io::Result<()> {
-    while !segs.is_empty() {
-        let n = {
-            let iov: Vec<IoSlice<'_>> = segs
-                .iter()
-                .filter(|s| !s.is_empty())
-                .take(MAX_IOVECS)
-                .map(|s| IoSlice::new(s))
-                .collect();
-            if iov.is_empty() {
-                segs.clear();
-                break;
-            }
-            w.write_vectored(&iov).await?
-        };
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        let mut left = n;
-        while left > 0 {
-            let front = segs.front_mut().expect("wrote more than was queued");
-            if front.len() <= left {
-                left -= front.len();
-                segs.pop_front();
-            } else {
-                bytes::Buf::advance(front, left);
-                left = 0;
-            }
-        }
-        while segs.front().is_some_and(|s| s.is_empty()) {
-            segs.pop_front();
-        }
-    }
-    w.flush().await
 }
 
 #[cfg(test)]

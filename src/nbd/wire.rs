@@ -3,8 +3,12 @@
 //!
 //! All fields on the wire are big-endian. Nothing here touches a socket:
 //! functions take and return byte slices, so every rejection path can be
-//! tested with hand-made bytes (see `mod tests`). Reading from and writing to
-//! the peer is left to `nbd::handshake` and `nbd::transmission`.
+//! tested with hand-made bytes (see `mod tests`). That includes every reply
+//! we send: simple replies, structured and extended chunks (OFFSET_DATA,
+//! NONE, ERROR, BLOCK_STATUS with 32- and 64-bit extents), so the other
+//! modules only choose which reply to send. Reading from the peer is left
+//! to `nbd::session`, `nbd::handshake` and `nbd::transmission`; writing
+//! replies out to `nbd::transmission`.
 //!
 //! Constants keep the spelling of the protocol document (`NBD_OPT_GO`,
 //! `NBD_CMD_WRITE_ZEROES`), so one search hits our code and the spec; typed
@@ -14,6 +18,8 @@
 use std::fmt;
 
 use thiserror::Error;
+
+use super::backend::BlockStatus;
 
 // ---------------------------------------------------------------------------
 // Magics
@@ -423,6 +429,14 @@ pub enum ProtocolError {
 /// `ERR_INVALID` (or `ERR_TOO_BIG`) and the connection stays up.
 pub const MAX_STRING_LEN: usize = 4096;
 
+/// Largest READ or WRITE payload we accept, advertised as the maximum in
+/// `NBD_INFO_BLOCK_SIZE`. Larger READs are answered EINVAL; larger WRITEs
+/// are drained (up to `MAX_DRAIN`, see `nbd::transmission`) and answered
+/// EINVAL. 32 MiB is what
+/// common clients already respect (qemu-nbd uses the same limit), and QEMU
+/// keeps its 1 MiB backup chunks with it.
+pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+
 // ---------------------------------------------------------------------------
 // Handshake codecs
 // ---------------------------------------------------------------------------
@@ -686,11 +700,6 @@ impl Request {
     }
 }
 
-/// Reads the magic at the start of a request header (4 bytes suffice).
-pub fn request_magic(b: &[u8]) -> u32 {
-    be_u32(&b[0..4])
-}
-
 /// Decodes a compact request (exactly [`REQUEST_LEN`] bytes) or, when
 /// `extended`, an extended one ([`EXTENDED_REQUEST_LEN`] bytes).
 pub fn decode_request(b: &[u8], extended: bool) -> Result<Request, ProtocolError> {
@@ -781,6 +790,152 @@ pub fn encode_extended_reply(
     b[16..24].copy_from_slice(&offset.to_be_bytes());
     b[24..32].copy_from_slice(&len.to_be_bytes());
     b
+}
+
+/// Longest fixed part of a reply that precedes its data: an extended chunk
+/// header and the offset of an OFFSET_DATA chunk. The reply writer keeps
+/// this much inline per queued reply, so replies need no allocation.
+pub const MAX_REPLY_HEAD_LEN: usize = EXTENDED_REPLY_LEN + 8;
+
+/// Payload length of the ERROR chunks we send: u32 errno and a u16 message
+/// length of 0. We send no message: the cause is logged on our side.
+pub const ERROR_CHUNK_LEN: usize = 6;
+
+/// The structured OFFSET_DATA chunk that answers a READ, up to its data:
+/// the header (flag DONE, length `8 + data_len`) and `offset`. The caller
+/// sends the `data_len` data bytes after it; `data_len` is at most
+/// [`MAX_PAYLOAD`].
+pub fn encode_structured_offset_data(
+    cookie: u64,
+    offset: u64,
+    data_len: u32,
+) -> [u8; STRUCTURED_REPLY_LEN + 8] {
+    let len = 8 + data_len;
+    let h = encode_structured_reply(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, cookie, len);
+    concat(&h, &offset.to_be_bytes())
+}
+
+/// The extended OFFSET_DATA chunk that answers a READ, up to its data: the
+/// header (flag DONE, echoing `offset`, length `8 + data_len`) and `offset`.
+pub fn encode_extended_offset_data(
+    cookie: u64,
+    offset: u64,
+    data_len: u64,
+) -> [u8; EXTENDED_REPLY_LEN + 8] {
+    let kind = NBD_REPLY_TYPE_OFFSET_DATA;
+    let h = encode_extended_reply(NBD_REPLY_FLAG_DONE, kind, cookie, offset, 8 + data_len);
+    concat(&h, &offset.to_be_bytes())
+}
+
+/// A final structured NONE chunk: success with nothing to send (a READ of
+/// length 0).
+pub fn encode_structured_done(cookie: u64) -> [u8; STRUCTURED_REPLY_LEN] {
+    encode_structured_reply(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, cookie, 0)
+}
+
+/// A final extended NONE chunk echoing `offset`: success without data.
+pub fn encode_extended_done(cookie: u64, offset: u64) -> [u8; EXTENDED_REPLY_LEN] {
+    encode_extended_reply(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, cookie, offset, 0)
+}
+
+/// A final structured ERROR chunk: `error` and an empty message.
+pub fn encode_structured_error(
+    cookie: u64,
+    error: NbdErrno,
+) -> [u8; STRUCTURED_REPLY_LEN + ERROR_CHUNK_LEN] {
+    let len = ERROR_CHUNK_LEN as u32;
+    let h = encode_structured_reply(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, cookie, len);
+    concat(&h, &encode_error_payload(error))
+}
+
+/// A final extended ERROR chunk echoing `offset`: `error` and an empty
+/// message.
+pub fn encode_extended_error(
+    cookie: u64,
+    offset: u64,
+    error: NbdErrno,
+) -> [u8; EXTENDED_REPLY_LEN + ERROR_CHUNK_LEN] {
+    let len = ERROR_CHUNK_LEN as u64;
+    let h = encode_extended_reply(
+        NBD_REPLY_FLAG_DONE,
+        NBD_REPLY_TYPE_ERROR,
+        cookie,
+        offset,
+        len,
+    );
+    concat(&h, &encode_error_payload(error))
+}
+
+/// Payload of our ERROR chunks: u32 errno, u16 message length 0.
+fn encode_error_payload(error: NbdErrno) -> [u8; ERROR_CHUNK_LEN] {
+    let mut p = [0u8; ERROR_CHUNK_LEN];
+    p[0..4].copy_from_slice(&error.0.to_be_bytes());
+    p
+}
+
+/// `head` then `tail` in one array of exactly their combined length.
+fn concat<const N: usize>(head: &[u8], tail: &[u8]) -> [u8; N] {
+    assert_eq!(
+        head.len() + tail.len(),
+        N,
+        "reply parts do not fill the array"
+    );
+    let mut b = [0u8; N];
+    b[..head.len()].copy_from_slice(head);
+    b[head.len()..].copy_from_slice(tail);
+    b
+}
+
+/// A final structured BLOCK_STATUS chunk: its header and its payload (u32
+/// context id, then u32 length and u32 flags per extent). Lengths above
+/// `u32::MAX` are cut to it; callers clamp extents to the request, whose
+/// length fits in 32 bits without extended headers.
+pub fn encode_block_status_chunk(
+    cookie: u64,
+    context_id: u32,
+    extents: &[BlockStatus],
+) -> ([u8; STRUCTURED_REPLY_LEN], Vec<u8>) {
+    let mut p = Vec::with_capacity(4 + extents.len() * 8);
+    p.extend_from_slice(&context_id.to_be_bytes());
+    for e in extents {
+        let len = e.len.min(u64::from(u32::MAX)) as u32;
+        p.extend_from_slice(&len.to_be_bytes());
+        p.extend_from_slice(&e.flags.to_be_bytes());
+    }
+    let h = encode_structured_reply(
+        NBD_REPLY_FLAG_DONE,
+        NBD_REPLY_TYPE_BLOCK_STATUS,
+        cookie,
+        p.len() as u32,
+    );
+    (h, p)
+}
+
+/// A final extended BLOCK_STATUS_EXT chunk echoing `offset`: its header and
+/// its payload (u32 context id, u32 extent count, then u64 length and u64
+/// flags per extent).
+pub fn encode_block_status_ext_chunk(
+    cookie: u64,
+    offset: u64,
+    context_id: u32,
+    extents: &[BlockStatus],
+) -> ([u8; EXTENDED_REPLY_LEN], Vec<u8>) {
+    let mut p = Vec::with_capacity(8 + extents.len() * 16);
+    p.extend_from_slice(&context_id.to_be_bytes());
+    // At most MAX_EXTENTS (far below 2^32) per reply.
+    p.extend_from_slice(&(extents.len() as u32).to_be_bytes());
+    for e in extents {
+        p.extend_from_slice(&e.len.to_be_bytes());
+        p.extend_from_slice(&u64::from(e.flags).to_be_bytes());
+    }
+    let h = encode_extended_reply(
+        NBD_REPLY_FLAG_DONE,
+        NBD_REPLY_TYPE_BLOCK_STATUS_EXT,
+        cookie,
+        offset,
+        p.len() as u64,
+    );
+    (h, p)
 }
 
 /// A decoded reply header of any style (for tests and clients).
@@ -1126,6 +1281,158 @@ mod tests {
         let mut bad = s;
         bad[0] ^= 0xff;
         assert!(decode_reply_header(&bad).is_err());
+    }
+
+    // The reply tests below spell out the expected bytes field by field,
+    // as the NBD protocol document lays them out, instead of building them
+    // with the encoders under test.
+
+    const COOKIE: u64 = 0x1122_3344_5566_7788;
+    const COOKIE_BYTES: [u8; 8] = [0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88];
+
+    fn cat(parts: &[&[u8]]) -> Vec<u8> {
+        parts.concat()
+    }
+
+    #[test]
+    fn simple_reply_bytes() {
+        let want = cat(&[
+            &[0x67, 0x44, 0x66, 0x98], // NBD_SIMPLE_REPLY_MAGIC
+            &[0, 0, 0, 22],            // error: EINVAL
+            &COOKIE_BYTES,
+        ]);
+        assert_eq!(&encode_simple_reply(NBD_EINVAL, COOKIE)[..], &want[..]);
+        let ok = encode_simple_reply(NBD_SUCCESS, COOKIE);
+        assert_eq!(&ok[4..8], &[0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn structured_reply_bytes() {
+        // OFFSET_DATA header of a 512-byte READ at 8 GiB + 4 KiB.
+        let want = cat(&[
+            &[0x66, 0x8e, 0x33, 0xef], // NBD_STRUCTURED_REPLY_MAGIC
+            &[0x00, 0x01],             // flags: DONE
+            &[0x00, 0x01],             // type: OFFSET_DATA
+            &COOKIE_BYTES,
+            &[0x00, 0x00, 0x02, 0x08],       // length: 8 + 512
+            &[0, 0, 0, 0x02, 0, 0, 0x10, 0], // offset
+        ]);
+        assert_eq!(
+            &encode_structured_offset_data(COOKIE, 0x2_0000_1000, 512)[..],
+            &want[..]
+        );
+        let want = cat(&[
+            &[0x66, 0x8e, 0x33, 0xef],
+            &[0x00, 0x01], // DONE
+            &[0x00, 0x00], // NONE
+            &COOKIE_BYTES,
+            &[0, 0, 0, 0], // length
+        ]);
+        assert_eq!(&encode_structured_done(COOKIE)[..], &want[..]);
+        let want = cat(&[
+            &[0x66, 0x8e, 0x33, 0xef],
+            &[0x00, 0x01], // DONE
+            &[0x80, 0x01], // ERROR
+            &COOKIE_BYTES,
+            &[0, 0, 0, 6],    // length
+            &[0, 0, 0, 0x1c], // error: ENOSPC
+            &[0, 0],          // message length
+        ]);
+        assert_eq!(&encode_structured_error(COOKIE, NBD_ENOSPC)[..], &want[..]);
+    }
+
+    #[test]
+    fn extended_reply_bytes() {
+        // OFFSET_DATA header with a length that needs 64 bits.
+        let want = cat(&[
+            &[0x6e, 0x8a, 0x27, 0x8c], // NBD_EXTENDED_REPLY_MAGIC
+            &[0x00, 0x01],             // flags: DONE
+            &[0x00, 0x01],             // type: OFFSET_DATA
+            &COOKIE_BYTES,
+            &[0, 0, 0, 0x02, 0, 0, 0x10, 0], // offset (echoed)
+            &[0, 0, 0, 0x01, 0, 0, 0, 0x08], // length: 8 + 4 GiB
+            &[0, 0, 0, 0x02, 0, 0, 0x10, 0], // offset
+        ]);
+        assert_eq!(
+            &encode_extended_offset_data(COOKIE, 0x2_0000_1000, 1 << 32)[..],
+            &want[..]
+        );
+        let want = cat(&[
+            &[0x6e, 0x8a, 0x27, 0x8c],
+            &[0x00, 0x01], // DONE
+            &[0x00, 0x00], // NONE
+            &COOKIE_BYTES,
+            &[0, 0, 0, 0, 0, 0, 0x10, 0], // offset
+            &[0; 8],                      // length
+        ]);
+        assert_eq!(&encode_extended_done(COOKIE, 0x1000)[..], &want[..]);
+        let want = cat(&[
+            &[0x6e, 0x8a, 0x27, 0x8c],
+            &[0x00, 0x01], // DONE
+            &[0x80, 0x01], // ERROR
+            &COOKIE_BYTES,
+            &[0, 0, 0, 0, 0, 0, 0x10, 0], // offset
+            &[0, 0, 0, 0, 0, 0, 0, 6],    // length
+            &[0, 0, 0, 5],                // error: EIO
+            &[0, 0],                      // message length
+        ]);
+        assert_eq!(
+            &encode_extended_error(COOKIE, 0x1000, NBD_EIO)[..],
+            &want[..]
+        );
+    }
+
+    const EXTENTS: [BlockStatus; 2] = [
+        BlockStatus {
+            len: 0x1_0000,
+            flags: 0,
+        },
+        BlockStatus {
+            len: 0x2_0000_0000,
+            flags: NBD_STATE_HOLE | NBD_STATE_ZERO,
+        },
+    ];
+
+    #[test]
+    fn block_status_chunk_bytes() {
+        let (h, p) = encode_block_status_chunk(COOKIE, 1, &EXTENTS);
+        let want_h = cat(&[
+            &[0x66, 0x8e, 0x33, 0xef],
+            &[0x00, 0x01], // DONE
+            &[0x00, 0x05], // BLOCK_STATUS
+            &COOKIE_BYTES,
+            &[0, 0, 0, 20], // length: id + 2 extents
+        ]);
+        let want_p = cat(&[
+            &[0, 0, 0, 1],             // context id
+            &[0x00, 0x01, 0x00, 0x00], // 64 KiB
+            &[0, 0, 0, 0],             // allocated data
+            &[0xff, 0xff, 0xff, 0xff], // 8 GiB, cut to u32::MAX
+            &[0, 0, 0, 3],             // HOLE | ZERO
+        ]);
+        assert_eq!((&h[..], &p[..]), (&want_h[..], &want_p[..]));
+    }
+
+    #[test]
+    fn block_status_ext_chunk_bytes() {
+        let (h, p) = encode_block_status_ext_chunk(COOKIE, 0x1000, 1, &EXTENTS);
+        let want_h = cat(&[
+            &[0x6e, 0x8a, 0x27, 0x8c],
+            &[0x00, 0x01], // DONE
+            &[0x00, 0x06], // BLOCK_STATUS_EXT
+            &COOKIE_BYTES,
+            &[0, 0, 0, 0, 0, 0, 0x10, 0], // offset
+            &[0, 0, 0, 0, 0, 0, 0, 40],   // length: id, count, 2 extents
+        ]);
+        let want_p = cat(&[
+            &[0, 0, 0, 1],                // context id
+            &[0, 0, 0, 2],                // extent count
+            &[0, 0, 0, 0, 0, 0x01, 0, 0], // 64 KiB
+            &[0; 8],                      // allocated data
+            &[0, 0, 0, 0x02, 0, 0, 0, 0], // 8 GiB
+            &[0, 0, 0, 0, 0, 0, 0, 3],    // HOLE | ZERO
+        ]);
+        assert_eq!((&h[..], &p[..]), (&want_h[..], &want_p[..]));
     }
 
     mod props {
