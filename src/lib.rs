@@ -22,6 +22,8 @@
 //!   adds the targets, starts one transaction of jobs, waits, and cleans up
 //!   on failure in one place; [`backup::Error`] carries a failed backup's
 //!   incomplete drives.
+//! - [`pool`]: recycled buffers that travel as `Bytes` (NBD payloads,
+//!   `create`'s image reads).
 //! - [`sink`]: bytes out: plain or zstd, fsync, temp-then-rename commit.
 //! - [`qmp`]: a small async client for QEMU's JSON monitor:
 //!   [`qmp::protocol`] (pure message decoding, error classes, typed
@@ -35,6 +37,7 @@ pub mod assembler;
 pub mod backup;
 pub mod cli;
 pub mod nbd;
+pub mod pool;
 pub mod qemu;
 pub mod qmp;
 pub mod sink;

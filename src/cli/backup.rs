@@ -21,7 +21,7 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub qmp: PathBuf,
     /// A drive to back up: a node or drive name, optionally =NAME for its
-    /// name in the archive (default: drive-<id>).
+    /// name in the archive (default: `drive-<id>`).
     #[arg(long = "drive", value_name = "NODE[=NAME]")]
     pub drives: Vec<String>,
     /// Back up every writable drive QEMU has.

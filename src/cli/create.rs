@@ -23,6 +23,7 @@ use super::progress::CreateProgress;
 use super::signals::Leftovers;
 use super::values::{DriveImage, SECTOR_SIZE};
 use crate::backup::BackupDrive;
+use crate::pool::BufferPool;
 use crate::qemu::{DaemonOptions, Image, StorageDaemon};
 use crate::sink::Sink;
 use crate::vma::consts::VMA_CLUSTER_SIZE;
@@ -32,10 +33,10 @@ use crate::vma::{DevId, Writer};
 /// small enough that the writer's pending extent pins little memory.
 const READ_CLUSTERS: u64 = 16;
 
-/// Read buffers kept for reuse. A fresh 1 MiB buffer costs page faults and
-/// a memset that together exceed the cost of the read itself; the writer
-/// holds at most one extent's clusters, so a few buffers cycle.
-const POOL_BUFFERS: usize = 16;
+/// Idle read buffers kept for reuse: a fresh 1 MiB buffer costs page
+/// faults and a memset that together exceed the cost of the read itself;
+/// the writer holds at most one extent's clusters, so a few buffers cycle.
+const POOL_BYTES: usize = 16 * (READ_CLUSTERS as usize * VMA_CLUSTER_SIZE);
 
 /// Chunks read ahead of the writer: lets reading (one copy from the page
 /// cache) overlap with zero detection and writing on the other core.
@@ -136,31 +137,6 @@ fn data_ranges(f: &File, size: u64) -> Vec<(u64, u64)> {
     out
 }
 
-#[derive(Default)]
-struct BufPool(std::sync::Mutex<Vec<Vec<u8>>>);
-
-/// A pooled buffer inside a `Bytes`; goes back to the pool when the last
-/// slice of it is dropped (after its extent is written).
-struct PoolBuf {
-    buf: Vec<u8>,
-    pool: std::sync::Arc<BufPool>,
-}
-
-impl AsRef<[u8]> for PoolBuf {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf
-    }
-}
-
-impl Drop for PoolBuf {
-    fn drop(&mut self) {
-        let mut free = self.pool.0.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < POOL_BUFFERS {
-            free.push(std::mem::take(&mut self.buf));
-        }
-    }
-}
-
 /// What the reader thread hands the writer.
 enum Chunk {
     /// `count` clusters from `first` are holes: zero without reading.
@@ -175,8 +151,7 @@ enum Chunk {
 fn read_chunks(img: &RawImage, tx: &std::sync::mpsc::SyncSender<std::io::Result<Chunk>>) {
     let cs = VMA_CLUSTER_SIZE as u64;
     let clusters = img.size.div_ceil(cs);
-    let pool = std::sync::Arc::new(BufPool::default());
-    let chunk_len = (READ_CLUSTERS * cs) as usize;
+    let pool = BufferPool::new(POOL_BYTES);
     let mut next = 0u64;
     let mut ranges = data_ranges(&img.file, img.file_size);
     ranges.push((img.size, img.size)); // sentinel: zero-fill to the end
@@ -195,8 +170,7 @@ fn read_chunks(img: &RawImage, tx: &std::sync::mpsc::SyncSender<std::io::Result<
             let off = next * cs;
             let len = (n * cs).min(img.size - off) as usize;
             let in_file = img.file_size.saturating_sub(off).min(len as u64) as usize;
-            let buf = pool.0.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            let mut buf = buf.unwrap_or_else(|| vec![0u8; chunk_len]);
+            let mut buf = pool.get_filled(len);
             if let Err(e) = img.file.read_exact_at(&mut buf[..in_file], off) {
                 let _ = tx.send(Err(std::io::Error::new(
                     e.kind(),
@@ -206,11 +180,7 @@ fn read_chunks(img: &RawImage, tx: &std::sync::mpsc::SyncSender<std::io::Result<
             }
             // A recycled buffer holds old data past the file's end.
             buf[in_file..len].fill(0);
-            let data = Bytes::from_owner(PoolBuf {
-                buf,
-                pool: pool.clone(),
-            })
-            .slice(..len);
+            let data = buf.freeze();
             if tx.send(Ok(Chunk::Data { first: next, data })).is_err() {
                 return; // the writer gave up
             }

@@ -1,10 +1,10 @@
 //! The `vma-writer` command line: one module per subcommand, each turning
 //! its clap arguments into library calls, and the pieces they share:
-//! [`options`] (flags of every command that writes an archive), [`values`]
-//! (typed parsers for sizes, levels and drive specs), [`signals`] (SIGINT,
-//! SIGTERM and exit statuses), [`display`] and [`progress`] (what the user
-//! sees), [`live`] (running a live target or backup to its end) and
-//! [`archive_input`] (opening an archive to read). With `main.rs`, the only
+//! `options` (flags of every command that writes an archive), `values`
+//! (typed parsers for sizes, levels and drive specs), `signals` (SIGINT,
+//! SIGTERM and exit statuses), `display` and `progress` (what the user
+//! sees), `live` (running a live target or backup to its end) and
+//! `archive_input` (opening an archive to read). With `main.rs`, the only
 //! home of `anyhow`.
 
 use std::process::ExitCode;

@@ -13,8 +13,6 @@
 //!   back-pressure and errno mapping.
 //! - `replies`: the reply writer of one connection: a queue that request
 //!   tasks write out in turn, combining replies into one `writev`.
-//! - `pool`: [`BufferPool`], recycled buffers that travel as `Bytes`
-//!   (WRITE payloads; reusable by any reader that fills large buffers).
 //! - `server`: [`Listener`] (Unix/TCP), [`Server`] with its connection limit
 //!   and graceful shutdown.
 //! - `backend`: [`Backend`], what an export implements, and [`Export`],
@@ -34,7 +32,6 @@ mod backend;
 mod handshake;
 mod memory;
 mod null;
-mod pool;
 mod replies;
 mod server;
 mod session;
@@ -47,11 +44,12 @@ pub use handshake::{
 };
 pub use memory::{MemoryBackend, PAGE_SIZE};
 pub use null::NullBackend;
-pub use pool::{BUFFER_POOL_BYTES, BufferPool, PooledBuf};
 pub use server::{
     HANDSHAKE_TIMEOUT, ListenAddr, ListenAddrError, Listener, MAX_BYTES_IN_FLIGHT, MAX_CONNECTIONS,
     Server, ServerConfig,
 };
 pub use session::SHUTDOWN_GRACE;
-pub use transmission::{MAX_DRAIN, MAX_EXTENTS, READ_BUFFER, REQUEST_OVERHEAD, errno_of};
+pub use transmission::{
+    BUFFER_POOL_BYTES, MAX_DRAIN, MAX_EXTENTS, READ_BUFFER, REQUEST_OVERHEAD, errno_of,
+};
 pub use wire::{MAX_PAYLOAD, MAX_STRING_LEN, NbdErrno, ProtocolError};

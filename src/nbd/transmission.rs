@@ -37,10 +37,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, trace, warn};
 
 use super::backend::{Backend, BackendCaps, BlockStatus};
-use super::pool::{BUFFER_POOL_BYTES, BufferPool};
 use super::replies::{Frame, Replies};
 use super::session::{BASE_ALLOCATION_ID, ReadOutcome, ReplyMode, Session, read_or_shutdown};
 use super::wire::*;
+use crate::pool::BufferPool;
 
 /// Largest refused WRITE payload we still read and discard to keep the
 /// stream in step. A header announcing more than this is taken as hostile
@@ -60,6 +60,12 @@ pub const REQUEST_OVERHEAD: usize = 4096;
 /// bytes of a WRITE payload that land in it (and are copied once more) are
 /// few; large enough for many pipelined headers per read call.
 pub const READ_BUFFER: usize = 16 * 1024;
+
+/// Most bytes of idle WRITE buffers one NBD connection keeps for reuse,
+/// so large payloads do not page-fault in fresh `mmap`ed buffers. 16 MiB
+/// covers nbdcopy's 64 × 256 KiB queue; past it, returned buffers are
+/// freed.
+pub const BUFFER_POOL_BYTES: usize = 16 * 1024 * 1024;
 
 /// What a validated request does once it reaches the backend.
 #[derive(Debug)]

@@ -6,12 +6,13 @@
 //! that. The transmission phase reads each WRITE payload into one
 //! ([`BufferPool::get`], then [`PooledBuf::freeze`]) and hands it to the
 //! backend as `Bytes` without a copy; a reader that fills whole buffers
-//! with `read_at` takes them with [`BufferPool::get_filled`]. This module
-//! knows nothing of NBD: no sockets, no requests.
+//! with `read_at` takes them with [`BufferPool::get_filled`]. Used by the NBD
+//! server for WRITE payloads and by `create` for image reads; knows
+//! nothing of either.
 //!
 //! ```
 //! use std::io::Write;
-//! use vma_writer::nbd::BufferPool;
+//! use vma_writer::pool::BufferPool;
 //!
 //! let pool = BufferPool::new(16 << 20);
 //! let mut buf = pool.get(1000); // empty, room for at least 1000 bytes
@@ -29,12 +30,6 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use bytes::Bytes;
 
-/// Most bytes of idle WRITE buffers one NBD connection keeps for reuse,
-/// so large payloads do not page-fault in fresh `mmap`ed buffers. 16 MiB
-/// covers nbdcopy's 64 × 256 KiB queue; past it, returned buffers are
-/// freed.
-pub const BUFFER_POOL_BYTES: usize = 16 * 1024 * 1024;
-
 /// Smallest buffer the pool hands out (one page). Requests are rounded up
 /// to a power of two at least this large, so buffers of similar requests
 /// are interchangeable.
@@ -48,7 +43,7 @@ const MIN_BUFFER: usize = 4096;
 #[derive(Debug)]
 pub struct BufferPool {
     free: Mutex<Free>,
-    /// Idle capacity kept at most; see [`BUFFER_POOL_BYTES`].
+    /// Idle capacity kept at most, as the owner chose it.
     max_bytes: usize,
 }
 
