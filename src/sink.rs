@@ -133,6 +133,10 @@ impl Sink {
             None => Out::Plain(file),
             Some(level) => {
                 let mut enc = zstd::stream::write::Encoder::new(file, level)?;
+                // Every frame carries zstd's content checksum (XXH64), as
+                // the zstd CLI writes it by default: a corrupted file is
+                // caught when it is read.
+                enc.include_checksum(true)?;
                 if opts.zstd_threads > 0 {
                     enc.multithread(opts.zstd_threads)?;
                 }

@@ -96,9 +96,11 @@ impl Shared {
         lock(&self.failure).as_ref().map(clone_err)
     }
 
-    /// Records the first failure; later ones are only logged.
+    /// Records the first failure; later ones are only logged. The first
+    /// reaches the user as the backup's failure, so it is not logged above
+    /// debug level (one message per failure).
     pub fn fail_with(&self, e: io::Error, what: &str) {
-        tracing::error!("{what}: {e}");
+        tracing::debug!("{what}: {e}");
         let mut f = lock(&self.failure);
         if f.is_none() {
             // EFBIG (a file size limit) is "no space" to an NBD client.
