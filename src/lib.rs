@@ -24,6 +24,8 @@
 //!   incomplete drives.
 //! - [`pool`]: recycled buffers that travel as `Bytes` (NBD payloads,
 //!   `create`'s image reads).
+//! - [`seekable`]: the zstd seekable format's seek table and skippable
+//!   frames (pure).
 //! - [`sink`]: bytes out: plain or zstd, fsync, temp-then-rename commit.
 //! - [`qmp`]: a small async client for QEMU's JSON monitor:
 //!   [`qmp::protocol`] (pure message decoding, error classes, typed
@@ -40,6 +42,7 @@ pub mod nbd;
 pub mod pool;
 pub mod qemu;
 pub mod qmp;
+pub mod seekable;
 pub mod sink;
 pub mod target;
 pub mod vma;

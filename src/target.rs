@@ -56,6 +56,10 @@ pub struct TargetConfig {
     pub assembler: AssemblerConfig,
     /// Clusters per extent (Proxmox: 58).
     pub clusters_per_extent: usize,
+    /// A fixed archive uuid (reproducible archives); random if `None`.
+    pub uuid: Option<uuid::Uuid>,
+    /// A fixed creation time (Unix seconds); now if `None`.
+    pub ctime: Option<i64>,
     /// See [`DEFAULT_RECONNECT_TIMEOUT`].
     pub reconnect_timeout: Duration,
     /// NBD server limits.
@@ -227,6 +231,12 @@ impl BackupTarget {
         let mut builder = WriterBuilder::new()
             .clusters_per_extent(cfg.clusters_per_extent)
             .map_err(Error::Layout)?;
+        if let Some(uuid) = cfg.uuid {
+            builder = builder.uuid(uuid);
+        }
+        if let Some(ctime) = cfg.ctime {
+            builder = builder.ctime(ctime);
+        }
         for (name, data) in &cfg.configs {
             builder
                 .add_config(name, data)

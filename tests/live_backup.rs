@@ -54,16 +54,18 @@ async fn backup_one_drive_64m_raw_with_holes() {
         .unwrap_or_else(|| panic!("no finished event: {:?}", ended.events));
     assert_eq!(fin["bytes"], 64 * MIB);
 
-    // --output-dir --vmid: Proxmox's name, and nothing else in the dir.
-    let names: Vec<String> = std::fs::read_dir(&out_dir)
+    // --output-dir --vmid: Proxmox's name and its index, nothing else.
+    let mut names: Vec<String> = std::fs::read_dir(&out_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names.len(), 1, "{names:?}");
+    names.sort();
+    assert_eq!(names.len(), 2, "{names:?}");
     assert!(
         names[0].starts_with("vzdump-qemu-100-") && names[0].ends_with(".vma"),
         "{names:?}"
     );
+    assert_eq!(names[1], format!("{}.index", names[0]));
     let archive = out_dir.join(&names[0]);
     assert_eq!(
         fin["archive"].as_str(),

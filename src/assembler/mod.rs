@@ -166,6 +166,7 @@ impl Assembler {
             _ => None,
         };
         let header = builder.header();
+        let builder = builder.index(sink.can_hold_index());
         let writer = builder.start(sink).map_err(io::Error::from)?;
         let (tx, rx) = mpsc::channel(CHANNEL_CLUSTERS);
         let (changed_tx, changed) = watch::channel(0);
@@ -270,10 +271,10 @@ impl Assembler {
                 return Err(e);
             }
             let stats = writer.stats();
-            let sink = writer.finish().map_err(io::Error::from)?;
+            let (sink, index) = writer.finish_indexed().map_err(io::Error::from)?;
             // Counted after the last extent, before compression.
             let archive_bytes = sink.written();
-            let path = sink.commit()?;
+            let path = sink.commit(index.as_deref())?;
             Ok(Summary {
                 path,
                 archive_bytes,

@@ -27,7 +27,7 @@ use crate::pool::BufferPool;
 use crate::qemu::{DaemonOptions, Image, StorageDaemon};
 use crate::sink::Sink;
 use crate::vma::consts::VMA_CLUSTER_SIZE;
-use crate::vma::{DevId, Writer};
+use crate::vma::{ArchiveOut, DevId, Writer};
 
 /// Clusters read per `pread`: large enough that syscalls do not matter,
 /// small enough that the writer's pending extent pins little memory.
@@ -190,7 +190,7 @@ fn read_chunks(img: &RawImage, tx: &std::sync::mpsc::SyncSender<std::io::Result<
 }
 
 /// Archives one image; `progress` counts bytes over all drives.
-fn write_image<W: std::io::Write>(
+fn write_image<W: ArchiveOut>(
     w: &mut Writer<W>,
     dev: DevId,
     img: &RawImage,
@@ -322,12 +322,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     }
     let target = output_target(&a.archive)?;
     let leftovers = Leftovers::watch("create", a.archive_opts.keep_partial)?;
-    let sink = Sink::create(&target, &a.archive_opts.sink_options())
+    let sink = Sink::create(&target, &a.archive_opts.sink_options(&target))
         .with_context(|| format!("cannot create archive {}", a.archive))?;
     if let Some(p) = sink.partial() {
         leftovers.add(p);
     }
     let mut w = builder
+        .index(sink.can_hold_index())
         .start(sink)
         .context("cannot write the archive header")?;
     let total: u64 = images.iter().map(|(_, img)| img.size).sum();
@@ -339,9 +340,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     }
     progress.finish();
     let stats = w.stats();
-    let sink = w.finish().context("cannot finish the archive")?;
+    let (sink, index) = w.finish_indexed().context("cannot finish the archive")?;
     leftovers
-        .commit(|| sink.commit())
+        .commit(|| sink.commit(index.as_deref()))
         .with_context(|| format!("cannot commit archive {}", a.archive))?;
     if a.verbose {
         for s in stats {

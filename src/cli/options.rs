@@ -24,12 +24,21 @@ pub struct ArchiveOpts {
     /// qemu-server.conf. May be repeated.
     #[arg(short = 'c', long = "config", value_name = "FILE")]
     pub configs: Vec<PathBuf>,
-    /// Compress the archive with zstd, at LEVEL (default 3).
+    /// Compress the archive with zstd, at LEVEL (default 3), as seekable
+    /// zstd: one frame per extent, each with zstd's checksum, a seek table
+    /// and the archive index at the end. An output name ending in `.zst`
+    /// implies it.
     #[arg(long, value_name = "LEVEL", num_args = 0..=1, default_missing_value = "3")]
     pub zstd: Option<ZstdLevel>,
-    /// zstd worker threads (0: compress on the thread that writes).
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub zstd_threads: u32,
+    /// zstd compression threads (default: one per core).
+    #[arg(long, value_name = "N", alias = "zstd-threads", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+    /// Archive uuid, instead of a random one (reproducible archives).
+    #[arg(long, value_name = "UUID")]
+    pub uuid: Option<uuid::Uuid>,
+    /// Archive creation time in Unix seconds, instead of now.
+    #[arg(long, value_name = "SECONDS")]
+    pub ctime: Option<i64>,
     /// Clusters per extent, 1 to 59 (Proxmox writes 58).
     #[arg(long, value_name = "N", default_value_t = PROXMOX_CLUSTERS_PER_EXTENT,
           value_parser = clusters_per_extent)]
@@ -38,6 +47,10 @@ pub struct ArchiveOpts {
     #[arg(long)]
     pub keep_partial: bool,
 }
+
+/// zstd level of `--zstd` without a level, and of a `.zst` output name:
+/// zstd's own default.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 
 fn clusters_per_extent(s: &str) -> Result<usize, String> {
     let n: usize = s
@@ -56,7 +69,9 @@ impl Default for ArchiveOpts {
         ArchiveOpts {
             configs: Vec::new(),
             zstd: None,
-            zstd_threads: 0,
+            threads: None,
+            uuid: None,
+            ctime: None,
             clusters_per_extent: PROXMOX_CLUSTERS_PER_EXTENT,
             keep_partial: false,
         }
@@ -120,18 +135,37 @@ impl ArchiveOpts {
             .collect()
     }
 
-    /// How the sink writes.
-    pub fn sink_options(&self) -> SinkOptions {
+    /// How the sink writes to `target`: zstd when asked for, or when the
+    /// name ends in `.zst`.
+    pub fn sink_options(&self, target: &Target) -> SinkOptions {
+        let level = self
+            .zstd
+            .map(|l| l.0)
+            .or_else(|| target.implies_zstd().then_some(DEFAULT_ZSTD_LEVEL));
         SinkOptions {
-            zstd_level: self.zstd.map(|l| l.0),
-            zstd_threads: self.zstd_threads,
+            zstd_level: level,
+            threads: self.threads.map_or_else(
+                || std::thread::available_parallelism().map_or(1, |n| n.get()),
+                usize::from,
+            ),
             keep_partial: self.keep_partial,
         }
+    }
+
+    /// True when the archive to `target` is zstd-compressed.
+    pub fn compressed(&self, target: &Target) -> bool {
+        self.sink_options(target).zstd_level.is_some()
     }
 
     /// A writer builder with these options and the config files added.
     pub fn writer_builder(&self) -> anyhow::Result<WriterBuilder> {
         let mut builder = WriterBuilder::new().clusters_per_extent(self.clusters_per_extent)?;
+        if let Some(uuid) = self.uuid {
+            builder = builder.uuid(uuid);
+        }
+        if let Some(ctime) = self.ctime {
+            builder = builder.ctime(ctime);
+        }
         for (name, data) in self.read_configs()? {
             builder
                 .add_config(&name, &data)
@@ -153,8 +187,10 @@ impl ArchiveOpts {
             listen,
             drives,
             configs: self.read_configs()?,
+            sink: self.sink_options(&output),
             output,
-            sink: self.sink_options(),
+            uuid: self.uuid,
+            ctime: self.ctime,
             assembler: AssemblerConfig {
                 partial_limit: usize::try_from(live.buffer_limit.0).unwrap_or(usize::MAX),
                 ..Default::default()

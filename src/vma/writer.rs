@@ -2,11 +2,17 @@
 //!
 //! Configs and devices are registered on a [`WriterBuilder`]; [`WriterBuilder::start`]
 //! writes the header, after which clusters may come in any order from any
-//! device. Clusters are buffered until an extent is full and then written
-//! with one vectored write, straight from the caller's [`Bytes`]: the writer
-//! never copies cluster data (the only bytes it makes itself are the 512-byte
-//! extent header and, for a last partial cluster, zero padding from a static
-//! block). It never seeks, so any [`Write`] works: file, pipe, stdout.
+//! device. Clusters are buffered until an extent is full and then handed to
+//! the output as one unit ([`ArchiveOut`]), straight from the caller's
+//! [`Bytes`]: the writer never copies cluster data (the only bytes it makes
+//! itself are the 512-byte extent header and, for a last partial cluster,
+//! zero padding from a static block). It never seeks, so any [`Write`]
+//! works: file, pipe, stdout (one vectored write per unit); an output that
+//! compresses cuts its frames at the units.
+//!
+//! With [`WriterBuilder::index`], the writer also digests every data
+//! cluster and builds the archive index (`format/INDEX.md`), which
+//! [`Writer::finish_indexed`] returns.
 
 use std::io::{self, IoSlice, Write};
 
@@ -17,11 +23,38 @@ use super::cluster::{stored_len, stored_runs};
 use super::consts::*;
 use super::extent::{BlockInfo, ExtentHeader};
 use super::header::{Config, Device, Header, check_name};
+use super::index::{Digest, IndexBuilder, NO_FRAME, cluster_digest};
 use super::zero::block_mask;
 use super::{ClusterBitmap, DevId, FormatError, MissingClusters};
 
 /// Zero bytes used to pad the block that straddles a device's end.
 static ZERO_BLOCK: [u8; VMA_BLOCK_SIZE] = [0; VMA_BLOCK_SIZE];
+
+/// Where a [`Writer`] sends an archive: its header, then whole extents,
+/// each as one unit, so that an output that compresses can make every
+/// frame hold whole extents.
+pub trait ArchiveOut {
+    /// Writes one unit, given as parts whose concatenation is its bytes.
+    /// Returns the zstd frame the unit went into, for outputs that write
+    /// frames (`None` otherwise).
+    fn write_unit(&mut self, parts: &[Bytes]) -> io::Result<Option<u32>>;
+
+    /// Passes the units written so far on (no durability promise).
+    fn flush_units(&mut self) -> io::Result<()>;
+}
+
+/// Any [`Write`] takes each unit with one vectored write.
+impl<W: Write> ArchiveOut for W {
+    fn write_unit(&mut self, parts: &[Bytes]) -> io::Result<Option<u32>> {
+        let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        write_all_vectored(self, &mut slices)?;
+        Ok(None)
+    }
+
+    fn flush_units(&mut self) -> io::Result<()> {
+        self.flush()
+    }
+}
 
 /// Collects configs and devices; nothing is written until [`start`](Self::start).
 #[derive(Debug, Clone)]
@@ -31,6 +64,7 @@ pub struct WriterBuilder {
     configs: Vec<Config>,
     devices: Vec<Device>,
     per_extent: usize,
+    index: bool,
 }
 
 impl Default for WriterBuilder {
@@ -49,7 +83,15 @@ impl WriterBuilder {
             configs: Vec::new(),
             devices: Vec::new(),
             per_extent: PROXMOX_CLUSTERS_PER_EXTENT,
+            index: false,
         }
+    }
+
+    /// Builds the archive index while writing (digesting every data
+    /// cluster); [`Writer::finish_indexed`] returns it.
+    pub fn index(mut self, index: bool) -> Self {
+        self.index = index;
+        self
     }
 
     /// Uses a fixed uuid (reproducible output, tests).
@@ -149,10 +191,16 @@ impl WriterBuilder {
     }
 
     /// Writes the header to `out` and returns the writer for the clusters.
-    pub fn start<W: Write>(self, mut out: W) -> Result<Writer<W>, FormatError> {
+    pub fn start<W: ArchiveOut>(self, mut out: W) -> Result<Writer<W>, FormatError> {
         let header = self.header();
         let bytes = header.encode()?;
-        out.write_all(&bytes)?;
+        let header_len = bytes.len() as u64;
+        let frame = out.write_unit(&[Bytes::from(bytes)])?;
+        let index = if self.index {
+            Some(IndexBuilder::new(&header, header_len, frame.is_some())?)
+        } else {
+            None
+        };
         let devs = header
             .devices
             .iter()
@@ -169,11 +217,12 @@ impl WriterBuilder {
             devs,
             pending: Vec::with_capacity(self.per_extent),
             per_extent: self.per_extent,
-            pos: bytes.len() as u64,
-            header_len: bytes.len() as u64,
+            pos: header_len,
+            header_len,
             poisoned: false,
             observer: None,
             extents: 0,
+            index,
         })
     }
 }
@@ -190,6 +239,8 @@ struct Pending {
     info: BlockInfo,
     /// The cluster's in-device bytes; `None` for an all-zero cluster.
     data: Option<Bytes>,
+    /// Its digest, for the index.
+    digest: Option<Digest>,
 }
 
 /// Called after each extent is written with its archive offset and entries.
@@ -211,7 +262,7 @@ pub struct DeviceStats {
 }
 
 /// Writes clusters of a started archive; see the module docs.
-pub struct Writer<W: Write> {
+pub struct Writer<W: ArchiveOut> {
     out: W,
     uuid: Uuid,
     devs: Vec<DevState>,
@@ -222,9 +273,10 @@ pub struct Writer<W: Write> {
     poisoned: bool,
     observer: Option<ExtentObserver>,
     extents: u64,
+    index: Option<IndexBuilder>,
 }
 
-impl<W: Write> Writer<W> {
+impl<W: ArchiveOut> Writer<W> {
     /// The archive uuid.
     pub fn uuid(&self) -> Uuid {
         self.uuid
@@ -313,11 +365,13 @@ impl<W: Write> Writer<W> {
         }
         let mask = block_mask(&data);
         let zero = (expected as u64).saturating_sub(stored_len(mask) as u64);
+        let digest = (mask != 0 && self.index.is_some()).then(|| cluster_digest(&data));
         self.push(
             idx,
             cluster,
             mask,
             (mask != 0).then_some(data),
+            digest,
             expected as u64,
             zero,
         )?;
@@ -328,15 +382,17 @@ impl<W: Write> Writer<W> {
     pub fn write_zero_cluster(&mut self, dev: DevId, cluster: u64) -> Result<(), FormatError> {
         let idx = self.check(dev, cluster)?;
         let len = self.devs[idx].dev.cluster_len(cluster) as u64;
-        self.push(idx, cluster, 0, None, len, len)
+        self.push(idx, cluster, 0, None, None, len, len)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn push(
         &mut self,
         idx: usize,
         cluster: u64,
         mask: u16,
         data: Option<Bytes>,
+        digest: Option<Digest>,
         len: u64,
         zero: u64,
     ) -> Result<(), FormatError> {
@@ -356,6 +412,7 @@ impl<W: Write> Writer<W> {
                 cluster: cluster as u32,
             },
             data,
+            digest,
         });
         Ok(())
     }
@@ -372,25 +429,32 @@ impl<W: Write> Writer<W> {
     /// [`flush_extent`](Self::flush_extent), then flushes the output.
     pub fn flush(&mut self) -> Result<(), FormatError> {
         self.flush_extent()?;
-        self.out.flush()?;
+        self.out.flush_units()?;
         Ok(())
     }
 
     fn write_extent(&mut self) -> Result<(), FormatError> {
         let entries: Vec<BlockInfo> = self.pending.iter().map(|p| p.info).collect();
         let head = ExtentHeader::encode(&self.uuid, &entries);
-        let mut slices = Vec::with_capacity(1 + self.pending.len());
-        slices.push(IoSlice::new(&head));
+        let mut parts = Vec::with_capacity(1 + 2 * self.pending.len());
+        parts.push(Bytes::copy_from_slice(&head));
         let mut len = head.len();
         for p in &self.pending {
             if let Some(d) = &p.data {
-                len += push_stored(&mut slices, d, p.info.mask);
+                len += push_stored(&mut parts, d, p.info.mask);
             }
         }
         let at = self.pos;
-        if let Err(e) = write_all_vectored(&mut self.out, &mut slices) {
-            self.poisoned = true;
-            return Err(e.into());
+        let frame = match self.out.write_unit(&parts) {
+            Ok(f) => f,
+            Err(e) => {
+                self.poisoned = true;
+                return Err(e.into());
+            }
+        };
+        if let Some(ix) = self.index.as_mut() {
+            let digests: Vec<Digest> = self.pending.iter().filter_map(|p| p.digest).collect();
+            ix.add_extent(at, frame.unwrap_or(NO_FRAME), &entries, &digests)?;
         }
         self.pos += len as u64;
         self.extents += 1;
@@ -443,7 +507,13 @@ impl<W: Write> Writer<W> {
     ///
     /// On error nothing more is written, so the output lacks its last
     /// extent and a strict reader reports the missing clusters.
-    pub fn finish(mut self) -> Result<W, FormatError> {
+    pub fn finish(self) -> Result<W, FormatError> {
+        Ok(self.finish_indexed()?.0)
+    }
+
+    /// [`finish`](Self::finish), and the encoded archive index when the
+    /// writer was built with [`WriterBuilder::index`].
+    pub fn finish_indexed(mut self) -> Result<(W, Option<Vec<u8>>), FormatError> {
         let missing = self.missing();
         if !missing.is_empty() {
             return Err(FormatError::Unfinished(missing));
@@ -454,22 +524,26 @@ impl<W: Write> Writer<W> {
         if !self.pending.is_empty() || self.extents == 0 {
             self.write_extent()?;
         }
-        self.out.flush()?;
-        Ok(self.out)
+        self.out.flush_units()?;
+        let index = match self.index.take() {
+            Some(ix) => Some(ix.finish()?),
+            None => None,
+        };
+        Ok((self.out, index))
     }
 }
 
-/// Appends the stored blocks of one cluster to `slices`, one slice per run
-/// of stored blocks (a full cluster is one slice); returns their length on
-/// disk (a multiple of 4 KiB).
-fn push_stored<'a>(slices: &mut Vec<IoSlice<'a>>, data: &'a [u8], mask: u16) -> usize {
+/// Appends the stored blocks of one cluster to `parts`, one slice per run
+/// of stored blocks (a full cluster is one slice, no copy); returns their
+/// length on disk (a multiple of 4 KiB).
+fn push_stored(parts: &mut Vec<Bytes>, data: &Bytes, mask: u16) -> usize {
     for run in stored_runs(mask) {
         let r = run.in_device(data.len());
         let pad = run.payload_range().len() - r.len();
-        slices.push(IoSlice::new(&data[r]));
+        parts.push(data.slice(r));
         if pad > 0 {
             // The block straddling the device end: pad with zeros.
-            slices.push(IoSlice::new(&ZERO_BLOCK[..pad]));
+            parts.push(Bytes::from_static(&ZERO_BLOCK[..pad]));
         }
     }
     stored_len(mask)
@@ -504,7 +578,10 @@ mod tests {
         let mask = block_mask(&data);
         assert_eq!(mask, 0b11);
         let mut slices = Vec::new();
-        assert_eq!(push_stored(&mut slices, &data, mask), 8192);
+        assert_eq!(
+            push_stored(&mut slices, &Bytes::from(data.clone()), mask),
+            8192
+        );
         assert_eq!(slices.len(), 2, "one run, then the padding");
         let flat: Vec<u8> = slices.iter().flat_map(|s| s.to_vec()).collect();
         assert_eq!(flat.len(), 8192);

@@ -1,18 +1,33 @@
-//! Bytes out: where an archive goes, plain or zstd-compressed, and how it
-//! is committed.
+//! Bytes out: where an archive goes, plain or as seekable zstd frames,
+//! with its index, and how it is committed.
 //!
 //! A file target is written as `ARCHIVE.partial`, created exclusively, and
-//! only [`Sink::commit`] makes it `ARCHIVE`: finish compression, fsync the
-//! file, rename, fsync the directory. Dropping an uncommitted sink removes
-//! the partial file (unless told to keep it), so a failed run never leaves a
+//! only [`Sink::commit`] makes it `ARCHIVE`: finish the frames, write the
+//! index (inside a `.vma.zst`, as `ARCHIVE.index` beside a `.vma`), fsync,
+//! rename, fsync the directory. Dropping an uncommitted sink removes the
+//! partial files (unless told to keep them), so a failed run never leaves a
 //! file that looks like a complete archive. Standard output and an
 //! existing FIFO have no commit point; a consumer learns of failure from the
-//! missing last extent and the exit status. This module never parses VMA.
+//! missing last extent and the exit status. A plain stream has no index (a
+//! VMA stream cannot carry trailing bytes); a zstd stream ends with its
+//! index and seek table like a file.
+//!
+//! The sink takes the archive as units (the header, then whole extents:
+//! [`ArchiveOut`]) so that every zstd frame holds whole extents; it never
+//! parses them. `frames` compresses them.
+
+mod frames;
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+pub use self::frames::FrameWriter;
+use crate::vma::ArchiveOut;
+use crate::vma::writer::write_all_vectored;
 
 /// Where the archive goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +47,11 @@ impl Target {
             Target::File(PathBuf::from(s))
         }
     }
+
+    /// True for a name that asks for zstd by its extension (`.zst`).
+    pub fn implies_zstd(&self) -> bool {
+        matches!(self, Target::File(p) if p.extension().is_some_and(|e| e == "zst"))
+    }
 }
 
 /// How to write.
@@ -39,15 +59,15 @@ impl Target {
 pub struct SinkOptions {
     /// zstd level, or `None` for a plain archive.
     pub zstd_level: Option<i32>,
-    /// zstd worker threads (0 = compress on the writing thread).
-    pub zstd_threads: u32,
+    /// zstd worker threads (at least one is used).
+    pub threads: usize,
     /// Keep `ARCHIVE.partial` when the sink is dropped uncommitted.
     pub keep_partial: bool,
 }
 
 enum Out {
     Plain(File),
-    Zstd(zstd::stream::write::Encoder<'static, File>),
+    Framed(FrameWriter<File>),
 }
 
 /// An archive output; see the module docs.
@@ -56,6 +76,7 @@ pub struct Sink {
     /// `(partial, final)` for file targets.
     paths: Option<(PathBuf, PathBuf)>,
     keep_partial: bool,
+    /// Uncompressed archive bytes written so far.
     written: u64,
 }
 
@@ -68,6 +89,13 @@ fn is_fifo(path: &Path) -> bool {
 pub fn partial_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(".partial");
+    PathBuf::from(s)
+}
+
+/// The name of the index beside a plain archive: `ARCHIVE.index`.
+pub fn index_path(archive: &Path) -> PathBuf {
+    let mut s = archive.as_os_str().to_owned();
+    s.push(".index");
     PathBuf::from(s)
 }
 
@@ -103,6 +131,17 @@ impl Sink {
                         ),
                     ));
                 }
+                let index = index_path(path);
+                if index.exists() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        format!(
+                            "{} already exists (an index without its archive?); refusing to \
+                             overwrite it",
+                            index.display()
+                        ),
+                    ));
+                }
                 let partial = partial_path(path);
                 let file = OpenOptions::new()
                     .write(true)
@@ -131,17 +170,7 @@ impl Sink {
         };
         let out = match opts.zstd_level {
             None => Out::Plain(file),
-            Some(level) => {
-                let mut enc = zstd::stream::write::Encoder::new(file, level)?;
-                // Every frame carries zstd's content checksum (XXH64), as
-                // the zstd CLI writes it by default: a corrupted file is
-                // caught when it is read.
-                enc.include_checksum(true)?;
-                if opts.zstd_threads > 0 {
-                    enc.multithread(opts.zstd_threads)?;
-                }
-                Out::Zstd(enc)
-            }
+            Some(level) => Out::Framed(FrameWriter::new(file, level, opts.threads)?),
         };
         Ok(Sink {
             out: Some(out),
@@ -162,7 +191,13 @@ impl Sink {
         self.paths.is_some() && matches!(self.out, Some(Out::Plain(_)))
     }
 
-    /// Uncompressed bytes written so far.
+    /// True when an index can be stored with the archive: in a zstd
+    /// output, or beside a plain file (not in a plain stream).
+    pub fn can_hold_index(&self) -> bool {
+        self.paths.is_some() || matches!(self.out, Some(Out::Framed(_)))
+    }
+
+    /// Uncompressed archive bytes written so far.
     pub fn written(&self) -> u64 {
         self.written
     }
@@ -174,15 +209,15 @@ impl Sink {
     }
 
     /// Makes everything written so far durable where that is possible:
-    /// fdatasync for a plain file; for zstd, a flushed frame plus fdatasync;
+    /// fdatasync for a file (after the queued zstd frames are written);
     /// for pipes only a flush.
     pub fn sync(&mut self) -> io::Result<()> {
         let is_file = self.paths.is_some();
         let file = match self.out()? {
             Out::Plain(f) => f,
-            Out::Zstd(enc) => {
-                enc.flush()?;
-                enc.get_mut()
+            Out::Framed(w) => {
+                w.drain()?;
+                w.get_mut()
             }
         };
         if is_file {
@@ -191,13 +226,15 @@ impl Sink {
         Ok(())
     }
 
-    /// Finishes the archive: ends compression, fsyncs, renames
-    /// `ARCHIVE.partial` to `ARCHIVE` and fsyncs the directory. For stdout,
-    /// flushes. Returns the final path, if any.
-    pub fn commit(mut self) -> io::Result<Option<PathBuf>> {
-        let file = match self.out.take().expect("sink used after commit") {
-            Out::Plain(f) => f,
-            Out::Zstd(enc) => enc.finish()?,
+    /// Finishes the archive: writes the remaining frames, the index (see
+    /// the module docs) and the seek table, fsyncs, renames
+    /// `ARCHIVE.partial` to `ARCHIVE` (and the index into place) and
+    /// fsyncs the directory. For stdout, flushes. Returns the final path,
+    /// if any.
+    pub fn commit(mut self, index: Option<&[u8]>) -> io::Result<Option<PathBuf>> {
+        let (file, sidecar) = match self.out.take().expect("sink used after commit") {
+            Out::Plain(f) => (f, index),
+            Out::Framed(w) => (w.finish(index)?, None),
         };
         let Some((partial, path)) = self.paths.take() else {
             (&file).flush()?;
@@ -206,6 +243,14 @@ impl Sink {
         let res = (|| {
             file.sync_all()?;
             drop(file);
+            // The index goes beside the archive under a partial name first;
+            // the archive is renamed before it, so a crash in between
+            // leaves a complete archive without an index (readers fall
+            // back), never an index without its archive.
+            let index_files = match sidecar {
+                Some(bytes) => Some(write_sidecar(&path, bytes)?),
+                None => None,
+            };
             rename_noreplace(&partial, &path).map_err(|e| {
                 io::Error::new(
                     e.kind(),
@@ -216,6 +261,14 @@ impl Sink {
                     ),
                 )
             })?;
+            if let Some((tmp, dest)) = index_files {
+                rename_noreplace(&tmp, &dest).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("cannot rename {} to {}: {e}", tmp.display(), dest.display()),
+                    )
+                })?;
+            }
             let dir = match path.parent() {
                 Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
                 _ => PathBuf::from("."),
@@ -223,6 +276,13 @@ impl Sink {
             File::open(dir)?.sync_all()
         })();
         if let Err(e) = res {
+            if path.exists() {
+                // Renamed: the archive is complete and in place.
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("{e} (the archive {} is complete)", path.display()),
+                ));
+            }
             // The bytes are complete; keep them where they are rather than
             // delete a finished backup, and say where.
             let msg = format!("{e}; the finished archive is left at {}", partial.display());
@@ -231,6 +291,54 @@ impl Sink {
             return Err(io::Error::new(e.kind(), msg));
         }
         Ok(Some(path))
+    }
+}
+
+/// Writes the index of the plain archive `path` to `ARCHIVE.index.partial`
+/// and fsyncs it; returns (that name, the final name).
+fn write_sidecar(path: &Path, bytes: &[u8]) -> io::Result<(PathBuf, PathBuf)> {
+    let dest = index_path(path);
+    if dest.exists() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} already exists; refusing to overwrite it",
+                dest.display()
+            ),
+        ));
+    }
+    let tmp = partial_path(&dest);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", tmp.display())))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok((tmp, dest))
+}
+
+impl ArchiveOut for Sink {
+    fn write_unit(&mut self, parts: &[Bytes]) -> io::Result<Option<u32>> {
+        let len: usize = parts.iter().map(Bytes::len).sum();
+        let frame = match self.out()? {
+            Out::Plain(f) => {
+                let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+                write_all_vectored(f, &mut slices)?;
+                None
+            }
+            Out::Framed(w) => Some(w.submit(parts.to_vec())?),
+        };
+        self.written += len as u64;
+        Ok(frame)
+    }
+
+    fn flush_units(&mut self) -> io::Result<()> {
+        match self.out()? {
+            Out::Plain(f) => f.flush(),
+            Out::Framed(w) => w.drain(),
+        }
     }
 }
 
@@ -252,8 +360,9 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
 
 impl Drop for Sink {
     fn drop(&mut self) {
-        if let Some((partial, _)) = self.paths.take() {
+        if let Some((partial, path)) = self.paths.take() {
             drop(self.out.take());
+            let _ = std::fs::remove_file(partial_path(&index_path(&path)));
             if self.keep_partial {
                 tracing::warn!(path = %partial.display(), "incomplete archive kept");
             } else if let Err(e) = std::fs::remove_file(&partial) {
@@ -263,46 +372,24 @@ impl Drop for Sink {
     }
 }
 
-impl Write for Sink {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = match self.out()? {
-            Out::Plain(f) => f.write(buf)?,
-            Out::Zstd(e) => e.write(buf)?,
-        };
-        self.written += n as u64;
-        Ok(n)
-    }
-
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        let n = match self.out()? {
-            Out::Plain(f) => f.write_vectored(bufs)?,
-            Out::Zstd(e) => e.write_vectored(bufs)?,
-        };
-        self.written += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self.out()? {
-            Out::Plain(f) => f.flush(),
-            Out::Zstd(e) => e.flush(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::seekable::{FOOTER_LEN, FrameMap, decode_seek_table, seek_table_len};
+
+    fn unit(s: &mut Sink, bytes: &[u8]) -> Option<u32> {
+        s.write_unit(&[Bytes::copy_from_slice(bytes)]).unwrap()
+    }
 
     #[test]
     fn commit_renames_and_drop_removes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.vma");
         let mut s = Sink::create(&Target::File(path.clone()), &SinkOptions::default()).unwrap();
-        s.write_all(b"hello").unwrap();
+        assert_eq!(unit(&mut s, b"hello"), None);
         assert!(partial_path(&path).exists());
         assert!(!path.exists());
-        assert_eq!(s.commit().unwrap(), Some(path.clone()));
+        assert_eq!(s.commit(None).unwrap(), Some(path.clone()));
         assert_eq!(std::fs::read(&path).unwrap(), b"hello");
         assert!(!partial_path(&path).exists());
         // never overwrite
@@ -311,12 +398,12 @@ mod tests {
         let late = dir.path().join("late.vma");
         let s = Sink::create(&Target::File(late.clone()), &SinkOptions::default()).unwrap();
         std::fs::write(&late, b"someone else's").unwrap();
-        assert!(s.commit().is_err());
+        assert!(s.commit(None).is_err());
         assert_eq!(std::fs::read(&late).unwrap(), b"someone else's");
 
         let other = dir.path().join("b.vma");
         let mut s = Sink::create(&Target::File(other.clone()), &SinkOptions::default()).unwrap();
-        s.write_all(b"x").unwrap();
+        unit(&mut s, b"x");
         drop(s);
         assert!(!partial_path(&other).exists() && !other.exists());
 
@@ -327,6 +414,27 @@ mod tests {
         };
         drop(Sink::create(&Target::File(kept.clone()), &opts).unwrap());
         assert!(partial_path(&kept).exists() && !kept.exists());
+        // A leftover partial file is named for what it is.
+        let e = Sink::create(&Target::File(kept.clone()), &opts)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("delete it"), "{e}");
+    }
+
+    #[test]
+    fn a_plain_file_gets_its_index_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.vma");
+        let mut s = Sink::create(&Target::File(path.clone()), &SinkOptions::default()).unwrap();
+        assert!(s.can_hold_index());
+        unit(&mut s, b"archive");
+        s.commit(Some(b"index")).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"archive");
+        assert_eq!(std::fs::read(index_path(&path)).unwrap(), b"index");
+        assert!(!partial_path(&index_path(&path)).exists());
+        // An index without its archive blocks the name too.
+        std::fs::remove_file(&path).unwrap();
+        assert!(Sink::create(&Target::File(path.clone()), &SinkOptions::default()).is_err());
     }
 
     #[test]
@@ -340,24 +448,51 @@ mod tests {
             std::thread::spawn(move || std::fs::read(fifo).unwrap())
         };
         let mut s = Sink::create(&Target::File(fifo.clone()), &SinkOptions::default()).unwrap();
-        assert!(s.partial().is_none() && !s.is_plain_file());
-        s.write_all(b"through the pipe").unwrap();
-        assert_eq!(s.commit().unwrap(), None);
+        assert!(s.partial().is_none() && !s.is_plain_file() && !s.can_hold_index());
+        unit(&mut s, b"through the pipe");
+        assert_eq!(s.commit(None).unwrap(), None);
         assert_eq!(reader.join().unwrap(), b"through the pipe");
     }
 
     #[test]
-    fn zstd_round_trip() {
+    fn zstd_frames_per_unit_with_index_and_seek_table() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.vma.zst");
         let opts = SinkOptions {
             zstd_level: Some(3),
+            threads: 2,
             ..Default::default()
         };
         let mut s = Sink::create(&Target::File(path.clone()), &opts).unwrap();
-        s.write_all(&[7u8; 100_000]).unwrap();
-        s.commit().unwrap();
-        let back = zstd::decode_all(File::open(&path).unwrap()).unwrap();
-        assert_eq!(back, vec![7u8; 100_000]);
+        let units: Vec<Vec<u8>> = (0..9u8)
+            .map(|i| vec![i; 1000 + 5000 * i as usize])
+            .collect();
+        for (i, u) in units.iter().enumerate() {
+            assert_eq!(unit(&mut s, u), Some(i as u32));
+        }
+        s.sync().unwrap();
+        s.commit(Some(b"the index")).unwrap();
+        let file = std::fs::read(&path).unwrap();
+        // `zstd -d` sees one stream: the units, in order.
+        let back = zstd::decode_all(&file[..]).unwrap();
+        assert_eq!(back, units.concat());
+        // The seek table: one entry per unit, then the index frame.
+        let len = seek_table_len(&file[file.len() - FOOTER_LEN..]).unwrap() as usize;
+        let table = decode_seek_table(&file[file.len() - len..]).unwrap();
+        assert_eq!(table.len(), units.len() + 1);
+        let map = FrameMap::new(&table);
+        assert_eq!(map.compressed_len as usize, file.len() - len);
+        for (i, u) in units.iter().enumerate() {
+            let (at, _, e) = map.frame(i).unwrap();
+            assert_eq!(e.decompressed as usize, u.len());
+            let frame = &file[at as usize..][..e.compressed as usize];
+            // Each frame alone, with its checksum flag (descriptor bit 2).
+            assert_eq!(zstd::decode_all(frame).unwrap(), *u);
+            assert_ne!(frame[4] & 0x04, 0, "frame {i} has no checksum");
+        }
+        let (at, _, e) = map.frame(units.len()).unwrap();
+        assert_eq!(e.decompressed, 0);
+        let index = &file[at as usize..][..e.compressed as usize];
+        assert_eq!(&index[8..], b"the index");
     }
 }
