@@ -2,8 +2,8 @@
 //! errors, a real `blockdev-backup` into nbdkit, cancelling, a lost
 //! connection, and process cleanup.
 
-mod common;
-mod qmp_support;
+use crate::common;
+use crate::qmp_support;
 
 use std::time::{Duration, Instant};
 

@@ -7,7 +7,7 @@
 //! Regenerate deliberately with `VMA_WRITER_BLESS=1 cargo test --test
 //! vma_golden` (see `format/golden/README.md`).
 
-mod vma_support;
+use crate::vma_support;
 
 use std::path::{Path, PathBuf};
 

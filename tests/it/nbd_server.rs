@@ -2,8 +2,8 @@
 //! back-pressure, listeners (Unix socket permissions and stale sockets,
 //! TCP on port 0).
 
-mod common;
-mod nbd_support;
+use crate::common;
+use crate::nbd_support;
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;

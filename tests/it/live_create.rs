@@ -3,8 +3,8 @@
 //! listed, verified, extracted and compared byte for byte with their
 //! sources; no process outlives the command, also after Ctrl-C.
 
-mod common;
-mod live_support;
+use crate::common;
+use crate::live_support;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! it means), and asserts the exact `FormatError` variant, its fields, and
 //! that the message names the offset and the rule (`format/VMA.md` §10).
 
-mod vma_support;
+use crate::vma_support;
 
 use std::io::Read;
 

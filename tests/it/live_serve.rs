@@ -4,8 +4,8 @@
 //! and trimming writes made before their clusters are complete. The
 //! archive must restore to exactly the bytes the clients wrote.
 
-mod common;
-mod live_support;
+use crate::common;
+use crate::live_support;
 
 use std::path::Path;
 use std::time::Duration;

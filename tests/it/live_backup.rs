@@ -5,8 +5,8 @@
 //! archive is listed, verified, extracted and compared byte for byte with
 //! the point-in-time source.
 
-mod common;
-mod live_support;
+use crate::common;
+use crate::live_support;
 
 use std::path::Path;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! Also the CLI's refusals: existing archive or directory, unknown drives,
 //! names that would escape the target directory, failed creates.
 
-mod vma_support;
+use crate::vma_support;
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};

@@ -11,8 +11,8 @@
 //! - the output cannot be written (`ulimit -f`, a pipe whose reader goes
 //!   away): QEMU's job fails and nothing of ours stays in QEMU.
 
-mod common;
-mod live_support;
+use crate::common;
+use crate::live_support;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

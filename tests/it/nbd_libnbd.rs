@@ -2,8 +2,8 @@
 //! multi-conn), nbdinfo (--list, --map) and a python3-libnbd script that
 //! sends bad requests with strict mode off.
 
-mod common;
-mod nbd_support;
+use crate::common;
+use crate::nbd_support;
 
 use std::process::Command;
 use std::sync::atomic::Ordering;

@@ -2,7 +2,7 @@
 //! (blob allocation decides `header_size`), extent packing (§9), lazy
 //! flushing, failing outputs, and the writer's refusals.
 
-mod vma_support;
+use crate::vma_support;
 
 use std::io::{self, Write};
 

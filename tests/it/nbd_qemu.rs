@@ -2,8 +2,8 @@
 //! `blockdev-backup` from qemu-storage-daemon. QEMU 10 negotiates extended
 //! headers, so these also cover extended requests and replies.
 
-mod common;
-mod nbd_support;
+use crate::common;
+use crate::nbd_support;
 
 use std::process::Command;
 use std::sync::atomic::Ordering;

@@ -6,7 +6,7 @@
 //! round-trip, and cutting the archive at any extent boundary must fail with
 //! `Incomplete`.
 
-mod vma_support;
+use crate::vma_support;
 
 use std::collections::BTreeMap;
 

@@ -21,26 +21,36 @@ use vma_writer::nbd::{
     Backend, BackendCaps, BlockStatus, Export, ListenAddr, Listener, Server, ServerConfig,
 };
 
-/// Panics seen anywhere in this test process since it started.
-static PANICS: AtomicUsize = AtomicUsize::new(0);
+/// Names of the runtime threads that panicked, for [`TestServer::panics`].
+static PANICKED_THREADS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
-/// Installs (once) a panic hook that counts panics, on top of the default
-/// one, so tests can assert the server never panicked in its own tasks
-/// (tokio would otherwise swallow such panics).
+/// Numbers the servers, so each runtime's threads have their own name.
+static NEXT_SERVER: AtomicUsize = AtomicUsize::new(0);
+
+/// Prefix of a test server's runtime thread names.
+const SERVER_THREAD_PREFIX: &str = "nbd-test-server-";
+
+/// Installs (once) a panic hook that records panics on a test server's
+/// runtime threads, on top of the default one, so tests can assert their
+/// server never panicked in its own tasks (tokio would otherwise swallow
+/// such panics). Panics elsewhere in the test binary (other tests run in
+/// parallel, some on purpose) do not count.
 pub fn count_panics() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let prev = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            PANICS.fetch_add(1, Ordering::SeqCst);
+            if let Some(name) = std::thread::current().name()
+                && name.starts_with(SERVER_THREAD_PREFIX)
+            {
+                PANICKED_THREADS
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(name.to_string());
+            }
             prev(info);
         }));
     });
-}
-
-/// Number of panics counted so far (see [`count_panics`]).
-pub fn panics() -> usize {
-    PANICS.load(Ordering::SeqCst)
 }
 
 /// Turns on server logs when `RUST_LOG` is set.
@@ -137,6 +147,8 @@ impl<B: Backend> Backend for Counting<B> {
 /// in a temp dir. Dropping it shuts the server down gracefully.
 pub struct TestServer<B: Backend> {
     pub rt: Runtime,
+    /// Name of the runtime's threads.
+    thread_name: String,
     pub dir: tempfile::TempDir,
     pub sock: PathBuf,
     pub backends: Vec<Arc<B>>,
@@ -154,8 +166,13 @@ impl<B: Backend> TestServer<B> {
     pub fn start_with(exports: Vec<(&str, B)>, config: ServerConfig) -> Self {
         init_tracing();
         count_panics();
+        let thread_name = format!(
+            "{SERVER_THREAD_PREFIX}{}",
+            NEXT_SERVER.fetch_add(1, Ordering::SeqCst)
+        );
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
+            .thread_name(thread_name.clone())
             .enable_all()
             .build()
             .expect("tokio runtime");
@@ -182,6 +199,7 @@ impl<B: Backend> TestServer<B> {
         };
         Self {
             rt,
+            thread_name,
             dir,
             sock,
             backends,
@@ -192,6 +210,16 @@ impl<B: Backend> TestServer<B> {
 
     pub fn uri(&self, export: &str) -> String {
         format!("nbd+unix:///{export}?socket={}", self.sock.display())
+    }
+
+    /// Number of panics on this server's runtime threads so far.
+    pub fn panics(&self) -> usize {
+        PANICKED_THREADS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|n| **n == self.thread_name)
+            .count()
     }
 
     /// Fires the shutdown token without waiting.

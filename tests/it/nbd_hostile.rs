@@ -4,7 +4,7 @@
 //! the offending connection, and must keep serving a good client in
 //! parallel.
 
-mod nbd_support;
+use crate::nbd_support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -161,7 +161,7 @@ fn hostile_peers_do_not_disturb_a_good_client() {
     let v = &srv.backends[1];
     v.wait_disconnects(v.connects.load(Ordering::SeqCst));
     assert!(v.connects.load(Ordering::SeqCst) > 0);
-    assert_eq!(panics(), 0, "something panicked");
+    assert_eq!(srv.panics(), 0, "something panicked");
     srv.stop();
 }
 
@@ -210,7 +210,7 @@ fn transmission_framing_faults_close_only_that_connection() {
     }
     stop.store(true, Ordering::SeqCst);
     assert!(good.join().expect("good client failed") > 0);
-    assert_eq!(panics(), 0, "something panicked");
+    assert_eq!(srv.panics(), 0, "something panicked");
     srv.stop();
 }
 
@@ -362,7 +362,7 @@ fn per_request_errors_keep_the_connection() {
             .unwrap();
         assert!(c.is_closed());
     }
-    assert_eq!(panics(), 0, "something panicked");
+    assert_eq!(srv.panics(), 0, "something panicked");
     srv.stop();
 }
 
@@ -521,7 +521,7 @@ fn option_negotiation_edges() {
     c.start(3);
     assert_eq!(last(one(&mut c, NBD_OPT_ABORT, &[])), NBD_REP_ACK.0);
     assert!(c.is_closed());
-    assert_eq!(panics(), 0, "something panicked");
+    assert_eq!(srv.panics(), 0, "something panicked");
     srv.stop();
 }
 
@@ -544,7 +544,7 @@ fn handshake_deadline_closes_idle_clients() {
     c.send_request(&req(NBD_CMD_FLUSH, 0, 1, 0, 0), false, &[])
         .unwrap();
     assert_eq!(c.read_reply(0).unwrap().errno(), 0);
-    assert_eq!(panics(), 0, "something panicked");
+    assert_eq!(srv.panics(), 0, "something panicked");
     srv.stop();
 }
 
@@ -574,6 +574,6 @@ fn connection_limit_queues_extra_clients() {
     c.handshake("a", false, false);
     let _ = AtomicUsize::new(0);
     drop(b);
-    assert_eq!(panics(), 0, "something panicked");
+    assert_eq!(srv.panics(), 0, "something panicked");
     srv.stop();
 }
