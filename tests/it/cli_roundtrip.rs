@@ -4,53 +4,18 @@
 //! Also the CLI's refusals: existing archive or directory, unknown drives,
 //! names that would escape the target directory, failed creates.
 
-use crate::vma_support;
-
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use vma_support::*;
+use crate::support::*;
 use vma_writer::vma::{Reader, WriterBuilder};
-
-/// How a source image is put on disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Layout {
-    /// Every byte written, zeros included.
-    Dense,
-    /// Only non-zero 4 KiB blocks written; the rest are file holes.
-    Sparse,
-}
-
-fn write_image(path: &Path, data: &[u8], layout: Layout) {
-    let f = File::create(path).unwrap();
-    match layout {
-        Layout::Dense => f.write_all_at(data, 0).unwrap(),
-        Layout::Sparse => {
-            f.set_len(data.len() as u64).unwrap();
-            for (i, b) in data.chunks(BLOCK).enumerate() {
-                if b.iter().any(|&x| x != 0) {
-                    f.write_all_at(b, (i * BLOCK) as u64).unwrap();
-                }
-            }
-        }
-    }
-}
 
 fn nonzero_blocks(data: &[u8]) -> u64 {
     data.chunks(BLOCK)
         .filter(|b| b.iter().any(|&x| x != 0))
         .count() as u64
-}
-
-/// A raw image as `create` archives it and `extract` restores it: its size
-/// rounded up to whole 512-byte sectors, the tail zero (as Proxmox's
-/// `vma create` records it).
-fn as_restored(data: &[u8]) -> Vec<u8> {
-    let mut v = data.to_vec();
-    v.resize(data.len().next_multiple_of(512), 0);
-    v
 }
 
 /// The extracted drive equals `data` and allocates no more than its
@@ -679,7 +644,7 @@ fn unused_command_line_is_refused() {
     // No drive and no config: there is nothing to archive.
     assert!(!out.status.success(), "create without drives succeeded");
     assert!(!env.path("a.vma").exists() && !env.path("a.vma.partial").exists());
-    let v = Command::new(bin()).arg("--version").output().unwrap();
+    let v = Command::new(BIN).arg("--version").output().unwrap();
     assert_success(&v, &"--version");
     assert!(String::from_utf8_lossy(&v.stdout).contains("vma-writer"));
 }

@@ -5,26 +5,19 @@
 //! archive is listed, verified, extracted and compared byte for byte with
 //! the point-in-time source.
 
-use crate::common;
-use crate::live_support;
-
 use std::path::Path;
 use std::time::Duration;
 
-use live_support::{
-    CLUSTER, ODD_SIZE, Proc, QSD_TOOLS, RUN_TIMEOUT, check_archive, qcow2_scattered, qemu_io,
-    raw_islands, vma_cmd,
-};
-use vma_writer::qemu::{DaemonOptions, Image, StorageDaemon};
+use crate::support::{self, *};
 
 const MIB: u64 = 1 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_one_drive_64m_raw_with_holes() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let src = raw_islands(&dir.join("scsi0.raw"), 64 * MIB, 1, 12, 2 * MIB);
@@ -34,12 +27,8 @@ async fn backup_one_drive_64m_raw_with_holes() {
     let out_dir = dir.join("dump");
     std::fs::create_dir(&out_dir).unwrap();
 
-    let daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
-    )
-    .await
-    .unwrap();
-    let mut cmd = vma_cmd(["backup", "--qmp"]);
+    let daemon = start_daemon(dir, &[("scsi0", &src, "raw")]).await;
+    let mut cmd = vma_async(["backup", "--qmp"]);
     cmd.arg(daemon.qmp_socket())
         .args(["--drive", "scsi0", "--vmid", "100", "--json", "-c"])
         .arg(&conf)
@@ -70,9 +59,9 @@ async fn backup_one_drive_64m_raw_with_holes() {
         Some(archive.to_str().unwrap()),
         "{fin}"
     );
-    check_archive(&archive, &[("drive-scsi0", 64 * MIB, &src)], dir).await;
+    check_archive(&archive, &[("drive-scsi0", 64 * MIB, &src)], dir);
     // The config blob is stored under its file name.
-    let listed = live_support::run_ok(vma_cmd(["list".as_ref(), archive.as_os_str()])).await;
+    let listed = stdout_text(&run_ok(&mut vma(["list".as_ref(), archive.as_os_str()])));
     let cfg_line = format!("CFG: size: {} name: qemu-server.conf", conf_text.len());
     assert!(listed.contains(&cfg_line), "{listed}");
     daemon.shutdown().await.unwrap();
@@ -80,10 +69,10 @@ async fn backup_one_drive_64m_raw_with_holes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_three_drives_in_one_transaction() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let big = raw_islands(&dir.join("scsi0.raw"), 64 * MIB, 2, 10, 3 * MIB);
@@ -91,19 +80,20 @@ async fn backup_three_drives_in_one_transaction() {
     let qcow = dir.join("virtio0.qcow2");
     let qcow_expected = dir.join("virtio0.expected.raw");
     let t = std::time::Instant::now();
-    qcow2_scattered(&qcow, 1 << 30, &qcow_expected).await;
+    qcow2_scattered(&qcow, 1 << 30, &qcow_expected);
     eprintln!("sources made in {:?}", t.elapsed());
 
-    let daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run"))
-            .image(Image::new("scsi0", &big, "raw"))
-            .image(Image::new("scsi1", &odd, "raw"))
-            .image(Image::new("virtio0", &qcow, "qcow2")),
+    let daemon = start_daemon(
+        dir,
+        &[
+            ("scsi0", &big, "raw"),
+            ("scsi1", &odd, "raw"),
+            ("virtio0", &qcow, "qcow2"),
+        ],
     )
-    .await
-    .unwrap();
+    .await;
     let archive = dir.join("three.vma");
-    let mut cmd = vma_cmd(["backup", "--qmp"]);
+    let mut cmd = vma_async(["backup", "--qmp"]);
     cmd.arg(daemon.qmp_socket())
         .args([
             "--drive",
@@ -132,11 +122,10 @@ async fn backup_three_drives_in_one_transaction() {
             ("drive-virtio0", 1 << 30, &qcow_expected),
         ],
         dir,
-    )
-    .await;
+    );
     // The daemon still works and holds no job or node of ours.
     let qmp = daemon.connect().await.unwrap();
-    live_support::assert_no_leftovers(&qmp).await;
+    support::assert_no_leftovers(&qmp).await;
     drop(qmp);
     daemon.shutdown().await.unwrap();
 }
@@ -155,16 +144,12 @@ async fn writes_during_backup(
     speed: &str,
     writes: &[(u8, u64, u64)],
 ) {
-    let mut daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", src, format)),
-    )
-    .await
-    .unwrap();
+    let mut daemon = start_daemon(dir, &[("scsi0", src, format)]).await;
     let sock = daemon.export_nbd("scsi0", "live", true).await.unwrap();
     let uri = format!("nbd+unix:///live?socket={}", sock.display());
 
     let archive = dir.join("cbw.vma");
-    let mut cmd = vma_cmd(["backup", "--qmp"]);
+    let mut cmd = vma_async(["backup", "--qmp"]);
     cmd.arg(daemon.qmp_socket())
         .args(["--drive", "scsi0", "--speed", speed, "--json", "-o"])
         .arg(&archive);
@@ -173,14 +158,14 @@ async fn writes_during_backup(
     // behind and ahead of the job's position.
     backup
         .next_event(Duration::from_secs(30), |e| {
-            live_support::progress_done(e, "drive-scsi0").is_some_and(|d| d > 0)
+            support::progress_done(e, "drive-scsi0").is_some_and(|d| d > 0)
         })
         .await;
     let cmds: Vec<String> = writes
         .iter()
         .map(|(p, off, len)| format!("write -P {p:#x} {off} {len}"))
         .collect();
-    qemu_io(&uri, "raw", &cmds).await;
+    qemu_io(&uri, "raw", &cmds);
     assert!(
         !backup.has_exited(),
         "the backup ended before the writes were done; stderr:\n{}",
@@ -189,7 +174,7 @@ async fn writes_during_backup(
 
     let ended = backup.wait(RUN_TIMEOUT).await;
     assert!(ended.status.success(), "backup failed: {}", ended.stderr);
-    check_archive(&archive, &[("drive-scsi0", size, snapshot)], dir).await;
+    check_archive(&archive, &[("drive-scsi0", size, snapshot)], dir);
     daemon.shutdown().await.unwrap();
 
     // The source changed: every write is there.
@@ -197,15 +182,15 @@ async fn writes_during_backup(
         .iter()
         .map(|(p, off, len)| format!("read -P {p:#x} {off} {len}"))
         .collect();
-    qemu_io(src.to_str().unwrap(), format, &reads).await;
+    qemu_io(src.to_str().unwrap(), format, &reads);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_during_backup_leave_point_in_time_image() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let size = 64 * MIB;
@@ -216,7 +201,7 @@ async fn writes_during_backup_leave_point_in_time_image() {
         (0x61, 0, 64 * 1024),
         (0x62, MIB + 12345, 100_000),
         (0x63, 30 * MIB, 64 * 1024),
-        (0x64, 40 * MIB - 1000, 3 * CLUSTER),
+        (0x64, 40 * MIB - 1000, 3 * CLUSTER as u64),
         (0x65, 50 * MIB + 7, 1),
         (0x66, size - 100_000, 100_000),
     ];
@@ -231,36 +216,24 @@ async fn writes_during_backup_leave_point_in_time_image() {
 /// into zero clusters and over data, ahead of and behind the job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_during_backup_of_qcow2() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let size = 128 * MIB;
     let src = dir.join("scsi0.qcow2");
-    live_support::run_ok(
-        tokio::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&src)
-            .arg(size.to_string()),
-    )
-    .await;
+    qemu_img_create(&src, "qcow2", size);
     let setup: Vec<String> = vec![
         "write -P 0x11 0 1M".into(),
         format!("write -P 0x22 {} {}", 60 * MIB + 999, 2 * MIB),
         format!("write -z {} {}", 80 * MIB, 4 * MIB),
         format!("write -P 0x33 {} {}", size - MIB, MIB),
     ];
-    qemu_io(src.to_str().unwrap(), "qcow2", &setup).await;
+    qemu_io(src.to_str().unwrap(), "qcow2", &setup);
     let snapshot = dir.join("snapshot.raw");
-    live_support::run_ok(
-        tokio::process::Command::new("qemu-img")
-            .args(["convert", "-f", "qcow2", "-O", "raw"])
-            .arg(&src)
-            .arg(&snapshot),
-    )
-    .await;
+    qemu_img_to_raw(&src, "qcow2", &snapshot);
     let writes = [
         (0x71, 4096, 8192),                  // over data, behind the job
         (0x72, 40 * MIB + 3, 200_000),       // unallocated
@@ -275,20 +248,16 @@ async fn writes_during_backup_of_qcow2() {
 /// file), the JSON status goes elsewhere, and the stream restores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_to_stdout_with_json_status() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let src = raw_islands(&dir.join("scsi0.raw"), ODD_SIZE, 5, 8, MIB);
-    let daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
-    )
-    .await
-    .unwrap();
+    let daemon = start_daemon(dir, &[("scsi0", &src, "raw")]).await;
     let stream = dir.join("stream.vma");
-    let mut cmd = vma_cmd(["backup", "--json", "--qmp"]);
+    let mut cmd = vma_async(["backup", "--json", "--qmp"]);
     cmd.arg(daemon.qmp_socket())
         .args(["--drive", "scsi0", "-o", "-"])
         .stdout(std::fs::File::create(&stream).unwrap());
@@ -299,7 +268,7 @@ async fn backup_to_stdout_with_json_status() {
         "no JSON status on stderr: {}",
         ended.stderr
     );
-    check_archive(&stream, &[("drive-scsi0", ODD_SIZE, &src)], dir).await;
+    check_archive(&stream, &[("drive-scsi0", ODD_SIZE, &src)], dir);
     daemon.shutdown().await.unwrap();
 }
 
@@ -309,35 +278,26 @@ async fn backup_to_stdout_with_json_status() {
 /// order. The archive restores to the sources.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_backup_into_serve_with_parallel_workers() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let a = live_support::dense_random(&dir.join("a.raw"), 24 * MIB, 301);
+    let a = support::dense_random(&dir.join("a.raw"), 24 * MIB, 301);
     let b = raw_islands(&dir.join("b.raw"), ODD_SIZE, 302, 8, MIB);
-    let daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run"))
-            .image(Image::new("a", &a, "raw"))
-            .image(Image::new("b", &b, "raw")),
-    )
-    .await
-    .unwrap();
-    let sock = dir.join("nbd.sock");
+    let daemon = start_daemon(dir, &[("a", &a, "raw"), ("b", &b, "raw")]).await;
     let archive = dir.join("workers.vma");
-    let mut cmd = vma_cmd(["serve", "--json", "--buffer-limit", "1M", "--listen"]);
-    cmd.arg(format!("unix:{}", sock.display()))
-        .arg("--drive")
-        .arg(format!("drive-a={}", 24 * MIB))
-        .arg("--drive")
-        .arg(format!("drive-b={ODD_SIZE}"))
-        .arg("-o")
-        .arg(&archive);
-    let mut serve = Proc::spawn(cmd, true);
-    serve
-        .next_event(Duration::from_secs(10), |e| e["event"] == "listening")
-        .await;
+    let (serve, at) = ServeCmd::unix(
+        dir,
+        &[("drive-a", 24 * MIB), ("drive-b", ODD_SIZE)],
+        &archive,
+    )
+    .json()
+    .args(["--buffer-limit", "1M"])
+    .start()
+    .await;
+    let sock = at.sock.unwrap();
     let qmp = daemon.connect().await.unwrap();
     let mut events = qmp.subscribe();
     let mut actions = Vec::new();
@@ -371,8 +331,7 @@ async fn qemu_backup_into_serve_with_parallel_workers() {
         &archive,
         &[("drive-a", 24 * MIB, &a), ("drive-b", ODD_SIZE, &b)],
         dir,
-    )
-    .await;
+    );
     drop(qmp);
     daemon.shutdown().await.unwrap();
 }
@@ -436,31 +395,22 @@ impl Drop for CutProxy {
 /// source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_reconnects_mid_backup() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let size = 24 * MIB;
-    let src = live_support::dense_random(&dir.join("scsi0.raw"), size, 311);
-    let daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
-    )
-    .await
-    .unwrap();
-    let sock = dir.join("nbd.sock");
+    let src = support::dense_random(&dir.join("scsi0.raw"), size, 311);
+    let daemon = start_daemon(dir, &[("scsi0", &src, "raw")]).await;
     let archive = dir.join("reconnect.vma");
-    let mut cmd = vma_cmd(["serve", "--json", "--reconnect-timeout", "20", "--listen"]);
-    cmd.arg(format!("unix:{}", sock.display()))
-        .arg("--drive")
-        .arg(format!("drive-scsi0={size}"))
-        .arg("-o")
-        .arg(&archive);
-    let mut serve = Proc::spawn(cmd, true);
-    serve
-        .next_event(Duration::from_secs(10), |e| e["event"] == "listening")
+    let (mut serve, at) = ServeCmd::unix(dir, &[("drive-scsi0", size)], &archive)
+        .json()
+        .args(["--reconnect-timeout", "20"])
+        .start()
         .await;
+    let sock = at.sock.unwrap();
     let proxy_sock = dir.join("proxy.sock");
     let proxy = CutProxy::start(&proxy_sock, &sock);
 
@@ -487,7 +437,7 @@ async fn qemu_reconnects_mid_backup() {
     for _ in 0..2 {
         serve
             .next_event(Duration::from_secs(20), |e| {
-                live_support::progress_done(e, "drive-scsi0").is_some_and(|d| d > last)
+                support::progress_done(e, "drive-scsi0").is_some_and(|d| d > last)
             })
             .await;
         proxy.cut();
@@ -516,7 +466,7 @@ async fn qemu_reconnects_mid_backup() {
     let ended = serve.wait(RUN_TIMEOUT).await;
     assert!(ended.status.success(), "serve failed: {}", ended.stderr);
     assert!(proxy.accepted() >= 3, "{} connections", proxy.accepted());
-    check_archive(&archive, &[("drive-scsi0", size, &src)], dir).await;
+    check_archive(&archive, &[("drive-scsi0", size, &src)], dir);
     drop(qmp);
     daemon.shutdown().await.unwrap();
 }
@@ -526,21 +476,15 @@ async fn qemu_reconnects_mid_backup() {
 /// byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_all_drives_zstd() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let odd = raw_islands(&dir.join("b.raw"), ODD_SIZE, 321, 6, MIB);
     let qcow = dir.join("a.qcow2");
-    live_support::run_ok(
-        tokio::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&qcow)
-            .arg((32 * MIB).to_string()),
-    )
-    .await;
+    qemu_img_create(&qcow, "qcow2", 32 * MIB);
     qemu_io(
         qcow.to_str().unwrap(),
         "qcow2",
@@ -548,26 +492,13 @@ async fn backup_all_drives_zstd() {
             "write -P 0x21 1000 300000".into(),
             format!("write -P 0x22 {} 65536", 31 * MIB),
         ],
-    )
-    .await;
+    );
     let qcow_expected = dir.join("a.expected.raw");
-    live_support::run_ok(
-        tokio::process::Command::new("qemu-img")
-            .args(["convert", "-f", "qcow2", "-O", "raw"])
-            .arg(&qcow)
-            .arg(&qcow_expected),
-    )
-    .await;
-    let daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run"))
-            .image(Image::new("scsi1", &odd, "raw"))
-            .image(Image::new("scsi0", &qcow, "qcow2")),
-    )
-    .await
-    .unwrap();
+    qemu_img_to_raw(&qcow, "qcow2", &qcow_expected);
+    let daemon = start_daemon(dir, &[("scsi1", &odd, "raw"), ("scsi0", &qcow, "qcow2")]).await;
     let out_dir = dir.join("dump");
     std::fs::create_dir(&out_dir).unwrap();
-    let mut cmd = vma_cmd(["backup", "--all", "--zstd", "--vmid", "7", "--qmp"]);
+    let mut cmd = vma_async(["backup", "--all", "--zstd", "--vmid", "7", "--qmp"]);
     cmd.arg(daemon.qmp_socket())
         .arg("--output-dir")
         .arg(&out_dir);
@@ -592,7 +523,6 @@ async fn backup_all_drives_zstd() {
             ("drive-scsi1", ODD_SIZE, &odd),
         ],
         dir,
-    )
-    .await;
+    );
     daemon.shutdown().await.unwrap();
 }

@@ -3,34 +3,28 @@
 //! listed, verified, extracted and compared byte for byte with their
 //! sources; no process outlives the command, also after Ctrl-C.
 
-use crate::common;
-use crate::live_support;
-
 use std::time::Duration;
 
-use live_support::{
-    ODD_SIZE, Proc, QSD_TOOLS, RUN_TIMEOUT, assert_no_archive, assert_no_process_mentions,
-    check_archive, qcow2_scattered, raw_islands, vma_cmd,
-};
+use crate::support::{self, *};
 
 const MIB: u64 = 1 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_qcow2_and_raw_through_qemu() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let qcow = dir.join("virtio0.qcow2");
     let qcow_expected = dir.join("virtio0.expected.raw");
-    qcow2_scattered(&qcow, 1 << 30, &qcow_expected).await;
+    qcow2_scattered(&qcow, 1 << 30, &qcow_expected);
     let raw = raw_islands(&dir.join("scsi0.raw"), ODD_SIZE, 201, 6, MIB);
     let conf = dir.join("qemu-server.conf");
     std::fs::write(&conf, "memory: 1024\n").unwrap();
     let archive = dir.join("created.vma");
-    let mut cmd = vma_cmd(["create", "-c"]);
+    let mut cmd = vma_async(["create", "-c"]);
     cmd.arg(&conf)
         .arg("-d")
         .arg(format!("format=qcow2:drive-virtio0={}", qcow.display()))
@@ -46,38 +40,35 @@ async fn create_qcow2_and_raw_through_qemu() {
             ("drive-scsi0", ODD_SIZE, &raw),
         ],
         dir,
-    )
-    .await;
+    );
     // The sources are untouched and no daemon is left.
-    assert_no_process_mentions(qcow.to_str().unwrap(), Duration::from_secs(5)).await;
-    let out = live_support::run_ok(
-        tokio::process::Command::new("qemu-img")
-            .args(["compare", "-f", "qcow2", "-F", "raw"])
-            .arg(&qcow)
-            .arg(&qcow_expected),
-    )
-    .await;
-    assert!(out.contains("identical"), "{out}");
+    assert_no_process_mentions(qcow.to_str().unwrap(), Duration::from_secs(5));
+    assert!(images_equal(
+        qcow.to_str().unwrap(),
+        "qcow2",
+        qcow_expected.to_str().unwrap(),
+        "raw"
+    ));
 }
 
 /// Runs `create -d format=qcow2:drive-virtio0=IMAGE` for a bad image:
 /// it must fail, write no archive and leave no daemon. Returns stderr.
 async fn create_bad_qcow2(dir: &std::path::Path, image: &std::path::Path) -> String {
     let archive = dir.join("bad.vma");
-    let mut cmd = vma_cmd(["create", "-d"]);
+    let mut cmd = vma_async(["create", "-d"]);
     cmd.arg(format!("format=qcow2:drive-virtio0={}", image.display()))
         .arg(&archive);
     let ended = Proc::spawn(cmd, false).wait(RUN_TIMEOUT).await;
     assert!(!ended.status.success(), "{}", ended.stderr);
     assert_no_archive(&archive, false);
-    assert_no_process_mentions(image.to_str().unwrap(), Duration::from_secs(5)).await;
+    assert_no_process_mentions(image.to_str().unwrap(), Duration::from_secs(5));
     ended.stderr
 }
 
 /// A qcow2 that does not exist: create fails naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_through_qemu_refuses_missing_image() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -93,7 +84,7 @@ async fn create_through_qemu_refuses_missing_image() {
 /// which drive or image QEMU could not open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_through_qemu_names_image_of_wrong_format() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -111,7 +102,7 @@ async fn create_through_qemu_names_image_of_wrong_format() {
 /// create` do; the restore is the source followed by zeros.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_rounds_an_odd_raw_size_next_to_qcow2() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -119,22 +110,16 @@ async fn create_rounds_an_odd_raw_size_next_to_qcow2() {
     let raw = dir.join("odd.raw");
     std::fs::write(&raw, [0x42u8; 1000]).unwrap();
     let qcow = dir.join("small.qcow2");
-    live_support::run_ok(
-        tokio::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&qcow)
-            .arg("1M"),
-    )
-    .await;
+    qemu_img_create(&qcow, "qcow2", MIB);
     let archive = dir.join("mixed.vma");
-    let mut cmd = vma_cmd(["create", "-d"]);
+    let mut cmd = vma_async(["create", "-d"]);
     cmd.arg(format!("format=qcow2:drive-virtio0={}", qcow.display()))
         .arg("-d")
         .arg(format!("drive-scsi0={}", raw.display()))
         .arg(&archive);
     let ended = Proc::spawn(cmd, false).wait(RUN_TIMEOUT).await;
     assert!(ended.status.success(), "{}", ended.stderr);
-    let devs = live_support::list_devices(&archive).await;
+    let devs = support::list_devices(&archive);
     assert_eq!(
         devs,
         [
@@ -142,10 +127,10 @@ async fn create_rounds_an_odd_raw_size_next_to_qcow2() {
             ("drive-scsi0".to_string(), 1024)
         ]
     );
-    let restored = live_support::extract(&archive, dir).await;
+    let restored = support::extract(&archive, dir);
     let mut want = vec![0x42u8; 1000];
     want.resize(1024, 0);
-    live_support::assert_file_is(&live_support::restored(&restored, "drive-scsi0"), &want);
+    support::assert_file_is(&support::restored(&restored, "drive-scsi0"), &want);
 }
 
 /// `demo` end to end, checked independently: its archive restores to the
@@ -154,12 +139,12 @@ async fn create_rounds_an_odd_raw_size_next_to_qcow2() {
 /// restored image and today's source differ).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_runs_and_its_archive_restores() {
-    if !common::require_tools(&["qemu-storage-daemon"]) {
+    if !require_tools(&["qemu-storage-daemon"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path().join("demo");
-    let mut cmd = vma_cmd(["demo", "--dir"]);
+    let mut cmd = vma_async(["demo", "--dir"]);
     cmd.arg(&work);
     // Capture stdout (its narrative) as lines.
     let ended = Proc::spawn(cmd, true).wait(RUN_TIMEOUT).await;
@@ -179,17 +164,17 @@ async fn demo_runs_and_its_archive_restores() {
         "demo does not say where the archive is: {stdout:?} {}",
         ended.stderr
     );
-    live_support::verify_ok(archive).await;
-    let devs = live_support::list_devices(archive).await;
+    support::verify_ok(archive);
+    let devs = support::list_devices(archive);
     let names: Vec<&str> = devs.iter().map(|d| d.0.as_str()).collect();
     assert_eq!(names, ["drive-scsi0", "drive-scsi1"]);
-    let restored = live_support::extract(archive, tmp.path()).await;
-    live_support::assert_same_file(
-        &live_support::restored(&restored, "drive-scsi1"),
+    let restored = support::extract(archive, tmp.path());
+    support::assert_same_file(
+        &support::restored(&restored, "drive-scsi1"),
         &work.join("scsi1.raw"),
     );
     let now = std::fs::read(work.join("scsi0.raw")).unwrap();
-    let back = std::fs::read(live_support::restored(&restored, "drive-scsi0")).unwrap();
+    let back = std::fs::read(support::restored(&restored, "drive-scsi0")).unwrap();
     assert_eq!(now.len(), back.len());
     let (a, b) = ((48 * MIB) as usize, (49 * MIB) as usize);
     assert!(now[a..b].iter().all(|&x| x == 0x77), "guest write missing");
@@ -200,17 +185,17 @@ async fn demo_runs_and_its_archive_restores() {
     );
     assert_eq!(&back[..a], &now[..a]);
     assert_eq!(&back[b..], &now[b..]);
-    assert_no_process_mentions(work.to_str().unwrap(), Duration::from_secs(5)).await;
+    assert_no_process_mentions(work.to_str().unwrap(), Duration::from_secs(5));
 }
 
 /// `demo --json`: every stdout line is JSON, as for serve and backup.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_json_stdout_is_json_lines() {
-    if !common::require_tools(&["qemu-storage-daemon"]) {
+    if !require_tools(&["qemu-storage-daemon"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let mut cmd = vma_cmd(["demo", "--json", "--dir"]);
+    let mut cmd = vma_async(["demo", "--json", "--dir"]);
     cmd.arg(tmp.path().join("demo"));
     let ended = Proc::spawn(cmd, true).wait(RUN_TIMEOUT).await;
     assert!(ended.status.success(), "demo failed: {}", ended.stderr);
@@ -223,12 +208,12 @@ async fn demo_json_stdout_is_json_lines() {
 /// archive and no qemu-storage-daemon behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_ctrl_c_cleans_up() {
-    if !common::require_tools(&["qemu-storage-daemon"]) {
+    if !require_tools(&["qemu-storage-daemon"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path().join("demo");
-    let mut cmd = vma_cmd(["demo", "--json", "--speed", "1M", "--dir"]);
+    let mut cmd = vma_async(["demo", "--json", "--speed", "1M", "--dir"]);
     cmd.arg(&work);
     let mut demo = Proc::spawn(cmd, true);
     demo.next_event(Duration::from_secs(30), |e| {
@@ -239,13 +224,13 @@ async fn demo_ctrl_c_cleans_up() {
     })
     .await;
     assert!(
-        !live_support::processes_mentioning(work.to_str().unwrap()).is_empty(),
+        !support::processes_mentioning(work.to_str().unwrap()).is_empty(),
         "no daemon running mid-demo"
     );
     demo.signal(libc::SIGINT);
     let ended = demo.wait(Duration::from_secs(30)).await;
     assert!(!ended.status.success(), "{}", ended.stderr);
-    assert_no_process_mentions(work.to_str().unwrap(), Duration::from_secs(5)).await;
+    assert_no_process_mentions(work.to_str().unwrap(), Duration::from_secs(5));
     let left: Vec<_> = std::fs::read_dir(&work)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

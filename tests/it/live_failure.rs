@@ -11,20 +11,13 @@
 //! - the output cannot be written (`ulimit -f`, a pipe whose reader goes
 //!   away): QEMU's job fails and nothing of ours stays in QEMU.
 
-use crate::common;
-use crate::live_support;
-
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use live_support::{
-    BIN, Ended, Proc, QSD_TOOLS, assert_no_archive, assert_no_leftovers, dense_random,
-    progress_done, vma_cmd,
-};
+use crate::support::{self, *};
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
-use vma_writer::qemu::{DaemonOptions, Image, StorageDaemon};
 use vma_writer::qmp::{BackupJob, Error as QmpError, EventStream, JobEvent, JobOutcome, Qmp};
 
 const MIB: u64 = 1 << 20;
@@ -38,10 +31,6 @@ const FAIL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for the first sign of progress.
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(20);
 
-fn nbd_uri(sock: &Path, export: &str) -> String {
-    format!("nbd+unix:///{export}?socket={}", sock.display())
-}
-
 /// Starts `serve --json` for `drives` (name, size) on a Unix socket in
 /// `dir`, writing `archive`; waits for it to listen. Returns it and the
 /// socket.
@@ -51,17 +40,12 @@ async fn start_serve(
     archive: &str,
     extra: &[&str],
 ) -> (Proc, PathBuf) {
-    let sock = dir.join("nbd.sock");
-    let mut cmd = vma_cmd(["serve", "--json", "--listen"]);
-    cmd.arg(format!("unix:{}", sock.display()));
-    for (name, size) in drives {
-        cmd.arg("--drive").arg(format!("{name}={size}"));
-    }
-    cmd.args(["-o", archive]).args(extra);
-    let mut p = Proc::spawn(cmd, true);
-    p.next_event(Duration::from_secs(10), |e| e["event"] == "listening")
+    let (p, at) = ServeCmd::unix(dir, drives, archive)
+        .json()
+        .args(extra)
+        .start()
         .await;
-    (p, sock)
+    (p, at.sock.unwrap())
 }
 
 /// A qemu-io client that writes `len` bytes at 0 of `export`, then sleeps
@@ -111,10 +95,10 @@ fn assert_failed_naming(ended: &Ended, missing: &[&str]) {
 /// --keep-partial leaves ARCHIVE.partial, which `verify` rejects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_client_killed_keep_partial() {
-    if !common::require_tools(&["qemu-io"]) {
+    if !require_tools(&["qemu-io"]) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let archive = dir.join("killed.vma");
@@ -130,12 +114,11 @@ async fn serve_client_killed_keep_partial() {
     )
     .await;
     // drive-scsi1 is written completely; drive-scsi0 only its first MiB.
-    live_support::qemu_io(
+    support::qemu_io(
         &nbd_uri(&sock, "drive-scsi1"),
         "raw",
         &[format!("write -P 0x11 0 {MIB}")],
-    )
-    .await;
+    );
     let writer = stalled_writer(&sock, "drive-scsi0", MIB);
     serve
         .next_event(PROGRESS_TIMEOUT, |e| {
@@ -161,12 +144,7 @@ async fn serve_client_killed_keep_partial() {
 
     // The kept partial archive is incomplete, and a strict reader says so.
     let partial = vma_writer::sink::partial_path(&archive);
-    let out = live_support::run_with_timeout(
-        vma_cmd(["verify".as_ref(), partial.as_os_str()]),
-        live_support::CMD_TIMEOUT,
-    )
-    .await;
-    assert!(!out.status.success(), "verify accepted the partial archive");
+    verify_rejects(&partial);
 }
 
 /// The source QEMU (a qemu-storage-daemon running a throttled
@@ -174,19 +152,15 @@ async fn serve_client_killed_keep_partial() {
 /// reconnect timeout, names the drive, and leaves no file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_source_daemon_killed() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let size = 16 * MIB;
     let src = dense_random(&dir.join("scsi0.raw"), size, 21);
-    let daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
-    )
-    .await
-    .unwrap();
+    let daemon = start_daemon(dir, &[("scsi0", &src, "raw")]).await;
     let archive = dir.join("qemu-killed.vma");
     let (mut serve, sock) = start_serve(
         dir,
@@ -213,7 +187,7 @@ async fn serve_source_daemon_killed() {
             progress_done(e, "drive-scsi0").is_some_and(|d| d > 0)
         })
         .await;
-    live_support::kill(daemon.pid(), libc::SIGKILL);
+    support::kill(daemon.pid(), libc::SIGKILL);
     let ended = serve.wait(FAIL_TIMEOUT).await;
     drop(qmp);
     drop(daemon);
@@ -243,19 +217,15 @@ async fn serve_source_daemon_killed() {
 /// serve fails after the reconnect timeout and leaves nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_refuses_export_of_wrong_size() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let size = 8 * MIB;
-    let src = live_support::raw_islands(&dir.join("scsi0.raw"), size, 31, 4, MIB);
-    let daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
-    )
-    .await
-    .unwrap();
+    let src = support::raw_islands(&dir.join("scsi0.raw"), size, 31, 4, MIB);
+    let daemon = start_daemon(dir, &[("scsi0", &src, "raw")]).await;
     let archive = dir.join("wrong-size.vma");
     let wrong = size + 64 * 1024;
     let (serve, sock) = start_serve(
@@ -297,19 +267,15 @@ async fn qemu_refuses_export_of_wrong_size() {
 /// created.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_refuses_unknown_node() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let src = live_support::raw_islands(&dir.join("scsi0.raw"), 4 * MIB, 41, 2, MIB);
-    let daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
-    )
-    .await
-    .unwrap();
+    let src = support::raw_islands(&dir.join("scsi0.raw"), 4 * MIB, 41, 2, MIB);
+    let daemon = start_daemon(dir, &[("scsi0", &src, "raw")]).await;
     let archive = dir.join("nosuch.vma");
-    let mut cmd = vma_cmd(["backup", "--qmp"]);
+    let mut cmd = vma_async(["backup", "--qmp"]);
     cmd.arg(daemon.qmp_socket())
         .args(["--drive", "scsi0", "--drive", "scsi9", "-o"])
         .arg(&archive);
@@ -330,22 +296,16 @@ async fn backup_refuses_unknown_node() {
 /// the other job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_refused_while_node_busy() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let size = 8 * MIB;
     let src = dense_random(&dir.join("scsi0.raw"), size, 51);
     let src1 = dense_random(&dir.join("scsi1.raw"), size, 52);
-    let daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run"))
-            .image(Image::new("scsi0", &src, "raw"))
-            .image(Image::new("scsi1", &src1, "raw")),
-    )
-    .await
-    .unwrap();
+    let daemon = start_daemon(dir, &[("scsi0", &src, "raw"), ("scsi1", &src1, "raw")]).await;
     // A mirror of scsi1 (into a null target), crawling along.
     let spare = Qmp::connect(daemon.spare_qmp_socket()).await.unwrap();
     spare
@@ -367,7 +327,7 @@ async fn backup_refused_while_node_busy() {
     // Both drives in one transaction: QEMU refuses all of it, after both
     // targets were added.
     let archive = dir.join("busy.vma");
-    let mut cmd = vma_cmd(["backup", "--qmp"]);
+    let mut cmd = vma_async(["backup", "--qmp"]);
     cmd.arg(daemon.qmp_socket())
         .args(["--drive", "scsi0", "--drive", "scsi1", "-o"])
         .arg(&archive);
@@ -403,23 +363,19 @@ async fn backup_refused_while_node_busy() {
 /// are gone, and no archive file remains (with `keep_partial`, only
 /// ARCHIVE.partial, which `verify` rejects).
 async fn backup_stopped_by(sig: libc::c_int, keep_partial: bool) {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let size = 32 * MIB;
     let src = dense_random(&dir.join("scsi0.raw"), size, 61);
-    let daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
-    )
-    .await
-    .unwrap();
+    let daemon = start_daemon(dir, &[("scsi0", &src, "raw")]).await;
     let spare = Qmp::connect(daemon.spare_qmp_socket()).await.unwrap();
     let mut events = spare.subscribe();
     let archive = dir.join("signal.vma");
-    let mut cmd = vma_cmd(["backup", "--qmp"]);
+    let mut cmd = vma_async(["backup", "--qmp"]);
     cmd.arg(daemon.qmp_socket())
         .args(["--drive", "scsi0", "--speed", "2M", "--json", "-o"])
         .arg(&archive);
@@ -463,12 +419,7 @@ async fn backup_stopped_by(sig: libc::c_int, keep_partial: bool) {
     assert_no_archive(&archive, keep_partial);
     if keep_partial {
         let partial = vma_writer::sink::partial_path(&archive);
-        let out = live_support::run_with_timeout(
-            vma_cmd(["verify".as_ref(), partial.as_os_str()]),
-            live_support::CMD_TIMEOUT,
-        )
-        .await;
-        assert!(!out.status.success(), "verify accepted the partial archive");
+        verify_rejects(&partial);
     }
     drop(spare);
     daemon.shutdown().await.unwrap();
@@ -487,10 +438,10 @@ async fn backup_sigint_keep_partial_cancels_jobs() {
 /// SIGTERM to serve while a client has written half a drive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_sigterm_mid_backup() {
-    if !common::require_tools(&["qemu-io"]) {
+    if !require_tools(&["qemu-io"]) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let archive = dir.join("term.vma");
@@ -525,7 +476,7 @@ async fn serve_sigterm_mid_backup() {
 /// into each of 32 clusters, then would go on): serve must stop promptly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_sigterm_during_back_pressure() {
-    if !common::require_tools(&["qemu-io"]) {
+    if !require_tools(&["qemu-io"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -567,7 +518,7 @@ async fn serve_sigterm_during_back_pressure() {
 /// once the blocked write gives up (`partial_wait`, 30 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_client_killed_during_back_pressure() {
-    if !common::require_tools(&["qemu-io"]) {
+    if !require_tools(&["qemu-io"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -669,26 +620,20 @@ async fn job_events_until_end(events: &mut EventStream, job: &str) -> Vec<JobEve
 /// error or cancelled by backup), and nothing stays behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_file_size_limit() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let size = 32 * MIB;
     let src = dense_random(&dir.join("scsi0.raw"), size, 71);
-    let daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
-    )
-    .await
-    .unwrap();
+    let daemon = start_daemon(dir, &[("scsi0", &src, "raw")]).await;
     let spare = Qmp::connect(daemon.spare_qmp_socket()).await.unwrap();
     let mut events = spare.subscribe();
     let archive = dir.join("efbig.vma");
-    let mut cmd = Command::new("sh");
-    cmd.args(["-c", "ulimit -f 2048; exec \"$0\" \"$@\"", BIN])
-        .args(["backup", "--qmp"])
-        .arg(daemon.qmp_socket())
+    let mut cmd = vma_async_file_limit(2048, ["backup", "--qmp"]);
+    cmd.arg(daemon.qmp_socket())
         .args(["--drive", "scsi0", "-o"])
         .arg(&archive);
     let ended = Proc::spawn(cmd, false).wait(FAIL_TIMEOUT).await;
@@ -712,22 +657,18 @@ async fn backup_file_size_limit() {
 /// fails (EPIPE), backup exits non-zero naming it, and QEMU's job ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_stdout_reader_goes_away() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let size = 32 * MIB;
     let src = dense_random(&dir.join("scsi0.raw"), size, 81);
-    let daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
-    )
-    .await
-    .unwrap();
+    let daemon = start_daemon(dir, &[("scsi0", &src, "raw")]).await;
     let spare = Qmp::connect(daemon.spare_qmp_socket()).await.unwrap();
     let mut events = spare.subscribe();
-    let mut cmd = vma_cmd(["backup", "--qmp"]);
+    let mut cmd = vma_async(["backup", "--qmp"]);
     cmd.arg(daemon.qmp_socket())
         .args(["--drive", "scsi0", "-o", "-"])
         .stdout(Stdio::piped());
@@ -764,61 +705,41 @@ enum OutputFailure {
 /// (BLOCK_JOB_ERROR, then BLOCK_JOB_COMPLETED with an error), and serve
 /// exits non-zero naming the write failure, leaving no archive.
 async fn serve_output_failure_fails_qemu_job(how: OutputFailure) {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let size = 32 * MIB;
     let src = dense_random(&dir.join("scsi0.raw"), size, 91);
-    let daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
-    )
-    .await
-    .unwrap();
-    let sock = dir.join("nbd.sock");
+    let daemon = start_daemon(dir, &[("scsi0", &src, "raw")]).await;
     let archive = dir.join("efbig.vma");
-    let mut cmd = match how {
-        OutputFailure::PipeClosed => vma_cmd(["serve"]),
-        OutputFailure::FileSizeLimit => {
-            let mut c = Command::new("sh");
-            c.args(["-c", "ulimit -f 2048; exec \"$0\" \"$@\"", BIN, "serve"]);
+    let drives = [("drive-scsi0", size)];
+    let cmd = match how {
+        OutputFailure::PipeClosed => {
+            let mut c = ServeCmd::unix(dir, &drives, "-");
+            c.command().stdout(Stdio::piped());
             c
         }
+        OutputFailure::FileSizeLimit => ServeCmd::unix_with(
+            vma_async_file_limit(2048, ["serve"]),
+            dir,
+            &drives,
+            &archive,
+        ),
     };
-    cmd.args(["--reconnect-timeout", "1", "--listen"])
-        .arg(format!("unix:{}", sock.display()))
-        .arg("--drive")
-        .arg(format!("drive-scsi0={size}"))
-        .arg("-o");
-    match how {
-        OutputFailure::PipeClosed => {
-            cmd.arg("-").stdout(Stdio::piped());
-        }
-        OutputFailure::FileSizeLimit => {
-            cmd.arg(&archive);
-        }
-    }
-    let mut serve = Proc::spawn(cmd, false);
-    match how {
-        OutputFailure::PipeClosed => {
-            let mut out = serve.take_stdout();
-            // Read the header, then stop reading and close.
-            let mut buf = vec![0u8; 4096];
-            tokio::time::timeout(Duration::from_secs(10), out.read_exact(&mut buf))
-                .await
-                .expect("no header within 10 s")
-                .unwrap();
-            assert_eq!(&buf[..4], b"VMA\0");
-        }
-        OutputFailure::FileSizeLimit => {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !sock.exists() {
-                assert!(Instant::now() < deadline, "serve did not listen");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
+    let (mut serve, at) = cmd.args(["--reconnect-timeout", "1"]).start().await;
+    let sock = at.sock.unwrap();
+    if let OutputFailure::PipeClosed = how {
+        let mut out = serve.take_stdout();
+        // Read the header, then stop reading and close.
+        let mut buf = vec![0u8; 4096];
+        tokio::time::timeout(Duration::from_secs(10), out.read_exact(&mut buf))
+            .await
+            .expect("no header within 10 s")
+            .unwrap();
+        assert_eq!(&buf[..4], b"VMA\0");
     }
 
     let qmp = daemon.connect().await.unwrap();
@@ -876,43 +797,28 @@ async fn serve_file_size_limit_fails_qemu_job() {
 /// the missing clusters, so `verify` rejects what the consumer got.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_stdout_stream_of_failed_backup_is_rejected() {
-    if !common::require_tools(&["qemu-io"]) {
+    if !require_tools(&["qemu-io"]) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let stream = dir.join("stream.vma");
-    let sock = dir.join("nbd.sock");
-    let mut cmd = vma_cmd(["serve", "--reconnect-timeout", "1", "--listen"]);
-    cmd.arg(format!("unix:{}", sock.display()))
-        .args(["--drive", "drive-scsi0=8M", "-o", "-"])
+    let mut cmd =
+        ServeCmd::unix(dir, &[("drive-scsi0", 8 * MIB)], "-").args(["--reconnect-timeout", "1"]);
+    cmd.command()
         .stdout(std::fs::File::create(&stream).unwrap());
-    let serve = Proc::spawn(cmd, false);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "serve did not listen");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    live_support::qemu_io(
-        &nbd_uri(&sock, "drive-scsi0"),
+    let (serve, at) = cmd.start().await;
+    support::qemu_io(
+        &at.uri("drive-scsi0"),
         "raw",
         &[format!("write -P 0x42 0 {}", 5 * MIB)],
-    )
-    .await;
+    );
     let ended = serve.wait(FAIL_TIMEOUT).await;
     assert_failed_naming(&ended, &["drive-scsi0: 3145728 of 8388608 bytes missing"]);
     let len = std::fs::metadata(&stream).unwrap().len();
     assert!(len > 5 * MIB, "only {len} bytes reached stdout");
-    let out = live_support::run_with_timeout(
-        vma_cmd(["verify".as_ref(), stream.as_os_str()]),
-        live_support::CMD_TIMEOUT,
-    )
-    .await;
-    assert!(
-        !out.status.success(),
-        "verify accepted the stream of a failed backup"
-    );
+    verify_rejects(&stream);
 }
 
 // ---------------------------------------------------------------------
@@ -924,21 +830,17 @@ async fn serve_stdout_stream_of_failed_backup_is_rejected() {
 /// and removes the partial archive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_source_daemon_killed() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let size = 16 * MIB;
     let src = dense_random(&dir.join("scsi0.raw"), size, 101);
-    let daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
-    )
-    .await
-    .unwrap();
+    let daemon = start_daemon(dir, &[("scsi0", &src, "raw")]).await;
     let archive = dir.join("lost.vma");
-    let mut cmd = vma_cmd(["backup", "--qmp"]);
+    let mut cmd = vma_async(["backup", "--qmp"]);
     cmd.arg(daemon.qmp_socket())
         .args(["--drive", "scsi0", "--speed", "2M", "--json", "-o"])
         .arg(&archive);
@@ -948,7 +850,7 @@ async fn backup_source_daemon_killed() {
             progress_done(e, "drive-scsi0").is_some_and(|d| d > 0)
         })
         .await;
-    live_support::kill(daemon.pid(), libc::SIGKILL);
+    support::kill(daemon.pid(), libc::SIGKILL);
     let ended = backup.wait(FAIL_TIMEOUT).await;
     drop(daemon);
     assert!(!ended.status.success(), "{}", ended.stderr);
@@ -971,24 +873,18 @@ async fn backup_source_daemon_killed() {
 /// fails cleanly (no file, nothing of its own left in QEMU).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_backup_does_not_disturb_running_one() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let size = 16 * MIB;
     let a_src = dense_random(&dir.join("scsi0.raw"), size, 111);
-    let b_src = live_support::raw_islands(&dir.join("scsi1.raw"), 4 * MIB, 112, 4, MIB);
-    let daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run"))
-            .image(Image::new("scsi0", &a_src, "raw"))
-            .image(Image::new("scsi1", &b_src, "raw")),
-    )
-    .await
-    .unwrap();
+    let b_src = support::raw_islands(&dir.join("scsi1.raw"), 4 * MIB, 112, 4, MIB);
+    let daemon = start_daemon(dir, &[("scsi0", &a_src, "raw"), ("scsi1", &b_src, "raw")]).await;
     let a_archive = dir.join("a.vma");
-    let mut cmd = vma_cmd(["backup", "--qmp"]);
+    let mut cmd = vma_async(["backup", "--qmp"]);
     cmd.arg(daemon.qmp_socket())
         .args(["--drive", "scsi0", "--speed", "4M", "--json", "-o"])
         .arg(&a_archive);
@@ -999,7 +895,7 @@ async fn concurrent_backup_does_not_disturb_running_one() {
     .await;
 
     let b_archive = dir.join("b.vma");
-    let mut cmd = vma_cmd(["backup", "--qmp"]);
+    let mut cmd = vma_async(["backup", "--qmp"]);
     cmd.arg(daemon.spare_qmp_socket())
         .args(["--drive", "scsi1", "-o"])
         .arg(&b_archive);
@@ -1009,7 +905,7 @@ async fn concurrent_backup_does_not_disturb_running_one() {
         "the first backup ended while the second ran: {}",
         a.stderr()
     );
-    let a = a.wait(live_support::RUN_TIMEOUT).await;
+    let a = a.wait(support::RUN_TIMEOUT).await;
     assert!(
         a.status.success(),
         "the first backup failed: {}\nsecond backup: {:?}\n{}",
@@ -1017,9 +913,9 @@ async fn concurrent_backup_does_not_disturb_running_one() {
         b.status,
         b.stderr
     );
-    live_support::check_archive(&a_archive, &[("drive-scsi0", size, &a_src)], dir).await;
+    support::check_archive(&a_archive, &[("drive-scsi0", size, &a_src)], dir);
     if b.status.success() {
-        live_support::check_archive(&b_archive, &[("drive-scsi1", 4 * MIB, &b_src)], dir).await;
+        support::check_archive(&b_archive, &[("drive-scsi1", 4 * MIB, &b_src)], dir);
     } else {
         eprintln!("second backup refused: {}", b.stderr);
         assert_no_archive(&b_archive, false);
@@ -1034,23 +930,19 @@ async fn concurrent_backup_does_not_disturb_running_one() {
 /// exists: refused, the file is untouched, QEMU is left as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_never_overwrites() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let src = live_support::raw_islands(&dir.join("scsi0.raw"), 4 * MIB, 121, 2, MIB);
-    let daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
-    )
-    .await
-    .unwrap();
+    let src = support::raw_islands(&dir.join("scsi0.raw"), 4 * MIB, 121, 2, MIB);
+    let daemon = start_daemon(dir, &[("scsi0", &src, "raw")]).await;
     let qmp = Qmp::connect(daemon.spare_qmp_socket()).await.unwrap();
     for existing in ["old.vma", "old2.vma.partial"] {
         let archive = dir.join(existing.trim_end_matches(".partial"));
         let path = dir.join(existing);
         std::fs::write(&path, b"precious").unwrap();
-        let mut cmd = vma_cmd(["backup", "--qmp"]);
+        let mut cmd = vma_async(["backup", "--qmp"]);
         cmd.arg(daemon.qmp_socket())
             .args(["--drive", "scsi0", "-o"])
             .arg(&archive);
@@ -1074,23 +966,19 @@ async fn backup_never_overwrites() {
 /// no job or node in QEMU.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_sigterm_at_any_moment_leaves_nothing() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let size = 16 * MIB;
     let src = dense_random(&dir.join("scsi0.raw"), size, 131);
-    let daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
-    )
-    .await
-    .unwrap();
+    let daemon = start_daemon(dir, &[("scsi0", &src, "raw")]).await;
     let spare = Qmp::connect(daemon.spare_qmp_socket()).await.unwrap();
     for delay_ms in [0u64, 10, 30, 60, 100, 150, 250, 400] {
         let archive = dir.join(format!("t{delay_ms}.vma"));
-        let mut cmd = vma_cmd(["backup", "--qmp"]);
+        let mut cmd = vma_async(["backup", "--qmp"]);
         cmd.arg(daemon.qmp_socket())
             .args(["--drive", "scsi0", "--speed", "2M", "-o"])
             .arg(&archive);
@@ -1115,19 +1003,15 @@ async fn backup_sigterm_at_any_moment_leaves_nothing() {
 /// `incomplete`, as serve's does (not only inside `reason`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_json_failed_event_lists_incomplete_drives() {
-    if !common::require_tools(QSD_TOOLS) {
+    if !require_tools(QSD_TOOLS) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let src = dense_random(&dir.join("scsi0.raw"), 16 * MIB, 141);
-    let daemon = StorageDaemon::start(
-        DaemonOptions::new(dir.join("run")).image(Image::new("scsi0", &src, "raw")),
-    )
-    .await
-    .unwrap();
+    let daemon = start_daemon(dir, &[("scsi0", &src, "raw")]).await;
     let archive = dir.join("json.vma");
-    let mut cmd = vma_cmd(["backup", "--qmp"]);
+    let mut cmd = vma_async(["backup", "--qmp"]);
     cmd.arg(daemon.qmp_socket())
         .args(["--drive", "scsi0", "--speed", "2M", "--json", "-o"])
         .arg(&archive);

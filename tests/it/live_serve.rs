@@ -4,14 +4,10 @@
 //! and trimming writes made before their clusters are complete. The
 //! archive must restore to exactly the bytes the clients wrote.
 
-use crate::common;
-use crate::live_support;
-
-use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
-use live_support::{Proc, RUN_TIMEOUT, check_archive, raw_islands, run_ok, vma_cmd};
-use tokio::process::Command;
+use crate::support::{self, *};
 
 const MIB: u64 = 1 << 20;
 
@@ -74,16 +70,12 @@ fn io_expected(steps: &[Step], size: u64) -> Vec<u8> {
     img
 }
 
-fn nbd_uri(sock: &Path, export: &str) -> String {
-    format!("nbd+unix:///{export}?socket={}", sock.display())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_three_clients_on_one_listener() {
-    if !common::require_tools(&["qemu-img", "qemu-io", "nbdcopy"]) {
+    if !require_tools(&["qemu-img", "qemu-io", "nbdcopy"]) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let a_size = 8 * MIB + 512;
@@ -94,27 +86,24 @@ async fn serve_three_clients_on_one_listener() {
     let expected_c = dir.join("c.expected.raw");
     std::fs::write(&expected_c, io_expected(&steps, IO_SIZE)).unwrap();
 
-    let sock = dir.join("nbd.sock");
     let archive = dir.join("serve.vma");
-    let mut cmd = vma_cmd(["serve", "--json", "--listen"]);
-    cmd.arg(format!("unix:{}", sock.display()))
-        .arg("--drive")
-        .arg(format!("drive-a={a_size}"))
-        .arg("--drive")
-        .arg(format!("drive-b={b_size}"))
-        .arg("--drive")
-        .arg(format!("drive-c={IO_SIZE}"))
-        .arg("-o")
-        .arg(&archive)
-        // Connection logs, to count nbdcopy's connections.
+    let mut cmd = ServeCmd::unix(
+        dir,
+        &[
+            ("drive-a", a_size),
+            ("drive-b", b_size),
+            ("drive-c", IO_SIZE),
+        ],
+        &archive,
+    )
+    .json();
+    // Connection logs, to count nbdcopy's connections.
+    cmd.command()
         .env("RUST_LOG", "vma_writer::assembler=info")
         .env("NO_COLOR", "1");
-    let mut serve = Proc::spawn(cmd, true);
-    let listening = serve
-        .next_event(Duration::from_secs(10), |e| e["event"] == "listening")
-        .await;
+    let (serve, at) = cmd.start().await;
     assert_eq!(
-        listening["exports"],
+        at.event.as_ref().unwrap()["exports"],
         serde_json::json!(["drive-a", "drive-b", "drive-c"])
     );
 
@@ -122,26 +111,23 @@ async fn serve_three_clients_on_one_listener() {
     convert
         .args(["convert", "-n", "-f", "raw", "-O", "raw"])
         .arg(&src_a)
-        .arg(nbd_uri(&sock, "drive-a"));
+        .arg(at.uri("drive-a"));
     let mut copy = Command::new("nbdcopy");
     copy.args(["-C", "4", "-T", "4", "--request-size=262144"])
         .arg(&src_b)
-        .arg(nbd_uri(&sock, "drive-b"));
-    let c_uri = nbd_uri(&sock, "drive-c");
+        .arg(at.uri("drive-b"));
+    let c_uri = at.uri("drive-c");
     let c_cmds = io_commands(&steps);
-    tokio::join!(
-        run_ok(&mut convert),
-        run_ok(&mut copy),
-        live_support::qemu_io(&c_uri, "raw", &c_cmds),
-    );
+    // All three clients at once.
+    std::thread::scope(|s| {
+        s.spawn(|| run_ok(&mut convert));
+        s.spawn(|| run_ok(&mut copy));
+        s.spawn(|| qemu_io(&c_uri, "raw", &c_cmds));
+    });
 
     let ended = serve.wait(RUN_TIMEOUT).await;
-    assert!(ended.status.success(), "serve failed: {}", ended.stderr);
-    let fin = ended
-        .events
-        .iter()
-        .find(|e| e["event"] == "finished")
-        .unwrap_or_else(|| panic!("no finished event: {:?}", ended.events));
+    ended.assert_success();
+    let fin = ended.finished_event();
     assert_eq!(fin["bytes"], a_size + b_size + IO_SIZE);
     let conns = |drive: &str| {
         ended
@@ -165,8 +151,7 @@ async fn serve_three_clients_on_one_listener() {
             ("drive-c", IO_SIZE, &expected_c),
         ],
         dir,
-    )
-    .await;
+    );
 }
 
 /// TCP listener, zstd output, and a client that flushes and stays
@@ -174,37 +159,28 @@ async fn serve_three_clients_on_one_listener() {
 /// disconnect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_tcp_zstd_finalises_after_flush() {
-    if !common::require_tools(&["qemu-io"]) {
+    if !require_tools(&["qemu-io"]) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let size = 3 * MIB + 4096;
     let archive = dir.join("tcp.vma.zst");
-    let mut cmd = vma_cmd([
-        "serve",
-        "--json",
-        "--zstd",
-        "--listen",
-        "tcp:127.0.0.1:0",
-        "--drive",
-    ]);
-    cmd.arg(format!("drive-scsi0={size}"))
-        .arg("-o")
-        .arg(&archive);
-    let mut serve = Proc::spawn(cmd, true);
-    let listening = serve
-        .next_event(Duration::from_secs(10), |e| e["event"] == "listening")
+    let (serve, at) = ServeCmd::tcp(&[("drive-scsi0", size)], &archive)
+        .args(["--zstd"])
+        .start()
         .await;
-    let addr = listening["address"].as_str().unwrap().to_string();
-    let hostport = addr.strip_prefix("tcp:").unwrap_or(&addr).to_string();
-    assert!(!hostport.ends_with(":0"), "no real port in {listening}");
+    let listening = at.event.as_ref().unwrap();
+    assert!(
+        !listening["address"].as_str().unwrap().ends_with(":0"),
+        "no real port in {listening}"
+    );
 
     // qemu-io writes everything, flushes, then sleeps while connected.
-    let mut io = Command::new("qemu-io");
+    let mut io = tokio::process::Command::new("qemu-io");
     io.args(["-f", "raw"])
-        .arg(format!("nbd://{hostport}/drive-scsi0"))
+        .arg(at.uri("drive-scsi0"))
         .args(["-c", &format!("write -P 0x5a 0 {}", size - 4096)])
         .args(["-c", &format!("write -P 0xa5 {} 4096", size - 4096)])
         .args(["-c", "flush", "-c", "sleep 20000"])
@@ -212,13 +188,13 @@ async fn serve_tcp_zstd_finalises_after_flush() {
     let client = Proc::spawn(io, false);
     let ended = serve.wait(Duration::from_secs(15)).await;
     drop(client);
-    assert!(ended.status.success(), "serve failed: {}", ended.stderr);
+    ended.assert_success();
 
     let mut expected = vec![0x5au8; size as usize];
     expected[(size - 4096) as usize..].fill(0xa5);
     let expected_path = dir.join("expected.raw");
     std::fs::write(&expected_path, &expected).unwrap();
-    check_archive(&archive, &[("drive-scsi0", size, &expected_path)], dir).await;
+    check_archive(&archive, &[("drive-scsi0", size, &expected_path)], dir);
 }
 
 /// A client that writes part of a drive, disconnects, and a new client
@@ -228,28 +204,22 @@ async fn serve_tcp_zstd_finalises_after_flush() {
 /// content.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_client_reconnects_and_replays() {
-    if !common::require_tools(&["qemu-io"]) {
+    if !require_tools(&["qemu-io"]) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let size = 2 * MIB;
-    let sock = dir.join("nbd.sock");
     let archive = dir.join("reconnect.vma");
-    let mut cmd = vma_cmd(["serve", "--json", "--reconnect-timeout", "10", "--listen"]);
-    cmd.arg(format!("unix:{}", sock.display()))
-        .arg("--drive")
-        .arg(format!("drive-scsi0={size}"))
-        .arg("-o")
-        .arg(&archive);
-    let mut serve = Proc::spawn(cmd, true);
-    serve
-        .next_event(Duration::from_secs(10), |e| e["event"] == "listening")
+    let (mut serve, at) = ServeCmd::unix(dir, &[("drive-scsi0", size)], &archive)
+        .json()
+        .args(["--reconnect-timeout", "10"])
+        .start()
         .await;
-    let uri = nbd_uri(&sock, "drive-scsi0");
+    let uri = at.uri("drive-scsi0");
     // First client: the first MiB, then it leaves.
-    live_support::qemu_io(&uri, "raw", &[format!("write -P 0x71 0 {MIB}")]).await;
+    qemu_io(&uri, "raw", &[format!("write -P 0x71 0 {MIB}")]);
     serve
         .next_event(Duration::from_secs(10), |e| {
             e["event"] == "progress" && e["drives"][0]["connections"] == 0
@@ -257,29 +227,21 @@ async fn serve_client_reconnects_and_replays() {
         .await;
     assert!(!serve.has_exited(), "serve gave up at once");
     // Second client: an identical replay of cluster 0 is accepted ...
-    live_support::qemu_io(&uri, "raw", &["write -P 0x71 0 64k".to_string()]).await;
+    qemu_io(&uri, "raw", &["write -P 0x71 0 64k".to_string()]);
     // ... a different one is refused ...
-    let out = live_support::run_with_timeout(
-        Command::new("qemu-io")
-            .args(["-f", "raw", &uri, "-c", "write -P 0x99 0 64k"])
-            .env("LC_ALL", "C"),
-        live_support::CMD_TIMEOUT,
-    )
-    .await;
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text = qemu_io_text(&uri, &["write -P 0x99 0 64k"]);
     assert!(
         text.contains("Input/output error"),
         "rewrite with other content was not refused: {text}"
     );
     // ... and the rest completes the drive.
-    live_support::qemu_io(&uri, "raw", &[format!("write -P 0x72 {MIB} {MIB}")]).await;
+    qemu_io(&uri, "raw", &[format!("write -P 0x72 {MIB} {MIB}")]);
     let ended = serve.wait(RUN_TIMEOUT).await;
-    assert!(ended.status.success(), "serve failed: {}", ended.stderr);
+    ended.assert_success();
     let mut expected = vec![0x71u8; size as usize];
     expected[MIB as usize..].fill(0x72);
-    let dir2 = live_support::extract(&archive, dir).await;
-    live_support::assert_file_is(&live_support::restored(&dir2, "drive-scsi0"), &expected);
+    let dir2 = extract(&archive, dir);
+    assert_file_is(&restored(&dir2, "drive-scsi0"), &expected);
 }
 
 /// `--json` with the archive on stdout (`-o -`): the archive stream must
@@ -287,14 +249,14 @@ async fn serve_client_reconnects_and_replays() {
 /// combination must be refused).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_json_with_archive_on_stdout() {
-    if !common::require_tools(&["qemu-io"]) {
+    if !require_tools(&["qemu-io"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let stream = dir.join("stream.vma");
     let sock = dir.join("nbd.sock");
-    let mut cmd = vma_cmd(["serve", "--json", "--listen"]);
+    let mut cmd = vma_async(["serve", "--json", "--listen"]);
     cmd.arg(format!("unix:{}", sock.display()))
         .args(["--drive", "drive-scsi0=1M", "-o", "-"])
         .stdout(std::fs::File::create(&stream).unwrap());
@@ -309,15 +271,14 @@ async fn serve_json_with_archive_on_stdout() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    live_support::qemu_io(
+    qemu_io(
         &nbd_uri(&sock, "drive-scsi0"),
         "raw",
         &[format!("write -P 0x42 0 {MIB}")],
-    )
-    .await;
+    );
     let ended = serve.wait(RUN_TIMEOUT).await;
     assert!(ended.status.success(), "{}", ended.stderr);
-    live_support::verify_ok(&stream).await;
+    verify_ok(&stream);
 }
 
 /// The `finished` event's `archive_bytes` is the size of the archive
@@ -326,36 +287,22 @@ async fn serve_json_with_archive_on_stdout() {
 /// clusters at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_event_archive_bytes_is_file_size() {
-    if !common::require_tools(&["nbdcopy"]) {
+    if !require_tools(&["nbdcopy"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let src = raw_islands(&dir.join("src.raw"), MIB, 7, 4, 300_000);
-    let sock = dir.join("nbd.sock");
     let archive = dir.join("size.vma");
-    let mut cmd = vma_cmd(["serve", "--json", "--listen"]);
-    cmd.arg(format!("unix:{}", sock.display()))
-        .args(["--drive", "drive-scsi0=1M", "-o"])
-        .arg(&archive);
-    let mut serve = Proc::spawn(cmd, true);
-    serve
-        .next_event(Duration::from_secs(10), |e| e["event"] == "listening")
+    let (serve, at) = ServeCmd::unix(dir, &[("drive-scsi0", MIB)], &archive)
+        .json()
+        .start()
         .await;
-    run_ok(
-        Command::new("nbdcopy")
-            .arg(&src)
-            .arg(nbd_uri(&sock, "drive-scsi0")),
-    )
-    .await;
+    run_ok(Command::new("nbdcopy").arg(&src).arg(at.uri("drive-scsi0")));
     let ended = serve.wait(RUN_TIMEOUT).await;
-    assert!(ended.status.success(), "{}", ended.stderr);
-    let fin = ended
-        .events
-        .iter()
-        .find(|e| e["event"] == "finished")
-        .expect("finished event");
-    check_archive(&archive, &[("drive-scsi0", MIB, &src)], dir).await;
+    ended.assert_success();
+    let fin = ended.finished_event();
+    check_archive(&archive, &[("drive-scsi0", MIB, &src)], dir);
     assert_eq!(
         fin["archive_bytes"].as_u64(),
         Some(std::fs::metadata(&archive).unwrap().len()),
@@ -370,38 +317,28 @@ async fn finished_event_archive_bytes_is_file_size() {
 /// restore to what was written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_reads_back_during_backup() {
-    if !common::require_tools(&["qemu-io"]) {
+    if !require_tools(&["qemu-io"]) {
         return;
     }
-    live_support::init_tracing();
+    support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
     let size: u64 = 256 * 1024;
     let mut expected = vec![0x33u8; size as usize];
     expected[..65536].fill(0x11);
     expected[70_000..71_000].fill(0x22);
-    let expected_path = dir.join("expected.raw");
+    let expected_path = tmp.path().join("expected.raw");
     std::fs::write(&expected_path, &expected).unwrap();
     for zstd in [false, true] {
-        let sock = dir.join(format!("nbd-{zstd}.sock"));
+        let dir = tmp.path().join(if zstd { "zstd" } else { "plain" });
+        std::fs::create_dir(&dir).unwrap();
         let archive = dir.join(if zstd { "read.vma.zst" } else { "read.vma" });
-        let mut cmd = vma_cmd(["serve", "--listen"]);
-        cmd.arg(format!("unix:{}", sock.display()))
-            .arg("--drive")
-            .arg(format!("drive-scsi0={size}"))
-            .arg("-o")
-            .arg(&archive);
+        let mut cmd = ServeCmd::unix(&dir, &[("drive-scsi0", size)], &archive);
         if zstd {
-            cmd.arg("--zstd");
+            cmd = cmd.args(["--zstd"]);
         }
-        let serve = Proc::spawn(cmd, false);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            assert!(std::time::Instant::now() < deadline, "serve did not listen");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let uri = nbd_uri(&sock, "drive-scsi0");
-        live_support::qemu_io(
+        let (serve, at) = cmd.start().await;
+        let uri = at.uri("drive-scsi0");
+        qemu_io(
             &uri,
             "raw",
             &[
@@ -413,18 +350,9 @@ async fn serve_reads_back_during_backup() {
                 // Never written.
                 "read -P 0 200000 1000".into(),
             ],
-        )
-        .await;
+        );
         // An archived cluster, straddling into the buffered one.
-        let out = live_support::run_with_timeout(
-            Command::new("qemu-io")
-                .args(["-f", "raw", &uri, "-c", "read -P 0x11 60000 5536"])
-                .env("LC_ALL", "C"),
-            live_support::CMD_TIMEOUT,
-        )
-        .await;
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
+        let text = qemu_io_text(&uri, &["read -P 0x11 60000 5536"]);
         if zstd {
             assert!(text.contains("Input/output error"), "{text}");
         } else {
@@ -433,17 +361,16 @@ async fn serve_reads_back_during_backup() {
                 "{text}"
             );
         }
-        live_support::qemu_io(
+        qemu_io(
             &uri,
             "raw",
             &[
                 "write -P 0x33 65536 4464".into(),
                 format!("write -P 0x33 71000 {}", size - 71_000),
             ],
-        )
-        .await;
+        );
         let ended = serve.wait(RUN_TIMEOUT).await;
-        assert!(ended.status.success(), "serve failed: {}", ended.stderr);
-        check_archive(&archive, &[("drive-scsi0", size, &expected_path)], dir).await;
+        ended.assert_success();
+        check_archive(&archive, &[("drive-scsi0", size, &expected_path)], &dir);
     }
 }

@@ -4,11 +4,7 @@
 //!
 //! Run one suite with `cargo test --release --test it cli_roundtrip::`.
 
-mod common;
-mod live_support;
-mod nbd_support;
-mod qmp_support;
-mod vma_support;
+mod support;
 
 mod cli_roundtrip;
 mod live_backup;

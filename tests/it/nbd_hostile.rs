@@ -4,13 +4,11 @@
 //! the offending connection, and must keep serving a good client in
 //! parallel.
 
-use crate::nbd_support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 
-use nbd_support::*;
+use crate::support::*;
 use vma_writer::nbd::wire::*;
 use vma_writer::nbd::{MAX_OPTIONS, MemoryBackend};
 
@@ -25,7 +23,7 @@ fn good_client(srv_sock: std::path::PathBuf, stop: Arc<AtomicBool>) -> thread::J
         let mut rounds = 0usize;
         while !stop.load(Ordering::SeqCst) || rounds == 0 {
             let off = (rounds as u64 % 64) * 65536;
-            let data = pseudo_random(65536, rounds as u64 + 1);
+            let data = random_data(65536, rounds as u64 + 1);
             c.send_request(&req(NBD_CMD_WRITE, 0, 1, off, 65536), false, &data)
                 .unwrap();
             let r = c.read_reply(0).unwrap();

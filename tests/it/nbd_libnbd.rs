@@ -2,33 +2,27 @@
 //! multi-conn), nbdinfo (--list, --map) and a python3-libnbd script that
 //! sends bad requests with strict mode off.
 
-use crate::common;
-use crate::nbd_support;
-
 use std::process::Command;
 use std::sync::atomic::Ordering;
 
-use nbd_support::*;
+use crate::support::*;
 use vma_writer::nbd::{Backend, MemoryBackend};
 
 const MIB: u64 = 1 << 20;
 
 #[test]
 fn nbdcopy_both_directions_with_multi_conn() {
-    if !common::require_tools(&["nbdcopy", "nbdinfo"]) {
+    if !require_tools(&["nbdcopy", "nbdinfo"]) {
         return;
     }
     let size = 48 * MIB + 4096;
     let srv = TestServer::start(vec![("disk", Counting::new(MemoryBackend::new(size)))]);
     let src = srv.dir.path().join("src.raw");
-    let want = make_sparse_image(
+    let want = sparse_image_contents(
         &src,
         size,
-        &[
-            (0, 5 * MIB as usize),
-            (9 * MIB + 17, 20 * MIB as usize),
-            (size - 4096, 4096),
-        ],
+        &[(0, 5 * MIB), (9 * MIB + 17, 20 * MIB), (size - 4096, 4096)],
+        1,
     );
     let uri = srv.uri("disk");
     // Multi-conn is advertised (the memory backend's flush is global).
@@ -77,7 +71,7 @@ fn nbdcopy_both_directions_with_multi_conn() {
 
 #[test]
 fn nbdinfo_list_and_map() {
-    if !common::require_tools(&["nbdinfo"]) {
+    if !require_tools(&["nbdinfo"]) {
         return;
     }
     let srv = TestServer::start(vec![
@@ -243,7 +237,7 @@ print("probe ok")
 
 #[test]
 fn libnbd_bad_requests_get_the_right_errno() {
-    if !common::require_python_nbd() {
+    if !require_python_nbd() {
         return;
     }
     let srv = TestServer::start(vec![
@@ -256,7 +250,7 @@ fn libnbd_bad_requests_get_the_right_errno() {
     let script = srv.dir.path().join("probe.py");
     std::fs::write(&script, PROBE).unwrap();
     let out = run_ok(
-        Command::new(common::SYSTEM_PYTHON)
+        Command::new(SYSTEM_PYTHON)
             .arg(&script)
             .arg(srv.uri("rw"))
             .arg(srv.uri("ro")),
@@ -270,7 +264,7 @@ fn libnbd_bad_requests_get_the_right_errno() {
 
 #[test]
 fn nbdinfo_lists_many_exports() {
-    if !common::require_tools(&["nbdinfo"]) {
+    if !require_tools(&["nbdinfo"]) {
         return;
     }
     let names: Vec<String> = (0..20).map(|i| format!("disk{i:02}")).collect();

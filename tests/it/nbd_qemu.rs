@@ -2,27 +2,26 @@
 //! `blockdev-backup` from qemu-storage-daemon. QEMU 10 negotiates extended
 //! headers, so these also cover extended requests and replies.
 
-use crate::common;
-use crate::nbd_support;
-
 use std::process::Command;
 use std::sync::atomic::Ordering;
 
-use nbd_support::*;
-use serde_json::json;
+use crate::support::*;
+use std::time::Duration;
+
 use vma_writer::nbd::{Backend, MemoryBackend};
+use vma_writer::qmp::BackupJob;
 
 const MIB: u64 = 1 << 20;
 
-fn qemu_img_convert_and_compare(size: u64, islands: &[(u64, usize)], dense: bool) {
+fn qemu_img_convert_and_compare(size: u64, islands: &[(u64, u64)], dense: bool) {
     let srv = TestServer::start(vec![("disk0", Counting::new(MemoryBackend::new(size)))]);
     let src = srv.dir.path().join("src.raw");
     let want = if dense {
-        let data = pseudo_random(size as usize, 7);
+        let data = random_data(size as usize, 7);
         std::fs::write(&src, &data).unwrap();
         data
     } else {
-        make_sparse_image(&src, size, islands)
+        sparse_image_contents(&src, size, islands, 1)
     };
     let uri = srv.uri("disk0");
     run_ok(
@@ -52,7 +51,7 @@ fn qemu_img_convert_and_compare(size: u64, islands: &[(u64, usize)], dense: bool
 
 #[test]
 fn qemu_img_convert_dense() {
-    if !common::require_tools(&["qemu-img"]) {
+    if !require_tools(&["qemu-img"]) {
         return;
     }
     qemu_img_convert_and_compare(24 * MIB + 512, &[], true);
@@ -60,14 +59,14 @@ fn qemu_img_convert_dense() {
 
 #[test]
 fn qemu_img_convert_sparse() {
-    if !common::require_tools(&["qemu-img"]) {
+    if !require_tools(&["qemu-img"]) {
         return;
     }
     qemu_img_convert_and_compare(
         64 * MIB,
         &[
             (0, 4096),
-            (MIB + 100, 3 * MIB as usize),
+            (MIB + 100, 3 * MIB),
             (40 * MIB, 1),
             (64 * MIB - 4096, 4096),
         ],
@@ -77,7 +76,7 @@ fn qemu_img_convert_sparse() {
 
 #[test]
 fn qemu_img_map_reports_holes_and_data() {
-    if !common::require_tools(&["qemu-img"]) {
+    if !require_tools(&["qemu-img"]) {
         return;
     }
     let srv = TestServer::start(vec![("", MemoryBackend::new(16 * MIB))]);
@@ -123,7 +122,7 @@ fn qemu_img_map_reports_holes_and_data() {
 
 #[test]
 fn qemu_io_write_read_zero_discard_flush() {
-    if !common::require_tools(&["qemu-io"]) {
+    if !require_tools(&["qemu-io"]) {
         return;
     }
     let size = 8 * MIB;
@@ -177,31 +176,42 @@ fn qemu_io_write_read_zero_discard_flush() {
     assert!(c[3 * MIB as usize + 12345..].iter().all(|&x| x == 0));
 }
 
-fn live_backup(size: u64, islands: &[(u64, usize)]) {
-    if !common::require_tools(&["qemu-storage-daemon"]) {
+fn live_backup(size: u64, islands: &[(u64, u64)]) {
+    if !require_tools(&["qemu-storage-daemon"]) {
         return;
     }
     let srv = TestServer::start(vec![("drive0", Counting::new(MemoryBackend::new(size)))]);
     let src = srv.dir.path().join("src.raw");
-    let want = make_sparse_image(&src, size, islands);
-    let mut qsd = StorageDaemon::start(srv.dir.path(), &src, "drive0");
-    let q = &mut qsd.qmp;
-    q.execute(
-        "blockdev-add",
-        json!({"driver": "nbd", "node-name": "tgt0",
-               "server": {"type": "unix", "path": srv.sock.to_str().unwrap()},
-               "export": "drive0"}),
-    );
+    let want = sparse_image_contents(&src, size, islands, 1);
     let b = &srv.backends[0];
-    assert_eq!(b.connects.load(Ordering::SeqCst), 1);
-    q.execute(
-        "blockdev-backup",
-        json!({"job-id": "backup0", "device": "drive0", "target": "tgt0", "sync": "full"}),
-    );
-    let ev = q.wait_event("BLOCK_JOB_COMPLETED");
-    assert!(ev["data"].get("error").is_none(), "backup failed: {ev}");
-    assert_eq!(ev["data"]["offset"], ev["data"]["len"], "{ev}");
-    q.execute("blockdev-del", json!({"node-name": "tgt0"}));
+    srv.rt.block_on(async {
+        let qsd = start_daemon(srv.dir.path(), &[("drive0", &src, "raw")]).await;
+        let q = qsd.connect().await.unwrap();
+        q.blockdev_add_nbd("tgt0", &srv.sock, "drive0")
+            .await
+            .unwrap();
+        assert_eq!(b.connects.load(Ordering::SeqCst), 1);
+        let mut events = q.subscribe();
+        q.blockdev_backup_transaction(&[BackupJob {
+            job_id: "backup0".into(),
+            device: "drive0".into(),
+            target: "tgt0".into(),
+            speed: None,
+            filter_node_name: None,
+        }])
+        .await
+        .unwrap();
+        let end = events
+            .wait_jobs_ended(&["backup0"], Duration::from_secs(60))
+            .await
+            .unwrap()
+            .remove(0);
+        assert!(end.is_success(), "backup failed: {end:?}");
+        assert_eq!(end.end.offset, end.end.len, "{end:?}");
+        q.blockdev_del("tgt0").await.unwrap();
+        drop(q);
+        qsd.shutdown().await.unwrap();
+    });
     b.wait_disconnects(1);
     assert_eq!(
         b.clean_disconnects.load(Ordering::SeqCst),
@@ -213,7 +223,6 @@ fn live_backup(size: u64, islands: &[(u64, usize)]) {
         "QEMU flushes before DISC"
     );
     assert_same(&b.inner.contents(), &want, "backup");
-    drop(qsd);
     srv.stop();
 }
 
@@ -223,9 +232,9 @@ fn qemu_backup_sparse_64m() {
         64 * MIB,
         &[
             (0, 65536),
-            (5 * MIB, 3 * MIB as usize),
+            (5 * MIB, 3 * MIB),
             (33 * MIB + 4096, 4096),
-            (63 * MIB, MIB as usize),
+            (63 * MIB, MIB),
         ],
     );
 }
@@ -234,5 +243,5 @@ fn qemu_backup_sparse_64m() {
 fn qemu_backup_odd_size() {
     // 10 MiB + 1536 B: the last request ends mid-cluster at the disk end.
     let size = 10 * MIB + 1536;
-    live_backup(size, &[(MIB, 2 * MIB as usize), (size - 3000, 3000)]);
+    live_backup(size, &[(MIB, 2 * MIB), (size - 3000, 3000)]);
 }

@@ -2,16 +2,13 @@
 //! back-pressure, listeners (Unix socket permissions and stale sockets,
 //! TCP on port 0).
 
-use crate::common;
-use crate::nbd_support;
-
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nbd_support::*;
+use crate::support::*;
 use vma_writer::nbd::wire::*;
 use vma_writer::nbd::{ListenAddr, Listener, MemoryBackend, ServerConfig};
 
@@ -115,7 +112,7 @@ fn backpressure_stops_reading_at_the_budget() {
                 &req(NBD_CMD_WRITE, NBD_CMD_FLAG_PAYLOAD_LEN, i, i * chunk, chunk),
                 true,
             );
-            m.extend(pseudo_random(chunk as usize, i));
+            m.extend(random_data(chunk as usize, i));
             sender.write_all(&m).unwrap();
         }
         // One request larger than the whole budget must still get through.
@@ -161,7 +158,7 @@ fn backpressure_stops_reading_at_the_budget() {
         let at = (i * chunk) as usize;
         assert_same(
             &data[at..at + chunk as usize],
-            &pseudo_random(chunk as usize, i),
+            &random_data(chunk as usize, i),
             "chunk",
         );
     }
@@ -257,7 +254,7 @@ fn tcp_listener_on_port_zero() {
     s.read_exact(&mut rep).unwrap();
     assert_eq!(&rep[4..8], &[0, 0, 0, 0]);
     assert_eq!(&backend.contents()[10..13], b"tcp");
-    if common::require_tools(&["qemu-io"]) {
+    if require_tools(&["qemu-io"]) {
         let uri = format!("nbd://{sa}/t");
         let out = run_ok(std::process::Command::new("qemu-io").args([
             "-f",
@@ -377,7 +374,7 @@ fn no_deadlock_while_the_client_sends_a_big_write_without_reading() {
         &req(NBD_CMD_WRITE, 0, 99, 32 << 20, 32 << 20),
         false,
     ));
-    all.extend(pseudo_random(32 << 20, 5));
+    all.extend(random_data(32 << 20, 5));
     c.s.set_write_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     c.send(&all).expect("server stopped reading: deadlock");
@@ -392,7 +389,7 @@ fn no_deadlock_while_the_client_sends_a_big_write_without_reading() {
     assert_eq!(cookies, (0..16).chain([99]).collect::<Vec<_>>());
     assert_same(
         &srv.backends[0].contents()[32 << 20..],
-        &pseudo_random(32 << 20, 5),
+        &random_data(32 << 20, 5),
         "big write",
     );
     srv.stop();

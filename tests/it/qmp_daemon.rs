@@ -2,17 +2,16 @@
 //! errors, a real `blockdev-backup` into nbdkit, cancelling, a lost
 //! connection, and process cleanup.
 
-use crate::common;
-use crate::qmp_support;
-
 use std::time::{Duration, Instant};
 
-use qmp_support::{Nbdkit, TOOLS};
+use crate::support::{self, Nbdkit, require_tools};
 use serde_json::json;
 use vma_writer::backup;
 use vma_writer::qemu::{self, DaemonOptions, Image, StorageDaemon};
 use vma_writer::qmp::{BackupJob, Error, ErrorClass, Event, JobEvent, JobStatus};
 
+/// Tools every test here needs.
+const TOOLS: &[&str] = &["qemu-storage-daemon", "qemu-img", "qemu-io", "nbdkit"];
 /// 10 MiB + 1536 B: not a multiple of the 64 KiB backup cluster.
 const ODD_SIZE: u64 = 10 * 1024 * 1024 + 1536;
 /// QEMU's backup cluster when the target reports none (nbdkit memory).
@@ -26,16 +25,16 @@ const LOSS_TIMEOUT: Duration = Duration::from_secs(2);
 /// A raw image of ODD_SIZE ("raw0") and a qcow2 of QCOW2_SIZE ("qcow0"),
 /// both with some data; optionally a read-only raw ("ro0").
 fn images(dir: &std::path::Path, with_ro: bool) -> DaemonOptions {
-    let raw = qmp_support::make_image(dir, "raw0.raw", "raw", ODD_SIZE);
-    qmp_support::write_pattern(raw.to_str().unwrap(), "raw", 0x11, 0, 65536);
-    qmp_support::write_pattern(raw.to_str().unwrap(), "raw", 0x22, ODD_SIZE - 1536, 1536);
-    let qcow = qmp_support::make_image(dir, "qcow0.qcow2", "qcow2", QCOW2_SIZE);
-    qmp_support::write_pattern(qcow.to_str().unwrap(), "qcow2", 0x33, 3 << 20, 1 << 20);
+    let raw = support::qemu_img_create(&dir.join("raw0.raw"), "raw", ODD_SIZE);
+    support::write_pattern(raw.to_str().unwrap(), "raw", 0x11, 0, 65536);
+    support::write_pattern(raw.to_str().unwrap(), "raw", 0x22, ODD_SIZE - 1536, 1536);
+    let qcow = support::qemu_img_create(&dir.join("qcow0.qcow2"), "qcow2", QCOW2_SIZE);
+    support::write_pattern(qcow.to_str().unwrap(), "qcow2", 0x33, 3 << 20, 1 << 20);
     let mut opts = DaemonOptions::new(dir.join("run"))
         .image(Image::new("raw0", &raw, "raw"))
         .image(Image::new("qcow0", &qcow, "qcow2"));
     if with_ro {
-        let ro = qmp_support::make_image(dir, "ro0.raw", "raw", 1 << 20);
+        let ro = support::qemu_img_create(&dir.join("ro0.raw"), "raw", 1 << 20);
         opts = opts.image(Image::new("ro0", ro, "raw").read_only());
     }
     opts
@@ -47,7 +46,7 @@ fn is_job_end(job: &str) -> impl FnMut(&Event) -> bool + '_ {
 
 #[tokio::test]
 async fn lists_nodes_with_exact_sizes() {
-    if !common::require_tools(TOOLS) {
+    if !require_tools(TOOLS) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -95,7 +94,7 @@ async fn lists_nodes_with_exact_sizes() {
 
 #[tokio::test]
 async fn command_errors_are_typed() {
-    if !common::require_tools(TOOLS) {
+    if !require_tools(TOOLS) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -172,7 +171,7 @@ async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>)
 
 #[tokio::test]
 async fn backup_into_nbdkit_completes() {
-    if !common::require_tools(TOOLS) {
+    if !require_tools(TOOLS) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -225,7 +224,7 @@ async fn backup_into_nbdkit_completes() {
     for (node, target) in drives.iter().zip(&targets) {
         let src = sources.iter().find(|i| i.node_name == node.node).unwrap();
         assert!(
-            qmp_support::images_equal(
+            support::images_equal(
                 src.path.to_str().unwrap(),
                 &src.format,
                 &target.uri(),
@@ -241,7 +240,7 @@ async fn backup_into_nbdkit_completes() {
 
 #[tokio::test]
 async fn throttled_job_can_be_cancelled() {
-    if !common::require_tools(TOOLS) {
+    if !require_tools(TOOLS) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -299,7 +298,7 @@ async fn throttled_job_can_be_cancelled() {
 
 #[tokio::test]
 async fn lost_connection_fails_pending_command_and_events() {
-    if !common::require_tools(TOOLS) {
+    if !require_tools(TOOLS) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -310,7 +309,7 @@ async fn lost_connection_fails_pending_command_and_events() {
     let mut events = qmp.subscribe();
 
     // Freeze the daemon so the command stays unanswered, then kill it.
-    qmp_support::kill(daemon.pid(), libc::SIGSTOP);
+    support::kill(daemon.pid(), libc::SIGSTOP);
     let pending = tokio::spawn({
         let qmp = qmp.clone();
         async move { qmp.query_block_jobs().await }
@@ -318,7 +317,7 @@ async fn lost_connection_fails_pending_command_and_events() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!pending.is_finished(), "a stopped QEMU answered");
     let killed = Instant::now();
-    qmp_support::kill(daemon.pid(), libc::SIGKILL);
+    support::kill(daemon.pid(), libc::SIGKILL);
 
     let r = tokio::time::timeout(LOSS_TIMEOUT, pending)
         .await
@@ -346,7 +345,7 @@ async fn lost_connection_fails_pending_command_and_events() {
 
 #[tokio::test]
 async fn drop_leaves_no_process_and_shutdown_quits() {
-    if !common::require_tools(TOOLS) {
+    if !require_tools(TOOLS) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -358,9 +357,9 @@ async fn drop_leaves_no_process_and_shutdown_quits() {
     // A client connected at drop time must not keep anything alive.
     let qmp = daemon.connect().await.unwrap();
     let mut events = qmp.subscribe();
-    assert!(qmp_support::pid_alive(pid));
+    assert!(support::pid_alive(pid));
     drop(daemon);
-    assert!(!qmp_support::pid_alive(pid), "daemon {pid} survived drop");
+    assert!(!support::pid_alive(pid), "daemon {pid} survived drop");
     assert!(!socket.exists());
     let r = tokio::time::timeout(LOSS_TIMEOUT, events.recv())
         .await
@@ -377,7 +376,7 @@ async fn drop_leaves_no_process_and_shutdown_quits() {
     let status = daemon.shutdown().await.unwrap();
     assert!(status.success(), "{status}");
     assert!(t0.elapsed() < qemu::QUIT_TIMEOUT, "quit was not used");
-    assert!(!qmp_support::pid_alive(pid));
+    assert!(!support::pid_alive(pid));
     drop(qmp);
 
     // With both monitors busy, quit cannot connect: SIGTERM after
@@ -394,13 +393,13 @@ async fn drop_leaves_no_process_and_shutdown_quits() {
     let status = daemon.shutdown().await.unwrap();
     assert!(t0.elapsed() >= qemu::QUIT_TIMEOUT);
     assert!(status.success(), "{status}");
-    assert!(!qmp_support::pid_alive(pid));
+    assert!(!support::pid_alive(pid));
     drop((main, spare));
 }
 
 #[tokio::test]
 async fn start_failure_quotes_qemu() {
-    if !common::require_tools(TOOLS) {
+    if !require_tools(TOOLS) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -430,7 +429,7 @@ async fn start_failure_quotes_qemu() {
 
 #[tokio::test]
 async fn writes_through_export_during_backup_keep_point_in_time() {
-    if !common::require_tools(TOOLS) {
+    if !require_tools(TOOLS) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -463,8 +462,8 @@ async fn writes_through_export_during_backup_keep_point_in_time() {
     // Overwrite the start and the odd tail while the job crawls.
     let uri = live_uri.clone();
     tokio::task::spawn_blocking(move || {
-        qmp_support::write_pattern(&uri, "raw", 0x66, 0, 1 << 20);
-        qmp_support::write_pattern(&uri, "raw", 0x77, ODD_SIZE - 4096, 4096);
+        support::write_pattern(&uri, "raw", 0x66, 0, 1 << 20);
+        support::write_pattern(&uri, "raw", 0x77, ODD_SIZE - 4096, 4096);
     })
     .await
     .unwrap();
@@ -485,14 +484,14 @@ async fn writes_through_export_during_backup_keep_point_in_time() {
     );
     qmp.blockdev_del("nbd-raw0").await.unwrap();
 
-    assert!(qmp_support::images_equal(
+    assert!(support::images_equal(
         before.to_str().unwrap(),
         "raw",
         &target.uri(),
         "raw"
     ));
     assert!(
-        !qmp_support::images_equal(before.to_str().unwrap(), "raw", &live_uri, "raw"),
+        !support::images_equal(before.to_str().unwrap(), "raw", &live_uri, "raw"),
         "the writes did not reach the source"
     );
     drop(qmp);

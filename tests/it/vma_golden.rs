@@ -4,16 +4,14 @@
 //! the sha256 of every extracted drive (`NAME.sha256`). Any change to the
 //! bytes the writer produces, to `list`, or to extraction fails here.
 //!
-//! Regenerate deliberately with `VMA_WRITER_BLESS=1 cargo test --test
+//! Regenerate deliberately with `VMA_WRITER_BLESS=1 cargo test --release --test it
 //! vma_golden` (see `format/golden/README.md`).
-
-use crate::vma_support;
 
 use std::path::{Path, PathBuf};
 
+use crate::support::*;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
-use vma_support::*;
 use vma_writer::vma::{DevId, WriterBuilder};
 
 const BLESS_ENV: &str = "VMA_WRITER_BLESS";
@@ -240,7 +238,7 @@ fn golden_file(name: &str) -> Vec<u8> {
     let p = golden_dir().join(name);
     std::fs::read(&p).unwrap_or_else(|e| {
         panic!(
-            "{}: {e}; generate it with {BLESS_ENV}=1 cargo test --test vma_golden",
+            "{}: {e}; generate it with {BLESS_ENV}=1 cargo test --release --test it vma_golden",
             p.display()
         )
     })

@@ -4,12 +4,10 @@
 //! it means), and asserts the exact `FormatError` variant, its fields, and
 //! that the message names the offset and the rule (`format/VMA.md` §10).
 
-use crate::vma_support;
-
 use std::io::Read;
 
+use crate::support::*;
 use proptest::prelude::*;
-use vma_support::*;
 use vma_writer::vma::{DevId, FormatError, Reader};
 
 const CONF: &str = "qemu-server.conf";

@@ -6,14 +6,12 @@
 //! round-trip, and cutting the archive at any extent boundary must fail with
 //! `Incomplete`.
 
-use crate::vma_support;
-
 use std::collections::BTreeMap;
 
+use crate::support::*;
 use bytes::Bytes;
 use proptest::prelude::*;
 use uuid::Uuid;
-use vma_support::*;
 use vma_writer::vma::{DevId, FormatError, Header, Reader, WriterBuilder};
 
 /// A device size: whole clusters plus an awkward tail.

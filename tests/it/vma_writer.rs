@@ -2,13 +2,11 @@
 //! (blob allocation decides `header_size`), extent packing (§9), lazy
 //! flushing, failing outputs, and the writer's refusals.
 
-use crate::vma_support;
-
 use std::io::{self, Write};
 
+use crate::support::*;
 use bytes::Bytes;
 use proptest::prelude::*;
-use vma_support::*;
 use vma_writer::vma::{DevId, FormatError, WriterBuilder};
 
 /// VMA.md §3.4 "Writer allocation", applied literally: returns

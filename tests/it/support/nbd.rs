@@ -1,25 +1,25 @@
-//! Shared helpers for the NBD integration tests: an in-process server on a
-//! Unix socket in a temp dir, a backend wrapper that counts lifecycle
-//! calls, source-image makers, and a tiny blocking QMP client.
+//! The NBD server in-process for the protocol suites: a test server on a
+//! Unix socket in a temp dir with its own runtime, backend wrappers that
+//! count lifecycle calls or hold writes at a gate, and a blocking
+//! raw-bytes client for protocol edges.
 
-#![allow(dead_code)]
-
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::{Value, json};
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use vma_writer::nbd::wire;
 use vma_writer::nbd::{
     Backend, BackendCaps, BlockStatus, Export, ListenAddr, Listener, Server, ServerConfig,
 };
+
+use super::init_tracing;
 
 /// Names of the runtime threads that panicked, for [`TestServer::panics`].
 static PANICKED_THREADS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
@@ -51,14 +51,6 @@ pub fn count_panics() {
             prev(info);
         }));
     });
-}
-
-/// Turns on server logs when `RUST_LOG` is set.
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
 }
 
 /// Wraps a backend and counts `connected`, `disconnected` and `flush`.
@@ -261,215 +253,6 @@ impl<B: Backend> Drop for TestServer<B> {
     }
 }
 
-/// Runs a command, returns its output; panics with stdout/stderr on failure.
-pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
-pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
-/// Writes a sparse raw image of `size` bytes with data islands at
-/// `(offset, len)` and returns its full contents.
-pub fn make_sparse_image(path: &Path, size: u64, islands: &[(u64, usize)]) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::create(path).expect("create image");
-    f.set_len(size).expect("set_len");
-    let mut contents = vec![0u8; size as usize];
-    for (i, &(off, len)) in islands.iter().enumerate() {
-        let data = pseudo_random(len, 0x9e37_79b9_7f4a_7c15 ^ i as u64);
-        f.write_all_at(&data, off).expect("write island");
-        contents[off as usize..off as usize + len].copy_from_slice(&data);
-    }
-    contents
-}
-
-/// Index of the first differing byte, for readable assertion messages.
-pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
-    if a.len() != b.len() {
-        return Some(a.len().min(b.len()));
-    }
-    a.iter().zip(b).position(|(x, y)| x != y)
-}
-
-/// Asserts two images are equal, naming the first differing offset.
-pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    if let Some(i) = first_difference(got, want) {
-        panic!(
-            "{what}: contents differ at byte {i} (len {} vs {})",
-            got.len(),
-            want.len()
-        );
-    }
-}
-
-/// A minimal blocking QMP client (one command at a time, events kept).
-pub struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    /// Events received so far, oldest first.
-    pub events: Vec<Value>,
-}
-
-impl Qmp {
-    /// Connects (retrying while the socket appears), reads the greeting and
-    /// negotiates capabilities.
-    pub fn connect(path: &Path) -> Self {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "QMP socket {}: {e}",
-                        path.display()
-                    );
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .expect("timeout");
-        let mut q = Qmp {
-            reader: BufReader::new(stream.try_clone().expect("clone")),
-            writer: stream,
-            events: Vec::new(),
-        };
-        let greeting = q.read_msg();
-        assert!(
-            greeting.get("QMP").is_some(),
-            "unexpected greeting {greeting}"
-        );
-        q.execute("qmp_capabilities", json!({}));
-        q
-    }
-
-    fn read_msg(&mut self) -> Value {
-        let mut line = String::new();
-        let n = self.reader.read_line(&mut line).expect("reading QMP");
-        assert!(n > 0, "QMP connection closed");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad QMP line {line:?}: {e}"))
-    }
-
-    /// Runs a command; returns `Ok(return)` or `Err(error)`.
-    pub fn try_execute(&mut self, cmd: &str, args: Value) -> Result<Value, Value> {
-        let msg = json!({"execute": cmd, "arguments": args});
-        writeln!(self.writer, "{msg}").expect("writing QMP");
-        loop {
-            let m = self.read_msg();
-            if let Some(r) = m.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = m.get("error") {
-                return Err(e.clone());
-            }
-            if m.get("event").is_some() {
-                self.events.push(m);
-            }
-        }
-    }
-
-    /// Runs a command and panics on a QMP error.
-    pub fn execute(&mut self, cmd: &str, args: Value) -> Value {
-        self.try_execute(cmd, args.clone())
-            .unwrap_or_else(|e| panic!("QMP {cmd} {args} failed: {e}"))
-    }
-
-    /// Waits for an event named `name` (already received or new).
-    pub fn wait_event(&mut self, name: &str) -> Value {
-        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
-            return self.events.remove(i);
-        }
-        loop {
-            let m = self.read_msg();
-            if m["event"] == name {
-                return m;
-            }
-            if m.get("event").is_some() {
-                self.events.push(m);
-            }
-        }
-    }
-}
-
-/// A qemu-storage-daemon with one raw source drive and a QMP monitor; killed
-/// on drop.
-pub struct StorageDaemon {
-    pub child: Child,
-    pub qmp: Qmp,
-}
-
-impl StorageDaemon {
-    /// Starts `qemu-storage-daemon` serving `image` as node `node`.
-    pub fn start(dir: &Path, image: &Path, node: &str) -> Self {
-        let qmp_path = dir.join("qmp.sock");
-        let child = Command::new("qemu-storage-daemon")
-            .arg("--chardev")
-            .arg(format!(
-                "socket,path={},server=on,wait=off,id=m0",
-                qmp_path.display()
-            ))
-            .args(["--monitor", "chardev=m0"])
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,filename={},node-name={node}-file",
-                image.display()
-            ))
-            .arg("--blockdev")
-            .arg(format!("driver=raw,file={node}-file,node-name={node}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawning qemu-storage-daemon");
-        let qmp = Qmp::connect(&qmp_path);
-        StorageDaemon { child, qmp }
-    }
-}
-
-impl Drop for StorageDaemon {
-    fn drop(&mut self) {
-        // Ask politely; the daemon may already be gone.
-        let _ = writeln!(self.qmp.writer, "{}", json!({"execute": "quit"}));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) => return,
-                _ if Instant::now() > deadline => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    return;
-                }
-                _ => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-    }
-}
-
 /// A blocking raw-bytes NBD client for protocol-edge tests.
 pub struct RawClient {
     pub s: UnixStream,
@@ -501,8 +284,6 @@ impl RawReply {
         }
     }
 }
-
-use vma_writer::nbd::wire;
 
 impl RawClient {
     pub fn connect(path: &Path) -> Self {
