@@ -9,22 +9,35 @@ use std::path::Path;
 
 /// The ranges of `f` that may hold data (`SEEK_DATA`/`SEEK_HOLE`); the
 /// rest reads as zeros. Reading the holes of a 1 GiB sparse image costs
-/// seconds in a debug build, so comparisons skip them.
+/// seconds in a debug build, so comparisons skip them. Any `lseek` error
+/// but ENXIO ("no data past here") fails the test: silently comparing
+/// less is how a comparator passes what it should not.
 pub fn data_ranges(f: &File) -> Vec<(u64, u64)> {
     let len = f.metadata().unwrap().len();
     let fd = f.as_raw_fd();
+    let seek = |pos: u64, whence: libc::c_int, name: &str| -> Option<u64> {
+        // SAFETY: plain syscall on a descriptor `f` keeps open.
+        let r = unsafe { libc::lseek(fd, pos as libc::off_t, whence) };
+        if r >= 0 {
+            return Some(r as u64);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return None;
+        }
+        panic!("lseek({pos}, {name}) failed: {e}");
+    };
     let mut out = Vec::new();
     let mut pos = 0u64;
     while pos < len {
-        // SAFETY: plain syscalls on an open descriptor.
-        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // ENXIO: only a hole is left
-        }
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        assert!(hole >= data, "SEEK_HOLE failed");
-        out.push((data as u64, hole as u64));
-        pos = hole as u64;
+        let Some(data) = seek(pos, libc::SEEK_DATA, "SEEK_DATA") else {
+            break; // only a hole is left
+        };
+        let hole = seek(data, libc::SEEK_HOLE, "SEEK_HOLE")
+            .unwrap_or_else(|| panic!("SEEK_HOLE after data at {data}: ENXIO"));
+        assert!(hole > data, "SEEK_HOLE({data}) = {hole}");
+        out.push((data, hole));
+        pos = hole;
     }
     out
 }
@@ -104,4 +117,39 @@ pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
             want.len()
         );
     }
+}
+
+/// An `lseek` that fails with anything but ENXIO stops the comparison
+/// (here EBADF: an `O_PATH` descriptor has a size but cannot seek).
+#[test]
+#[should_panic(expected = "lseek(0, SEEK_DATA) failed")]
+fn data_ranges_fails_on_lseek_errors() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("f");
+    std::fs::write(&p, [1u8; 4096]).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(&p)
+        .unwrap();
+    data_ranges(&f);
+}
+
+/// Holes are found, data ranges cover the data.
+#[test]
+fn data_ranges_of_a_sparse_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = super::sparse_image(&dir.path().join("f"), 8 << 20, &[(4 << 20, 4096)], 1);
+    let ranges = data_ranges(&File::open(&p).unwrap());
+    assert!(
+        ranges
+            .iter()
+            .any(|&(s, e)| s <= 4 << 20 && e >= (4 << 20) + 4096),
+        "{ranges:?}"
+    );
+    assert!(
+        ranges.iter().all(|&(s, e)| s < e && e <= 8 << 20),
+        "{ranges:?}"
+    );
 }
