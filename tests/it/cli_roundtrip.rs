@@ -487,8 +487,10 @@ fn failed_create_leaves_no_archive_and_no_partial() {
     // Fails after the archive header and a whole drive were written: a
     // sysfs attribute claims 4096 bytes but reads short.
     let sys = "/sys/devices/system/cpu/online";
-    if std::fs::metadata(sys).map(|m| m.len()).ok() != Some(4096) {
-        eprintln!("SKIPPED (partial-file part): {sys} is not a 4096-byte sysfs file");
+    if !require(
+        std::fs::metadata(sys).map(|m| m.len()).ok() == Some(4096),
+        &format!("the partial-file part: {sys} is not a 4096-byte sysfs file"),
+    ) {
         return;
     }
     let err = env.fails([
@@ -592,7 +594,11 @@ fn list_prints_exact_lines_for_a_known_archive() {
         .unwrap();
     assert_success(&out, &"list TZ=Asia/Tokyo");
     let tokyo = String::from_utf8(out.stdout).unwrap();
-    if Path::new("/usr/share/zoneinfo/Asia/Tokyo").exists() {
+    let zone = "/usr/share/zoneinfo/Asia/Tokyo";
+    if require(
+        Path::new(zone).exists(),
+        &format!("the time-zone part: {zone} is missing (Debian: tzdata)"),
+    ) {
         assert!(
             tokyo.ends_with("CTIME: Mon May  6 17:03:09 2024\n"),
             "{tokyo}"
