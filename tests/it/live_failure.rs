@@ -59,15 +59,10 @@ fn stalled_writer(sock: &Path, export: &str, len: u64) -> Proc {
     Proc::spawn(c, false)
 }
 
-/// Asserts a failed run: non-zero exit, the `failed` event (with
-/// `--json`) and stderr name `missing` (e.g. "drive-scsi0: 3145728 of
-/// 4194304 bytes missing") as the only incomplete drives.
+/// Asserts the `failed` event (with `--json`) and stderr name `missing`
+/// (e.g. "drive-scsi0: 3145728 of 4194304 bytes missing") as the only
+/// incomplete drives. (The exit status is each test's to pin.)
 fn assert_failed_naming(ended: &Ended, missing: &[&str]) {
-    assert!(
-        !ended.status.success(),
-        "exit 0 after a failure; stderr:\n{}",
-        ended.stderr
-    );
     for m in missing {
         assert!(
             ended.stderr.contains(&format!("incomplete drive {m}")),
@@ -134,12 +129,12 @@ async fn serve_client_killed_keep_partial() {
         waited >= Duration::from_secs(RECONNECT_SECS) - Duration::from_millis(500),
         "failed {waited:?} after the kill, before the reconnect timeout"
     );
+    ended.assert_backup_failed(&[
+        "backup failed: the client of drive drive-scsi0 disconnected with 3145728 of \
+         4194304 bytes missing and did not reconnect within 2s",
+        "incomplete archive kept",
+    ]);
     assert_failed_naming(&ended, &["drive-scsi0: 3145728 of 4194304 bytes missing"]);
-    assert!(
-        ended.stderr.contains("did not reconnect"),
-        "{}",
-        ended.stderr
-    );
     assert_no_archive(&archive, true);
 
     // The kept partial archive is incomplete, and a strict reader says so.
@@ -191,7 +186,10 @@ async fn serve_source_daemon_killed() {
     let ended = serve.wait(FAIL_TIMEOUT).await;
     drop(qmp);
     drop(daemon);
-    assert!(!ended.status.success(), "{}", ended.stderr);
+    ended.assert_backup_failed(&[
+        "backup failed: the client of drive drive-scsi0 disconnected with ",
+        "did not reconnect within 2s",
+    ]);
     let f = ended.failed_event().expect("failed event");
     let incomplete = f["incomplete"].as_array().unwrap();
     assert_eq!(incomplete.len(), 1, "{f} (progress was {done})");
@@ -257,6 +255,10 @@ async fn qemu_refuses_export_of_wrong_size() {
     assert!(qmp.query_block_jobs().await.unwrap().is_empty());
     qmp.blockdev_del("tgt0").await.unwrap();
     let ended = serve.wait(FAIL_TIMEOUT).await;
+    ended.assert_backup_failed(&[
+        "backup failed: the client of drive drive-scsi0 disconnected with 8454144 of 8454144 \
+         bytes missing and did not reconnect within 1s",
+    ]);
     assert_failed_naming(&ended, &["drive-scsi0: 8454144 of 8454144 bytes missing"]);
     assert_no_archive(&archive, false);
     drop(qmp);
@@ -280,8 +282,11 @@ async fn backup_refuses_unknown_node() {
         .args(["--drive", "scsi0", "--drive", "scsi9", "-o"])
         .arg(&archive);
     let ended = Proc::spawn(cmd, false).wait(FAIL_TIMEOUT).await;
-    assert!(!ended.status.success(), "{}", ended.stderr);
-    assert!(ended.stderr.contains("'scsi9'"), "{}", ended.stderr);
+    // Refused before the backup starts: a plain error, not "backup failed".
+    ended.assert_exit(
+        1,
+        &["vma-writer: error: QEMU has no block node or drive named 'scsi9'"],
+    );
     assert_no_archive(&archive, false);
     let qmp = daemon.connect().await.unwrap();
     assert_no_leftovers(&qmp).await;
@@ -332,12 +337,10 @@ async fn backup_refused_while_node_busy() {
         .args(["--drive", "scsi0", "--drive", "scsi1", "-o"])
         .arg(&archive);
     let ended = Proc::spawn(cmd, false).wait(FAIL_TIMEOUT).await;
-    assert!(!ended.status.success(), "{}", ended.stderr);
-    assert!(
-        ended.stderr.contains("QEMU refused the backup jobs") && ended.stderr.contains("'scsi1'"),
-        "{}",
-        ended.stderr
-    );
+    ended.assert_backup_failed(&[
+        "backup failed: QEMU refused the backup jobs: ",
+        "Node 'scsi1' is busy",
+    ]);
     assert_no_archive(&archive, false);
     assert_no_leftovers(&spare).await;
     // The other job is untouched.
@@ -397,21 +400,15 @@ async fn backup_stopped_by(sig: libc::c_int, keep_partial: bool) {
     backup.signal(sig);
     let ended = backup.wait(FAIL_TIMEOUT).await;
     // Stopped by a signal: 128 + its number, and the message names it.
-    assert_eq!(ended.status.code(), Some(128 + sig), "{}", ended.stderr);
-    let name = if sig == libc::SIGINT {
-        "SIGINT"
-    } else {
-        "SIGTERM"
-    };
-    assert!(
-        ended.stderr.contains(&format!("stopped by {name}")),
-        "{}",
-        ended.stderr
-    );
-    assert!(
-        ended.stderr.contains("drive-scsi0: "),
-        "no incomplete drive named: {}",
-        ended.stderr
+    ended.assert_exit(
+        128 + sig,
+        &[
+            &format!(
+                "backup failed: stopped by {} before the archive was complete",
+                signal_name(sig)
+            ),
+            "incomplete drive drive-scsi0: ",
+        ],
     );
     let outcome = job_outcome(&mut events, &jobs[0].device).await;
     assert!(outcome.cancelled, "job0 was not cancelled: {outcome:?}");
@@ -461,79 +458,24 @@ async fn serve_sigterm_mid_backup() {
     serve.signal(libc::SIGTERM);
     let ended = serve.wait(FAIL_TIMEOUT).await;
     drop(writer);
+    ended.assert_exit(
+        143,
+        &["backup failed: stopped by SIGTERM before the archive was complete"],
+    );
     assert_failed_naming(&ended, &["drive-scsi0: 1048576 of 2097152 bytes missing"]);
-    assert_eq!(ended.status.code(), Some(143), "{}", ended.stderr);
-    assert!(
-        ended.stderr.contains("stopped by SIGTERM"),
-        "{}",
-        ended.stderr
-    );
     assert_no_archive(&archive, false);
 }
 
-/// SIGTERM to serve while a client's write waits for partial-buffer room
-/// (`--buffer-limit 1M` = 16 partial clusters; the client writes 4 KiB
-/// into each of 32 clusters, then would go on): serve must stop promptly.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_sigterm_during_back_pressure() {
-    if !require_tools(&["qemu-io"]) {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let archive = dir.join("pressure.vma");
+/// `serve --buffer-limit 1M` (16 partial clusters) of a 4 MiB drive, and a
+/// qemu-io client that writes 4 KiB into each of 32 clusters: its 17th
+/// write waits for partial-buffer room. Returns serve and the client once
+/// the client is connected and has been stuck for a second.
+async fn serve_under_back_pressure(dir: &Path, archive: &Path, extra: &[&str]) -> (Proc, Proc) {
     let (mut serve, sock) = start_serve(
         dir,
         &[("drive-scsi0", 4 * MIB)],
         archive.to_str().unwrap(),
-        &["--buffer-limit", "1M"],
-    )
-    .await;
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]).arg(nbd_uri(&sock, "drive-scsi0"));
-    for i in 0..32u64 {
-        c.arg("-c").arg(format!("write -P 0x11 {} 4k", i * 65536));
-    }
-    c.stdout(Stdio::null());
-    let writer = Proc::spawn(c, false);
-    // Wait until the client is stuck: no progress, it is still there.
-    serve
-        .next_event(PROGRESS_TIMEOUT, |e| e["event"] == "progress")
-        .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    serve.signal(libc::SIGTERM);
-    let ended = serve.wait(Duration::from_secs(5)).await;
-    drop(writer);
-    assert_eq!(ended.status.code(), Some(143), "{}", ended.stderr);
-    assert!(
-        ended.stderr.contains("stopped by SIGTERM"),
-        "{}",
-        ended.stderr
-    );
-    assert_no_archive(&archive, false);
-}
-
-/// A client killed while its write waits for partial-buffer room: serve
-/// must see it gone and fail after the reconnect timeout (2 s), not only
-/// once the blocked write gives up (`partial_wait`, 30 s).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_client_killed_during_back_pressure() {
-    if !require_tools(&["qemu-io"]) {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let archive = dir.join("pressure-kill.vma");
-    let (mut serve, sock) = start_serve(
-        dir,
-        &[("drive-scsi0", 4 * MIB)],
-        archive.to_str().unwrap(),
-        &[
-            "--buffer-limit",
-            "1M",
-            "--reconnect-timeout",
-            &RECONNECT_SECS.to_string(),
-        ],
+        &[&["--buffer-limit", "1M"], extra].concat(),
     )
     .await;
     let mut c = Command::new("qemu-io");
@@ -549,9 +491,76 @@ async fn serve_client_killed_during_back_pressure() {
         })
         .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    writer.signal(libc::SIGKILL);
-    let ended = serve.wait(Duration::from_secs(RECONNECT_SECS + 8)).await;
+    (serve, writer)
+}
+
+/// SIGTERM to serve while a client's write waits for partial-buffer room:
+/// serve stops at once (well before the blocked write would give up after
+/// `partial_wait`, 30 s), exits 143 and leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_sigterm_during_back_pressure() {
+    if !require_tools(&["qemu-io"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("pressure.vma");
+    let (serve, writer) = serve_under_back_pressure(tmp.path(), &archive, &[]).await;
+    serve.signal(libc::SIGTERM);
+    let ended = serve.wait(Duration::from_secs(20)).await;
     drop(writer);
+    ended.assert_exit(
+        143,
+        &["backup failed: stopped by SIGTERM before the archive was complete"],
+    );
+    assert_no_archive(&archive, false);
+}
+
+/// The same stop must not log an ERROR claiming that no cluster completed
+/// for 30 s: the wait was cut short by the stop after about a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "BUG: src/assembler/drive.rs wait_for_partial_room logs ERROR \"no cluster completed \
+            for 30s\" when shutdown closes the partial-room semaphore, not only on timeout"]
+async fn serve_sigterm_during_back_pressure_logs_no_false_error() {
+    if !require_tools(&["qemu-io"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("pressure.vma");
+    let (serve, writer) = serve_under_back_pressure(tmp.path(), &archive, &[]).await;
+    serve.signal(libc::SIGTERM);
+    let ended = serve.wait(Duration::from_secs(20)).await;
+    drop(writer);
+    ended.assert_stopped_by(libc::SIGTERM);
+    assert!(
+        !ended.stderr.contains("ERROR") && !ended.stderr.contains("no cluster completed"),
+        "{}",
+        ended.stderr
+    );
+}
+
+/// A client killed while its write waits for partial-buffer room: serve
+/// must see it gone and fail after the reconnect timeout (2 s), not only
+/// once the blocked write gives up (`partial_wait`, 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_client_killed_during_back_pressure() {
+    if !require_tools(&["qemu-io"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("pressure-kill.vma");
+    let (serve, writer) = serve_under_back_pressure(
+        tmp.path(),
+        &archive,
+        &["--reconnect-timeout", &RECONNECT_SECS.to_string()],
+    )
+    .await;
+    writer.signal(libc::SIGKILL);
+    let ended = serve.wait(Duration::from_secs(RECONNECT_SECS + 18)).await;
+    drop(writer);
+    ended.assert_backup_failed(&[
+        "backup failed: the client of drive drive-scsi0 disconnected with 4194304 of 4194304 \
+         bytes missing and did not reconnect within 2s",
+    ]);
     assert_failed_naming(&ended, &["drive-scsi0: 4194304 of 4194304 bytes missing"]);
     assert_no_archive(&archive, false);
 }
@@ -637,14 +646,16 @@ async fn backup_file_size_limit() {
         .args(["--drive", "scsi0", "-o"])
         .arg(&archive);
     let ended = Proc::spawn(cmd, false).wait(FAIL_TIMEOUT).await;
-    assert!(!ended.status.success(), "{}", ended.stderr);
-    assert!(
-        ended.status.code().is_some(),
-        "killed by a signal: {:?}; stderr:\n{}",
-        ended.status,
+    // Exit 1, not SIGXFSZ; the cause said once, not also in a log line.
+    ended.assert_backup_failed(&[
+        "backup failed: writing the archive failed: File too large (os error 27)",
+    ]);
+    assert_eq!(
+        ended.stderr.matches("File too large").count(),
+        1,
+        "{}",
         ended.stderr
     );
-    assert!(ended.stderr.contains("File too large"), "{}", ended.stderr);
     let seen = job_events_until_end(&mut events, "vmaw-job0").await;
     assert_job_did_not_succeed(&seen, "vmaw-job0");
     assert_no_leftovers(&spare).await;
@@ -682,8 +693,15 @@ async fn backup_stdout_reader_goes_away() {
     assert_eq!(&buf[..4], b"VMA\0");
     drop(out);
     let ended = backup.wait(FAIL_TIMEOUT).await;
-    assert!(!ended.status.success(), "{}", ended.stderr);
-    assert!(ended.stderr.contains("Broken pipe"), "{}", ended.stderr);
+    ended.assert_backup_failed(&[
+        "backup failed: writing the archive failed: Broken pipe (os error 32)",
+    ]);
+    assert_eq!(
+        ended.stderr.matches("Broken pipe").count(),
+        1,
+        "{}",
+        ended.stderr
+    );
     let seen = job_events_until_end(&mut events, "vmaw-job0").await;
     assert_job_did_not_succeed(&seen, "vmaw-job0");
     assert_no_leftovers(&spare).await;
@@ -772,12 +790,12 @@ async fn serve_output_failure_fails_qemu_job(how: OutputFailure) {
     assert!(saw_job_error(&seen, "job0"), "{seen:?}");
     let _ = qmp.blockdev_del("tgt0").await;
     let ended = serve.wait(FAIL_TIMEOUT).await;
-    assert!(!ended.status.success(), "{}", ended.stderr);
     let why = match how {
-        OutputFailure::PipeClosed => "Broken pipe",
-        OutputFailure::FileSizeLimit => "File too large",
+        OutputFailure::PipeClosed => "Broken pipe (os error 32)",
+        OutputFailure::FileSizeLimit => "File too large (os error 27)",
     };
-    assert!(ended.stderr.contains(why), "{}", ended.stderr);
+    ended.assert_backup_failed(&[&format!("backup failed: writing the archive failed: {why}")]);
+    assert_eq!(ended.stderr.matches(why).count(), 1, "{}", ended.stderr);
     assert_no_archive(&archive, false);
     drop(qmp);
     daemon.shutdown().await.unwrap();
@@ -815,6 +833,10 @@ async fn serve_stdout_stream_of_failed_backup_is_rejected() {
         &[format!("write -P 0x42 0 {}", 5 * MIB)],
     );
     let ended = serve.wait(FAIL_TIMEOUT).await;
+    ended.assert_backup_failed(&[
+        "backup failed: the client of drive drive-scsi0 disconnected with 3145728 of 8388608 \
+         bytes missing and did not reconnect within 1s",
+    ]);
     assert_failed_naming(&ended, &["drive-scsi0: 3145728 of 8388608 bytes missing"]);
     let len = std::fs::metadata(&stream).unwrap().len();
     assert!(len > 5 * MIB, "only {len} bytes reached stdout");
@@ -853,26 +875,52 @@ async fn backup_source_daemon_killed() {
     support::kill(daemon.pid(), libc::SIGKILL);
     let ended = backup.wait(FAIL_TIMEOUT).await;
     drop(daemon);
-    assert!(!ended.status.success(), "{}", ended.stderr);
-    assert!(
-        ended.stderr.contains("lost the QMP connection"),
-        "{}",
-        ended.stderr
-    );
-    assert!(
-        ended.stderr.contains("drive-scsi0"),
-        "no drive named: {}",
-        ended.stderr
-    );
+    ended.assert_backup_failed(&[
+        "backup failed: lost the QMP connection: ",
+        "incomplete drive drive-scsi0: ",
+    ]);
     assert_no_archive(&archive, false);
 }
 
-/// Two `backup` processes against one QEMU, for different drives. The
-/// second must not disturb the first: the first archive restores
-/// correctly; the second either succeeds with a correct archive too or
-/// fails cleanly (no file, nothing of its own left in QEMU).
+/// QEMU's block jobs and our nodes (`vmaw...`), sorted: (jobs, nodes).
+async fn our_names(qmp: &Qmp) -> (Vec<String>, Vec<String>) {
+    let mut jobs: Vec<String> = qmp
+        .query_block_jobs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.device)
+        .collect();
+    let mut nodes: Vec<String> = qmp
+        .query_named_block_nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.node_name)
+        .filter(|n| n.starts_with("vmaw"))
+        .collect();
+    jobs.sort();
+    nodes.sort();
+    (jobs, nodes)
+}
+
+/// The job and node names `backup` process `pid` gives its drive 0.
+fn names_of(pid: u32) -> (Vec<String>, Vec<String>) {
+    (
+        vec![format!("vmaw{pid}-job0")],
+        vec![format!("vmaw{pid}-cbw0"), format!("vmaw{pid}-tgt0")],
+    )
+}
+
+/// Two `backup` processes against one QEMU, for different drives, at the
+/// same time. QEMU's names are per process (`vmaw<pid>-job0`, `-tgt0`,
+/// `-cbw0`), so they do not collide: both must succeed and restore byte
+/// for byte, and neither may disturb the other. The names are read from
+/// QEMU while each backup runs (a daemon has two QMP monitors: the test
+/// reads through the one the other backup does not hold; the second backup
+/// starts slow and is sped up once its names were seen).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_backup_does_not_disturb_running_one() {
+async fn concurrent_backups_of_one_qemu_both_succeed() {
     if !require_tools(QSD_TOOLS) {
         return;
     }
@@ -880,8 +928,9 @@ async fn concurrent_backup_does_not_disturb_running_one() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let size = 16 * MIB;
+    let b_size = 8 * MIB;
     let a_src = dense_random(&dir.join("scsi0.raw"), size, 111);
-    let b_src = support::raw_islands(&dir.join("scsi1.raw"), 4 * MIB, 112, 4, MIB);
+    let b_src = dense_random(&dir.join("scsi1.raw"), b_size, 112);
     let daemon = start_daemon(dir, &[("scsi0", &a_src, "raw"), ("scsi1", &b_src, "raw")]).await;
     let a_archive = dir.join("a.vma");
     let mut cmd = vma_async(["backup", "--qmp"]);
@@ -893,34 +942,42 @@ async fn concurrent_backup_does_not_disturb_running_one() {
         progress_done(e, "drive-scsi0").is_some_and(|d| d > 0)
     })
     .await;
+    // A's names, through the spare monitor.
+    let spare = Qmp::connect(daemon.spare_qmp_socket()).await.unwrap();
+    assert_eq!(our_names(&spare).await, names_of(a.pid()));
+    drop(spare);
 
+    // B on the spare monitor, crawling (1 MiB/s) until sped up.
     let b_archive = dir.join("b.vma");
     let mut cmd = vma_async(["backup", "--qmp"]);
     cmd.arg(daemon.spare_qmp_socket())
-        .args(["--drive", "scsi1", "-o"])
+        .args(["--drive", "scsi1", "--speed", "1M", "--json", "-o"])
         .arg(&b_archive);
-    let b = Proc::spawn(cmd, false).wait(FAIL_TIMEOUT).await;
+    let mut b = Proc::spawn(cmd, true);
+    b.next_event(PROGRESS_TIMEOUT, |e| {
+        progress_done(e, "drive-scsi1").is_some_and(|d| d > 0)
+    })
+    .await;
+    let b_pid = b.pid();
     assert!(
         !a.has_exited(),
-        "the first backup ended while the second ran: {}",
+        "the first backup ended while the second started: {}",
         a.stderr()
     );
-    let a = a.wait(support::RUN_TIMEOUT).await;
-    assert!(
-        a.status.success(),
-        "the first backup failed: {}\nsecond backup: {:?}\n{}",
-        a.stderr,
-        b.status,
-        b.stderr
-    );
-    support::check_archive(&a_archive, &[("drive-scsi0", size, &a_src)], dir);
-    if b.status.success() {
-        support::check_archive(&b_archive, &[("drive-scsi1", 4 * MIB, &b_src)], dir);
-    } else {
-        eprintln!("second backup refused: {}", b.stderr);
-        assert_no_archive(&b_archive, false);
-    }
+    let a = a.wait(RUN_TIMEOUT).await;
+    a.assert_success();
+
+    // B's names, through the monitor A has released; then let it run.
     let qmp = daemon.connect().await.unwrap();
+    assert_eq!(our_names(&qmp).await, names_of(b_pid));
+    qmp.block_job_set_speed(&format!("vmaw{b_pid}-job0"), 0)
+        .await
+        .unwrap();
+    let b = b.wait(RUN_TIMEOUT).await;
+    b.assert_success();
+
+    check_archive(&a_archive, &[("drive-scsi0", size, &a_src)], dir);
+    check_archive(&b_archive, &[("drive-scsi1", b_size, &b_src)], dir);
     assert_no_leftovers(&qmp).await;
     drop(qmp);
     daemon.shutdown().await.unwrap();
@@ -947,12 +1004,22 @@ async fn backup_never_overwrites() {
             .args(["--drive", "scsi0", "-o"])
             .arg(&archive);
         let ended = Proc::spawn(cmd, false).wait(FAIL_TIMEOUT).await;
-        assert!(!ended.status.success(), "{}", ended.stderr);
-        assert!(
-            ended.stderr.contains(existing),
-            "{existing} not named: {}",
-            ended.stderr
-        );
+        let path_text = path.display().to_string();
+        let why = if existing.ends_with(".partial") {
+            vec![
+                "backup failed: cannot create the archive: ",
+                &path_text,
+                " exists: the unfinished archive of an earlier run",
+                "delete it",
+            ]
+        } else {
+            vec![
+                "backup failed: cannot create the archive: ",
+                &path_text,
+                " already exists; refusing to overwrite it",
+            ]
+        };
+        ended.assert_backup_failed(&why);
         assert_eq!(std::fs::read(&path).unwrap(), b"precious");
         assert_no_leftovers(&qmp).await;
     }
@@ -986,11 +1053,12 @@ async fn backup_sigterm_at_any_moment_leaves_nothing() {
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         p.signal(libc::SIGTERM);
         let ended = p.wait(FAIL_TIMEOUT).await;
-        assert!(
-            !ended.status.success(),
-            "SIGTERM after {delay_ms} ms: exit 0: {}",
-            ended.stderr
-        );
+        // A signal before the handlers are installed (only while nothing
+        // is made yet) kills the process; any later one is handled.
+        use std::os::unix::process::ExitStatusExt;
+        if ended.status.signal() != Some(libc::SIGTERM) {
+            ended.assert_stopped_by(libc::SIGTERM);
+        }
         assert_no_archive(&archive, false);
         // backup waits for its cancelled jobs to end before it exits.
         assert_no_leftovers(&spare).await;
@@ -1023,8 +1091,12 @@ async fn backup_json_failed_event_lists_incomplete_drives() {
         .await;
     backup.signal(libc::SIGTERM);
     let ended = backup.wait(FAIL_TIMEOUT).await;
-    assert!(!ended.status.success(), "{}", ended.stderr);
+    ended.assert_stopped_by(libc::SIGTERM);
     let f = ended.failed_event().expect("failed event");
+    assert_eq!(
+        f["reason"], "stopped by SIGTERM before the archive was complete",
+        "{f}"
+    );
     let incomplete = f["incomplete"].as_array().expect("incomplete list");
     assert_eq!(incomplete.len(), 1, "{f}");
     assert!(
