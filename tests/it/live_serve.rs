@@ -374,3 +374,83 @@ async fn serve_reads_back_during_backup() {
         check_archive(&archive, &[("drive-scsi0", size, &expected_path)], &dir);
     }
 }
+
+/// A client of `serve` that writes clusters through python3-libnbd and
+/// prints the size of `ARCHIVE.partial` after each step.
+const FLUSH_PROBE: &str = r#"
+import os, sys
+import nbd
+
+uri, partial = sys.argv[1], sys.argv[2]
+cluster = 65536
+h = nbd.NBD()
+h.connect_uri(uri)
+size = h.get_size()
+sizes = []
+# 10 whole clusters: fewer than an extent holds, so they stay pending.
+h.pwrite(b"\x5a" * (10 * cluster), 0)
+sizes.append(os.path.getsize(partial))
+h.flush()
+sizes.append(os.path.getsize(partial))
+# The rest of the drive, then a second flush.
+h.pwrite(b"\xa5" * (size - 10 * cluster), 10 * cluster)
+sizes.append(os.path.getsize(partial))
+h.flush()
+h.shutdown()
+print(" ".join(map(str, sizes)))
+"#;
+
+/// NBD FLUSH makes `serve` write out its pending extent: a client writes
+/// 10 clusters (an extent holds 58), and `ARCHIVE.partial` does not grow
+/// until the client flushes; then it grows by exactly one extent of those
+/// 10 clusters. The rest of the drive and a second flush give the second
+/// extent, and the archive restores to what was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_flush_writes_out_the_pending_extent() {
+    if !require_python_nbd() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let size = 2 * MIB; // 32 clusters: one extent would hold all of them
+    let archive = dir.join("flush.vma");
+    let partial = vma_writer::sink::partial_path(&archive);
+    let (serve, at) = ServeCmd::unix(dir, &[("drive-scsi0", size)], &archive)
+        .start()
+        .await;
+    let script = dir.join("flush.py");
+    std::fs::write(&script, FLUSH_PROBE).unwrap();
+    let out = run_ok(
+        Command::new(SYSTEM_PYTHON)
+            .arg(&script)
+            .arg(at.uri("drive-scsi0"))
+            .arg(&partial),
+    );
+    let sizes: Vec<u64> = stdout_text(&out)
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let extent = |clusters: u64| (EXTENT_HEADER as u64) + clusters * CLUSTER as u64;
+    let [written, flushed, rest_written] = sizes[..] else {
+        panic!("probe printed {sizes:?}");
+    };
+    assert_eq!(
+        flushed,
+        written + extent(10),
+        "the flush did not write out the pending extent of 10 clusters: {sizes:?}"
+    );
+    assert_eq!(
+        rest_written, flushed,
+        "the 22 other clusters were written out before the flush: {sizes:?}"
+    );
+    let ended = serve.wait(RUN_TIMEOUT).await;
+    ended.assert_success();
+    let a = std::fs::read(&archive).unwrap();
+    assert_eq!(a.len() as u64, flushed + extent(22));
+    assert_eq!(extent_offsets(&a).len(), 2);
+    let mut expected = vec![0x5au8; size as usize];
+    expected[10 * CLUSTER..].fill(0xa5);
+    let expected_path = dir.join("expected.raw");
+    std::fs::write(&expected_path, &expected).unwrap();
+    check_archive(&archive, &[("drive-scsi0", size, &expected_path)], dir);
+}
