@@ -244,9 +244,9 @@ async fn serve_client_reconnects_and_replays() {
     assert_file_is(&restored(&dir2, "drive-scsi0"), &expected);
 }
 
-/// `--json` with the archive on stdout (`-o -`): the archive stream must
-/// stay a valid archive (the JSON lines belong elsewhere, or the
-/// combination must be refused).
+/// `--json` with the archive on stdout (`-o -`): stdout carries the
+/// archive and nothing else, the JSON status lines go to stderr (every
+/// stderr line is one JSON event: listening, progress, finished).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_json_with_archive_on_stdout() {
     if !require_tools(&["qemu-io"]) {
@@ -255,30 +255,51 @@ async fn serve_json_with_archive_on_stdout() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let stream = dir.join("stream.vma");
-    let sock = dir.join("nbd.sock");
-    let mut cmd = vma_async(["serve", "--json", "--listen"]);
-    cmd.arg(format!("unix:{}", sock.display()))
-        .args(["--drive", "drive-scsi0=1M", "-o", "-"])
+    // Without --json as far as ServeCmd is concerned: the events are not
+    // on stdout, so it waits for the socket.
+    let mut cmd = ServeCmd::unix(dir, &[("drive-scsi0", MIB)], "-").args(["--json"]);
+    cmd.command()
         .stdout(std::fs::File::create(&stream).unwrap());
-    let serve = Proc::spawn(cmd, false);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        if std::time::Instant::now() > deadline {
-            // Refusing the combination is fine too.
-            let ended = serve.wait(Duration::from_secs(5)).await;
-            assert!(!ended.status.success(), "{}", ended.stderr);
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (serve, at) = cmd.start().await;
     qemu_io(
-        &nbd_uri(&sock, "drive-scsi0"),
+        &at.uri("drive-scsi0"),
         "raw",
         &[format!("write -P 0x42 0 {MIB}")],
     );
     let ended = serve.wait(RUN_TIMEOUT).await;
-    assert!(ended.status.success(), "{}", ended.stderr);
-    verify_ok(&stream);
+    ended.assert_success();
+    // stdout: exactly the archive.
+    let expected = dir.join("expected.raw");
+    std::fs::write(&expected, vec![0x42u8; MIB as usize]).unwrap();
+    check_archive(&stream, &[("drive-scsi0", MIB, &expected)], dir);
+    let a = std::fs::read(&stream).unwrap();
+    assert_eq!(&a[..4], b"VMA\0");
+    // Ends exactly at an extent boundary: no stray bytes after it.
+    extent_offsets(&a);
+    // stderr: JSON lines only, from listening to finished.
+    let events: Vec<serde_json::Value> = ended
+        .stderr
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| {
+                panic!("stderr line {l:?} is not JSON ({e}):\n{}", ended.stderr)
+            })
+        })
+        .collect();
+    assert_eq!(
+        events.first().unwrap()["event"],
+        "listening",
+        "{}",
+        ended.stderr
+    );
+    let last = events.last().unwrap();
+    assert_eq!(last["event"], "finished", "{}", ended.stderr);
+    assert_eq!(last["archive"], serde_json::Value::Null, "{last}");
+    assert_eq!(
+        last["archive_bytes"].as_u64(),
+        Some(a.len() as u64),
+        "{last}"
+    );
 }
 
 /// The `finished` event's `archive_bytes` is the size of the archive
