@@ -15,6 +15,7 @@ mod nbd_hostile;
 mod nbd_libnbd;
 mod nbd_qemu;
 mod nbd_server;
+mod proxmox_compat;
 mod qmp_binary_env;
 mod qmp_daemon;
 mod qmp_fake;
