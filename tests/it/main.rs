@@ -7,6 +7,7 @@
 mod support;
 
 mod cli_roundtrip;
+mod cli_signals;
 mod live_backup;
 mod live_create;
 mod live_failure;

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::Ordering;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::*;
 use vma_writer::nbd::wire::*;
@@ -14,13 +14,8 @@ use vma_writer::nbd::{ListenAddr, Listener, MemoryBackend, ServerConfig};
 
 const SIZE: u64 = 16 << 20;
 
-fn wait_until(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(5));
-    }
-}
+/// How long a test waits for the server to get somewhere.
+const WAIT: Duration = Duration::from_secs(10);
 
 #[test]
 fn shutdown_finishes_in_flight_requests_then_refuses_new_ones() {
@@ -39,7 +34,7 @@ fn shutdown_finishes_in_flight_requests_then_refuses_new_ones() {
         )
         .unwrap();
     }
-    wait_until("writes to reach the backend", || {
+    wait_until("writes to reach the backend", WAIT, || {
         b.inner.active.load(Ordering::SeqCst) == 4
     });
 
@@ -69,7 +64,7 @@ fn shutdown_finishes_in_flight_requests_then_refuses_new_ones() {
     got.sort();
     assert_eq!(got, vec![(0, 0), (1, 0), (2, 0), (3, 0)]);
     assert!(c.is_closed());
-    wait_until("the server to stop", || srv.is_stopped());
+    wait_until("the server to stop", WAIT, || srv.is_stopped());
     assert!(!srv.sock.exists(), "socket file left behind");
     assert_eq!(b.unclean_disconnects.load(Ordering::SeqCst), 1);
     assert_eq!(b.inner.writes_done.load(Ordering::SeqCst), 4);
@@ -129,7 +124,7 @@ fn backpressure_stops_reading_at_the_budget() {
         m.extend(vec![0x77u8; 3 << 20]);
         sender.write_all(&m).unwrap();
     });
-    wait_until("writes to reach the backend", || {
+    wait_until("writes to reach the backend", WAIT, || {
         b.active.load(Ordering::SeqCst) >= 3
     });
     thread::sleep(Duration::from_millis(300));

@@ -7,7 +7,7 @@
 use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The binary under test.
@@ -72,21 +72,35 @@ pub fn output_within(cmd: &mut Command, timeout: Duration) -> Output {
 /// [`output_within`], writing `stdin` (if any) to the child's stdin from
 /// another thread (EPIPE ignored: the child may stop reading early).
 fn feed_within(cmd: &mut Command, stdin: Option<Vec<u8>>, timeout: Duration) -> Output {
-    let what = format!("{cmd:?}");
     if stdin.is_some() {
         cmd.stdin(Stdio::piped());
     }
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let mut child = spawn_piped(cmd);
     let feeder = stdin.map(|data| {
         let mut sin = child.stdin.take().unwrap();
         std::thread::spawn(move || {
             let _ = sin.write_all(&data);
         })
     });
+    let out = wait_within(child, timeout);
+    if let Some(f) = feeder {
+        f.join().unwrap();
+    }
+    out
+}
+
+/// Starts `cmd` with stdout and stderr piped (for [`wait_within`]).
+pub fn spawn_piped(cmd: &mut Command) -> Child {
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+}
+
+/// Waits for a child started by [`spawn_piped`] to end within `timeout`,
+/// collecting its output; a child still running at the deadline is killed
+/// and the test fails quoting its stderr.
+pub fn wait_within(mut child: Child, timeout: Duration) -> Output {
     let drain = |mut r: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
             let mut v = Vec::new();
@@ -94,8 +108,8 @@ fn feed_within(cmd: &mut Command, stdin: Option<Vec<u8>>, timeout: Duration) -> 
             v
         })
     };
-    let out = drain(Box::new(child.stdout.take().unwrap()));
-    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let out = drain(Box::new(child.stdout.take().expect("stdout piped")));
+    let err = drain(Box::new(child.stderr.take().expect("stderr piped")));
     let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(s) = child.try_wait().expect("wait for child") {
@@ -106,15 +120,13 @@ fn feed_within(cmd: &mut Command, stdin: Option<Vec<u8>>, timeout: Duration) -> 
             let _ = child.wait();
             let err = err.join().unwrap_or_default();
             panic!(
-                "{what} did not finish within {timeout:?} (killed); stderr:\n{}",
+                "child {} did not finish within {timeout:?} (killed); stderr:\n{}",
+                child.id(),
                 String::from_utf8_lossy(&err)
             );
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    if let Some(f) = feeder {
-        f.join().unwrap();
-    }
     Output {
         status,
         stdout: out.join().unwrap(),
@@ -310,4 +322,14 @@ pub fn tree(dir: &Path) -> Vec<PathBuf> {
     walk(dir, dir, &mut out);
     out.sort();
     out
+}
+
+/// Polls `cond` until it holds; fails the test after `timeout`, naming
+/// `what` it waited for.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
