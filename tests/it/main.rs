@@ -6,6 +6,7 @@
 
 mod support;
 
+mod cli_messages;
 mod cli_roundtrip;
 mod cli_signals;
 mod live_backup;
