@@ -35,7 +35,7 @@ async fn backup_one_drive_64m_raw_with_holes() {
         .arg("--output-dir")
         .arg(&out_dir);
     let ended = Proc::spawn(cmd, true).wait(RUN_TIMEOUT).await;
-    assert!(ended.status.success(), "backup failed: {}", ended.stderr);
+    ended.assert_success();
     let fin = ended
         .events
         .iter()
@@ -107,7 +107,7 @@ async fn backup_three_drives_in_one_transaction() {
         .arg(&archive);
     let ended = Proc::spawn(cmd, false).wait(RUN_TIMEOUT).await;
     eprintln!("backup done in {:?}", ended.elapsed);
-    assert!(ended.status.success(), "backup failed: {}", ended.stderr);
+    ended.assert_success();
     // The closing summary names the archive.
     assert!(
         ended.stderr.contains(&archive.display().to_string()),
@@ -173,7 +173,7 @@ async fn writes_during_backup(
     );
 
     let ended = backup.wait(RUN_TIMEOUT).await;
-    assert!(ended.status.success(), "backup failed: {}", ended.stderr);
+    ended.assert_success();
     check_archive(&archive, &[("drive-scsi0", size, snapshot)], dir);
     daemon.shutdown().await.unwrap();
 
@@ -262,7 +262,7 @@ async fn backup_to_stdout_with_json_status() {
         .args(["--drive", "scsi0", "-o", "-"])
         .stdout(std::fs::File::create(&stream).unwrap());
     let ended = Proc::spawn(cmd, false).wait(RUN_TIMEOUT).await;
-    assert!(ended.status.success(), "backup failed: {}", ended.stderr);
+    ended.assert_success();
     assert!(
         ended.stderr.contains("\"event\":\"finished\""),
         "no JSON status on stderr: {}",
@@ -326,7 +326,7 @@ async fn qemu_backup_into_serve_with_parallel_workers() {
         qmp.blockdev_del(&format!("tgt-{node}")).await.unwrap();
     }
     let ended = serve.wait(RUN_TIMEOUT).await;
-    assert!(ended.status.success(), "serve failed: {}", ended.stderr);
+    ended.assert_success();
     check_archive(
         &archive,
         &[("drive-a", 24 * MIB, &a), ("drive-b", ODD_SIZE, &b)],
@@ -464,7 +464,7 @@ async fn qemu_reconnects_mid_backup() {
     assert!(ends[0].is_success(), "{ends:?}");
     qmp.blockdev_del("tgt").await.unwrap();
     let ended = serve.wait(RUN_TIMEOUT).await;
-    assert!(ended.status.success(), "serve failed: {}", ended.stderr);
+    ended.assert_success();
     assert!(proxy.accepted() >= 3, "{} connections", proxy.accepted());
     check_archive(&archive, &[("drive-scsi0", size, &src)], dir);
     drop(qmp);
@@ -503,7 +503,7 @@ async fn backup_all_drives_zstd() {
         .arg("--output-dir")
         .arg(&out_dir);
     let ended = Proc::spawn(cmd, false).wait(RUN_TIMEOUT).await;
-    assert!(ended.status.success(), "backup failed: {}", ended.stderr);
+    ended.assert_success();
     let names: Vec<String> = std::fs::read_dir(&out_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -32,7 +32,7 @@ async fn create_qcow2_and_raw_through_qemu() {
         .arg(format!("drive-scsi0={}", raw.display()))
         .arg(&archive);
     let ended = Proc::spawn(cmd, false).wait(RUN_TIMEOUT).await;
-    assert!(ended.status.success(), "create failed: {}", ended.stderr);
+    ended.assert_success();
     check_archive(
         &archive,
         &[
@@ -127,7 +127,7 @@ async fn create_rounds_an_odd_raw_size_next_to_qcow2() {
         .arg(format!("drive-scsi0={}", raw.display()))
         .arg(&archive);
     let ended = Proc::spawn(cmd, false).wait(RUN_TIMEOUT).await;
-    assert!(ended.status.success(), "{}", ended.stderr);
+    ended.assert_success();
     let devs = support::list_devices(&archive);
     assert_eq!(
         devs,
@@ -157,7 +157,7 @@ async fn demo_runs_and_its_archive_restores() {
     cmd.arg(&work);
     // Capture stdout (its narrative) as lines.
     let ended = Proc::spawn(cmd, true).wait(RUN_TIMEOUT).await;
-    assert!(ended.status.success(), "demo failed: {}", ended.stderr);
+    ended.assert_success();
     let stdout: Vec<&str> = ended.events.iter().filter_map(|e| e.as_str()).collect();
     let archives: Vec<_> = std::fs::read_dir(&work)
         .unwrap()
@@ -207,7 +207,7 @@ async fn demo_json_stdout_is_json_lines() {
     let mut cmd = vma_async(["demo", "--json", "--dir"]);
     cmd.arg(tmp.path().join("demo"));
     let ended = Proc::spawn(cmd, true).wait(RUN_TIMEOUT).await;
-    assert!(ended.status.success(), "demo failed: {}", ended.stderr);
+    ended.assert_success();
     let text: Vec<&str> = ended.events.iter().filter_map(|e| e.as_str()).collect();
     assert!(text.is_empty(), "non-JSON lines on stdout: {text:?}");
     assert!(ended.events.iter().any(|e| e["event"] == "finished"));
