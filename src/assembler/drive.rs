@@ -17,7 +17,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::coverage::Coverage;
 use super::readback::ReadBack;
-use super::shared::{Msg, Payload, Shared, lock};
+use super::shared::{Msg, NoRoom, Payload, Shared, lock};
 use crate::nbd::{Backend, BackendCaps, BlockStatus, split_range};
 use crate::vma::cluster::{self, clusters_of};
 use crate::vma::consts::VMA_CLUSTER_SIZE;
@@ -368,8 +368,14 @@ impl Drive {
 
     async fn wait_for_partial_room(&self) -> io::Result<OwnedSemaphorePermit> {
         match self.shared.partial_room().await {
-            Some(p) => Ok(p),
-            None => {
+            Ok(p) => Ok(p),
+            // Shutting down: the backup's own failure says why.
+            Err(NoRoom::Closed) => Err(self
+                .shared
+                .check()
+                .err()
+                .unwrap_or_else(|| io::Error::other("the backup was abandoned"))),
+            Err(NoRoom::TimedOut) => {
                 tracing::error!(
                     drive = %self.name,
                     "partial-cluster buffer limit reached and no cluster completed for {:?}",

@@ -46,6 +46,15 @@ pub enum Msg {
     Close,
 }
 
+/// Why [`Shared::partial_room`] gave no buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoRoom {
+    /// None came free within the wait.
+    TimedOut,
+    /// The backup is being abandoned ([`Shared::close_partial_room`]).
+    Closed,
+}
+
 /// State every drive shares: the writer channel and the first failure.
 pub struct Shared {
     tx: mpsc::Sender<Msg>,
@@ -180,11 +189,12 @@ impl Shared {
 
     /// Waits up to the partial wait for a partial buffer's permit; `None`
     /// when none came back in time or the pool was closed.
-    pub async fn partial_room(&self) -> Option<OwnedSemaphorePermit> {
+    pub async fn partial_room(&self) -> Result<OwnedSemaphorePermit, NoRoom> {
         let sem = self.partial_permits.clone();
         match tokio::time::timeout(self.partial_wait, sem.acquire_owned()).await {
-            Ok(Ok(p)) => Some(p),
-            _ => None,
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(NoRoom::Closed),
+            Err(_) => Err(NoRoom::TimedOut),
         }
     }
 
