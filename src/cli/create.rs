@@ -321,7 +321,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         images.push((dev, img));
     }
     let target = output_target(&a.archive)?;
-    let leftovers = Leftovers::watch("create", a.archive_opts.keep_partial)?;
+    let leftovers = Leftovers::watch("create", a.archive_opts.keep_partial())?;
     let sink = Sink::create(&target, &a.archive_opts.sink_options(&target))
         .with_context(|| format!("cannot create archive {}", a.archive))?;
     if let Some(p) = sink.partial() {
