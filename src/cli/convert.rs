@@ -57,12 +57,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let mut check = index.as_deref().map(|ix| IndexCheck::new(ix, &header));
+    let mut check = index
+        .map(|ix| IndexCheck::start(ix, &header))
+        .transpose()?;
     let read_failed = || format!("{}: cannot read the archive", a.input);
     while let Some(ext) = reader.next_extent().with_context(read_failed)? {
-        if let Some(c) = check.as_mut() {
-            c.extent(&ext).with_context(read_failed)?;
-        }
         let frame = sink
             .write_unit(&[
                 Bytes::copy_from_slice(ext.raw_head()),
@@ -77,6 +76,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 .collect();
             b.add_extent(ext.offset, frame.unwrap_or(NO_FRAME), ext.entries(), &digests)
                 .context(written.clone())?;
+        }
+        let (offset, entries) = (ext.offset, ext.entries().to_vec());
+        if let Some(c) = check.as_mut() {
+            c.extent(&mut reader, offset, &entries)
+                .with_context(read_failed)?;
         }
     }
     if let Some(c) = check {

@@ -216,7 +216,7 @@ fn extract_into(
     let mut progress = ReadProgress::new(header, a.verbose, "extract");
     let res = match source {
         Source::Stream { reader, index } => {
-            read_stream(header, reader, index.as_deref(), &outs, &mut progress)
+            read_stream(header, reader, index.clone(), &outs, &mut progress)
         }
         Source::Random(ra) => read_random(header, ra, &outs, &mut progress),
     };
@@ -236,26 +236,29 @@ fn extract_into(
     })
 }
 
-/// Reads the whole archive front to back; checks each extent against the
-/// index (digests included) before writing any of it.
+/// Reads the whole archive front to back, checking each extent against the
+/// index (digests on another thread, all before the files are renamed).
 fn read_stream(
     header: &Header,
     reader: &mut Reader<Stream>,
-    index: Option<&ArchiveIndex>,
+    index: Option<Arc<ArchiveIndex>>,
     outs: &HashMap<DevId, Out>,
     progress: &mut ReadProgress,
 ) -> anyhow::Result<()> {
-    let mut check = index.map(|ix| IndexCheck::new(ix, header));
+    let mut check = index
+        .map(|ix| IndexCheck::start(ix, header))
+        .transpose()?;
     while let Some(ext) = reader.next_extent()? {
-        if let Some(c) = check.as_mut() {
-            c.extent(&ext)?;
-        }
         for c in ext.clusters() {
             let dev = header.device(c.dev).expect("the reader checked the device");
             progress.cluster(dev, c.cluster, c.mask);
             if let Some(out) = outs.get(&c.dev) {
                 out.write(&c)?;
             }
+        }
+        let (offset, entries) = (ext.offset, ext.entries().to_vec());
+        if let Some(c) = check.as_mut() {
+            c.extent(reader, offset, &entries)?;
         }
     }
     if let Some(c) = check {

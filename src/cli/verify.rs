@@ -45,15 +45,19 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         print_header(&mut std::io::stdout().lock(), &header)?;
     }
     let mut progress = ReadProgress::new(&header, a.verbose, "verify");
-    let mut check = index.as_deref().map(|ix| IndexCheck::new(ix, &header));
     let res = (|| -> anyhow::Result<Option<u64>> {
+        let mut check = index
+            .clone()
+            .map(|ix| IndexCheck::start(ix, &header))
+            .transpose()?;
         while let Some(ext) = reader.next_extent()? {
-            if let Some(c) = check.as_mut() {
-                c.extent(&ext)?;
-            }
             for c in ext.clusters() {
                 let dev = header.device(c.dev).expect("the reader checked the device");
                 progress.cluster(dev, c.cluster, c.mask);
+            }
+            let (offset, entries) = (ext.offset, ext.entries().to_vec());
+            if let Some(c) = check.as_mut() {
+                c.extent(&mut reader, offset, &entries)?;
             }
         }
         Ok(check.map(IndexCheck::finish).transpose()?)

@@ -241,6 +241,14 @@ impl<R: Read> Reader<R> {
         }))
     }
 
+    /// Hands out the payload buffer of the extent last returned (to be
+    /// checked on another thread while the next is read) and reads the
+    /// next one into `spare` (a buffer handed out earlier, so that its
+    /// memory is reused: it is not zeroed again).
+    pub fn take_payload(&mut self, spare: Vec<u8>) -> Vec<u8> {
+        std::mem::replace(&mut self.payload, spare)
+    }
+
     fn check_complete(&self) -> Result<(), FormatError> {
         let mut missing = Vec::new();
         for d in &self.header.devices {
