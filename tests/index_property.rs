@@ -28,7 +28,7 @@ fn content(kind: u8, len: usize, seed: u64) -> Vec<u8> {
             match kind {
                 0 => 0,
                 1 => (x as u8) | 1,
-                _ if (i / 4096 + seed as usize) % 3 == 0 => 0,
+                _ if (i / 4096 + seed as usize).is_multiple_of(3) => 0,
                 _ => x as u8,
             }
         })
@@ -46,10 +46,7 @@ struct Shape {
 }
 
 fn shape() -> impl Strategy<Value = Shape> {
-    (
-        prop::collection::vec(1u64..400_000, 1..5),
-        1usize..=59,
-    )
+    (prop::collection::vec(1u64..400_000, 1..5), 1usize..=59)
         .prop_flat_map(|(sizes, per_extent)| {
             let n: usize = sizes.iter().map(|&s| clusters_of(s) as usize).sum();
             (

@@ -137,7 +137,16 @@ fn images(dir: &Path, drives: &[(&str, usize, u64)]) -> (Vec<String>, Vec<Vec<u8
 }
 
 fn create(out: &Path, drive_args: &[String], extra: &[&str]) {
-    let mut args = vec!["create", s(out), "--uuid", UUID, "--ctime", CTIME, "--threads", "2"];
+    let mut args = vec![
+        "create",
+        s(out),
+        "--uuid",
+        UUID,
+        "--ctime",
+        CTIME,
+        "--threads",
+        "2",
+    ];
     args.extend(extra);
     args.extend(drive_args.iter().map(String::as_str));
     ok(&args);
@@ -161,9 +170,17 @@ fn check_random(path: &Path, names: &[&str], contents: &[Vec<u8>], digests: bool
         let want = restored(c);
         let mut got = vec![0u8; want.len()];
         for (k, chunk) in got.chunks_mut(65536).enumerate() {
-            ra.read_cluster(dev, k as u64).unwrap().data().expand_into(chunk);
+            ra.read_cluster(dev, k as u64)
+                .unwrap()
+                .data()
+                .expand_into(chunk);
         }
-        assert!(got == want, "{}: drive {} differs", path.display(), names[i]);
+        assert!(
+            got == want,
+            "{}: drive {} differs",
+            path.display(),
+            names[i]
+        );
     }
 }
 
@@ -224,7 +241,9 @@ fn seekable_zstd_is_the_plain_archive_for_1_2_and_8_devices() {
         // A subset, read at random.
         let last = names[n - 1];
         for p in [&plain, &zst] {
-            let dir = t.path().join(format!("sub-{}", p.extension().unwrap().to_str().unwrap()));
+            let dir = t
+                .path()
+                .join(format!("sub-{}", p.extension().unwrap().to_str().unwrap()));
             ok(&["extract", "-d", last, s(p), s(&dir)]);
             check_extracted(&dir, &[last], &contents[n - 1..]);
             assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
@@ -308,15 +327,27 @@ fn proxmox_archives_read_in_every_compression_and_convert_unchanged() {
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&o.stdout), list, "{ext} on stdin");
         // convert: the same VMA bytes, now with an index.
-        let out = t.path().join(format!("c-{}.vma.zst", ext.replace('.', "-")));
+        let out = t
+            .path()
+            .join(format!("c-{}.vma.zst", ext.replace('.', "-")));
         ok(&["convert", "--threads", "2", s(&input), s(&out)]);
-        assert!(zstd_dc(&out) == plain, "convert of {ext} changed the VMA bytes");
+        assert!(
+            zstd_dc(&out) == plain,
+            "convert of {ext} changed the VMA bytes"
+        );
         let (_, err) = ok(&["verify", s(&out)]);
-        assert!(err.contains("payload: 16 clusters verified against digests"), "{err}");
+        assert!(
+            err.contains("payload: 16 clusters verified against digests"),
+            "{err}"
+        );
         let out = t.path().join(format!("c-{}.vma", ext.replace('.', "-")));
         ok(&["convert", s(&input), s(&out)]);
         assert!(std::fs::read(&out).unwrap() == plain);
-        assert!(t.path().join(format!("c-{}.vma.index", ext.replace('.', "-"))).exists());
+        assert!(
+            t.path()
+                .join(format!("c-{}.vma.index", ext.replace('.', "-")))
+                .exists()
+        );
     }
     // A corrupt gzip stream fails (the child's failure is an error).
     let mut gz = std::fs::read(fx.join("two-drives.vma.gz")).unwrap();
@@ -325,7 +356,10 @@ fn proxmox_archives_read_in_every_compression_and_convert_unchanged() {
     let bad = t.path().join("cut.vma.gz");
     std::fs::write(&bad, &gz).unwrap();
     let err = fails(&["verify", s(&bad)]);
-    assert!(err.contains("gzip -dc") || err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("gzip -dc") || err.contains("truncated"),
+        "{err}"
+    );
 }
 
 /// Runs vma-writer with `args` and returns how many bytes it read, as the
@@ -342,12 +376,7 @@ fn rchar_of(args: &[&str]) -> u64 {
     // SAFETY: waitid on our own child, with a zeroed siginfo to fill.
     let r = unsafe {
         let mut info: libc::siginfo_t = std::mem::zeroed();
-        libc::waitid(
-            libc::P_PID,
-            pid,
-            &mut info,
-            libc::WEXITED | libc::WNOWAIT,
-        )
+        libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT)
     };
     assert_eq!(r, 0, "waitid");
     let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
@@ -406,10 +435,17 @@ fn a_single_drive_extract_reads_only_that_drives_frames() {
         }
         assert_eq!(got.len(), 4, "the small drive's 4 clusters");
         assert_eq!(ra.bytes_read() - opened, share, "{}", p.display());
-        assert!(ra.bytes_read() < file_len / 5, "{}: {}", p.display(), ra.bytes_read());
+        assert!(
+            ra.bytes_read() < file_len / 5,
+            "{}: {}",
+            p.display(),
+            ra.bytes_read()
+        );
 
         // The CLI, measured by the kernel.
-        let dir = t.path().join(format!("x-{}", p.extension().unwrap().to_str().unwrap()));
+        let dir = t
+            .path()
+            .join(format!("x-{}", p.extension().unwrap().to_str().unwrap()));
         let rchar = rchar_of(&["extract", "-d", "small", s(p), s(&dir)]);
         check_extracted(&dir, &["small"], &contents[1..2]);
         assert!(
@@ -417,11 +453,18 @@ fn a_single_drive_extract_reads_only_that_drives_frames() {
             "{}: extract read {rchar} bytes; the drive's share is {share}, opening {opened}",
             p.display()
         );
-        assert!(rchar < file_len / 5, "{}: {rchar} of {file_len}", p.display());
+        assert!(
+            rchar < file_len / 5,
+            "{}: {rchar} of {file_len}",
+            p.display()
+        );
     }
     // list reads the header only: frame 0 (and the seek table).
     let rchar = rchar_of(&["list", s(&zst)]);
-    assert!(rchar < (64 << 10) + PROCESS_SLACK, "list read {rchar} bytes");
+    assert!(
+        rchar < (64 << 10) + PROCESS_SLACK,
+        "list read {rchar} bytes"
+    );
 }
 
 /// The frames of a seekable file: (compressed offset, compressed size).
@@ -449,10 +492,15 @@ fn corruption_corpus() {
     let loc = ra.index().locate(DevId(2), 6).unwrap();
     assert_ne!(loc.mask, 0);
     drop(ra);
-    let f = std::fs::OpenOptions::new().write(true).read(true).open(&plain).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .read(true)
+        .open(&plain)
+        .unwrap();
     let mut b = [0u8];
     f.read_exact_at(&mut b, loc.stream_offset + 77).unwrap();
-    f.write_all_at(&[b[0] ^ 0x20], loc.stream_offset + 77).unwrap();
+    f.write_all_at(&[b[0] ^ 0x20], loc.stream_offset + 77)
+        .unwrap();
     drop(f);
     let want = "device 2 ('b') cluster 6: the data does not match its digest";
     assert!(fails(&["verify", s(&plain)]).contains(want));
@@ -462,7 +510,10 @@ fn corruption_corpus() {
     let err = fails(&["extract", "-d", "b", s(&plain), s(&dir("x2"))]);
     assert!(err.contains(want), "{err}");
     assert!(!dir("x2").exists());
-    let e = RandomArchive::open(s(&plain)).unwrap().read_cluster(DevId(2), 6).unwrap_err();
+    let e = RandomArchive::open(s(&plain))
+        .unwrap()
+        .read_cluster(DevId(2), 6)
+        .unwrap_err();
     assert!(e.to_string().contains(want), "{e}");
     // The other drive is intact and extracts.
     ok(&["extract", "-d", "a", s(&plain), s(&dir("x3"))]);
@@ -509,7 +560,10 @@ fn corruption_corpus() {
     let cut_file = dir("cut.vma.zst");
     std::fs::write(&cut_file, &good[..at + len / 2]).unwrap();
     let err = fails(&["verify", s(&cut_file)]);
-    assert!(err.contains("zstd frame 2") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("zstd frame 2") && err.contains("truncated"),
+        "{err}"
+    );
     assert!(err.contains("extent 1 (offset"), "{err}");
 
     // A stale index: another archive of the same name and uuid, of another
@@ -532,7 +586,10 @@ fn corruption_corpus() {
     }
     // ... of the same length, other data: the digests tell.
     let same_len = tempfile::tempdir().unwrap();
-    let (args3, _) = images(same_len.path(), &[("a", 5 * 65536, 1), ("b", 9 * 65536 + 1000, 2)]);
+    let (args3, _) = images(
+        same_len.path(),
+        &[("a", 5 * 65536, 1), ("b", 9 * 65536 + 1000, 2)],
+    );
     // Same masks, other bytes: xor the images with a constant.
     for name in ["a.img", "b.img"] {
         let p = same_len.path().join(name);
@@ -564,7 +621,13 @@ fn corruption_corpus() {
     std::fs::remove_file(dir("f.vma.index")).unwrap();
     std::fs::copy(dir("s2.vma.index"), dir("f.vma.index")).unwrap();
     let err = fails(&["verify", s(&foreign)]);
-    assert!(err.contains("the index belongs to another archive"), "{err}");
+    assert!(
+        err.contains("the index belongs to another archive"),
+        "{err}"
+    );
     let err = fails(&["extract", "-d", "b", s(&foreign), s(&dir("xf"))]);
-    assert!(err.contains("the index belongs to another archive"), "{err}");
+    assert!(
+        err.contains("the index belongs to another archive"),
+        "{err}"
+    );
 }

@@ -102,7 +102,11 @@ fn check_digests(
             len: cluster_len(size, u64::from(e.cluster)),
             stored: &payload[range],
         };
-        check_cluster(header, &c, digests.next().expect("one digest per data cluster"))?;
+        check_cluster(
+            header,
+            &c,
+            digests.next().expect("one digest per data cluster"),
+        )?;
         n += 1;
     }
     Ok(n)

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use super::counted::{CountedFile, SeqReader};
 use super::error::ArchiveError;
+use super::format::{Format, Stream};
 use super::frame::read_frame;
-use super::source::{Format, Stream};
 use super::zstd_stream::{ZstdStream, frame_holds};
 use crate::seekable::{
     FOOTER_LEN, FrameEntry, FrameMap, INDEX_FRAME_MAGIC, SKIPPABLE_HEADER_LEN, SeekTableError,

@@ -12,7 +12,7 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::thread::JoinHandle;
 
 use super::error::ArchiveError;
-use super::source::Format;
+use super::format::Format;
 
 /// Bytes of the child's stderr kept for the error message.
 const MAX_STDERR: u64 = 4096;

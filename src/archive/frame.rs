@@ -61,9 +61,7 @@ pub fn decode_frame(compressed: &[u8], len: usize) -> Result<Bytes, String> {
     match zstd_safe::get_frame_content_size(compressed) {
         Ok(Some(n)) if n == len as u64 => {}
         Ok(Some(n)) => {
-            return Err(format!(
-                "it holds {n} bytes; the seek table says {len}"
-            ));
+            return Err(format!("it holds {n} bytes; the seek table says {len}"));
         }
         Ok(None) | Err(_) => {}
     }

@@ -2,8 +2,9 @@
 //! back, or at random by cluster, and checking what is read against the
 //! archive index.
 //!
-//! - [`source`]: opens a path or stdin and finds its compression from its
-//!   magic bytes (plain VMA, zstd, gzip, lzop); gives an [`Input`]: a
+//! - [`format`]: an archive's encoding from its magic bytes (plain VMA,
+//!   zstd, gzip, lzop), and [`Stream`], its plain VMA bytes front to back.
+//! - [`source`]: opens a path or stdin; gives an [`Input`]: a
 //!   random-access [`FileArchive`] or a sequential [`Stream`].
 //! - [`filter`]: `gzip -dc` / `lzop -dc` as child processes.
 //! - [`zstd_stream`]: sequential zstd that names the frame in its errors
@@ -29,6 +30,7 @@ pub mod counted;
 mod error;
 pub mod file;
 pub mod filter;
+pub mod format;
 pub mod frame;
 pub mod random;
 pub mod source;
@@ -38,5 +40,6 @@ pub use cache::{DEFAULT_CACHE_BYTES, FrameCache};
 pub use check::IndexCheck;
 pub use error::ArchiveError;
 pub use file::FileArchive;
+pub use format::{Format, Stream};
 pub use random::{Cluster, RandomArchive};
-pub use source::{Format, Input, Stream, open};
+pub use source::{Input, open};

@@ -52,11 +52,19 @@ impl Cluster {
 }
 
 /// An archive file read at random; see the module docs.
+///
+/// `Send + Sync`: one instance serves any number of threads (checked
+/// below at compile time).
 pub struct RandomArchive {
     file: FileArchive,
     index: Arc<ArchiveIndex>,
     cache: FrameCache,
 }
+
+const _: () = {
+    const fn shared<T: Send + Sync>() {}
+    shared::<RandomArchive>();
+};
 
 impl RandomArchive {
     /// Opens `path` for reading at random: a plain `.vma` (with or without

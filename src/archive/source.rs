@@ -15,79 +15,9 @@ use std::path::Path;
 use super::error::ArchiveError;
 use super::file::FileArchive;
 use super::filter::{Filter, FilterInput};
+use super::format::{Format, MAGIC_LEN, Stream};
 use super::zstd_stream::ZstdStream;
-use crate::seekable::ZSTD_FRAME_MAGIC;
-use crate::vma::consts::VMA_MAGIC;
-
-/// First bytes of a gzip stream.
-pub const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
-/// First bytes of an lzop file.
-pub const LZOP_MAGIC: [u8; 9] = [0x89, 0x4c, 0x5a, 0x4f, 0x00, 0x0d, 0x0a, 0x1a, 0x0a];
-/// Bytes read to tell the formats apart (the longest magic).
-const MAGIC_LEN: usize = LZOP_MAGIC.len();
-
-/// How an archive's bytes are encoded, from its magic bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// A plain VMA archive.
-    Vma,
-    /// zstd: a plain stream or seekable frames.
-    Zstd,
-    /// gzip (Proxmox's `.vma.gz`).
-    Gzip,
-    /// lzop (Proxmox's `.vma.lzo`).
-    Lzop,
-    /// None of these: read as plain VMA, whose reader names the bad magic.
-    Unknown,
-}
-
-impl Format {
-    /// The format whose magic `head` starts with.
-    pub fn detect(head: &[u8]) -> Format {
-        if head.starts_with(&VMA_MAGIC) {
-            Format::Vma
-        } else if head.starts_with(&ZSTD_FRAME_MAGIC) {
-            Format::Zstd
-        } else if head.starts_with(&GZIP_MAGIC) {
-            Format::Gzip
-        } else if head.starts_with(&LZOP_MAGIC) {
-            Format::Lzop
-        } else {
-            Format::Unknown
-        }
-    }
-
-    /// Its name in messages.
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Vma => "plain VMA",
-            Format::Zstd => "zstd",
-            Format::Gzip => "gzip",
-            Format::Lzop => "lzop",
-            Format::Unknown => "unknown",
-        }
-    }
-}
-
-/// An archive read front to back as plain VMA bytes.
-pub struct Stream {
-    /// How it was encoded.
-    pub format: Format,
-    reader: Box<dyn Read + Send>,
-}
-
-impl Stream {
-    /// A stream of `format` reading from `reader` (already decoded).
-    pub fn new(format: Format, reader: Box<dyn Read + Send>) -> Stream {
-        Stream { format, reader }
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.reader.read(buf)
-    }
-}
+use crate::vma::reader::read_full;
 
 /// An opened archive; see the module docs.
 pub enum Input {
@@ -107,30 +37,21 @@ impl Input {
     }
 }
 
-/// Reads until `buf` is full or EOF; returns the bytes read.
-fn read_head(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
+/// A pipe, FIFO or device, read once from its start: its first bytes
+/// tell the format.
+fn pipe(mut f: File) -> Result<Input, ArchiveError> {
+    let mut head = [0u8; MAGIC_LEN];
+    let got = read_full(&mut f, &mut head)?;
+    let head = head[..got].to_vec();
+    let format = Format::detect(&head);
+    decode_stream(format, FilterInput::Pipe(head, Box::new(f)))
 }
 
 /// Opens `path` (`-`: stdin); see the module docs.
 pub fn open(path: &str) -> Result<Input, ArchiveError> {
     if path == "-" {
         // An unbuffered handle on fd 0; the readers do large reads.
-        let mut stdin = File::from(io::stdin().as_fd().try_clone_to_owned()?);
-        let mut head = [0u8; MAGIC_LEN];
-        let got = read_head(&mut stdin, &mut head)?;
-        let head = head[..got].to_vec();
-        let format = Format::detect(&head);
-        return decode_stream(format, FilterInput::Pipe(head, Box::new(stdin)));
+        return pipe(File::from(io::stdin().as_fd().try_clone_to_owned()?));
     }
     let file = File::open(path).map_err(|e| {
         ArchiveError::Io(io::Error::new(
@@ -140,13 +61,7 @@ pub fn open(path: &str) -> Result<Input, ArchiveError> {
     })?;
     let meta = file.metadata()?;
     if !meta.file_type().is_file() {
-        // A FIFO or a device: a stream, read once from its start.
-        let mut file = file;
-        let mut head = [0u8; MAGIC_LEN];
-        let got = read_head(&mut file, &mut head)?;
-        let head = head[..got].to_vec();
-        let format = Format::detect(&head);
-        return decode_stream(format, FilterInput::Pipe(head, Box::new(file)));
+        return pipe(file);
     }
     let mut head = [0u8; MAGIC_LEN];
     let got = read_head_at(&file, &mut head)?;
@@ -187,19 +102,4 @@ fn decode_stream(format: Format, input: FilterInput) -> Result<Input, ArchiveErr
         (_, FilterInput::Pipe(head, rest)) => Box::new(Cursor::new(head).chain(rest)),
     };
     Ok(Input::Stream(Stream::new(format, reader)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn formats_by_magic() {
-        assert_eq!(Format::detect(b"VMA\0rest"), Format::Vma);
-        assert_eq!(Format::detect(&[0x28, 0xb5, 0x2f, 0xfd, 0]), Format::Zstd);
-        assert_eq!(Format::detect(&[0x1f, 0x8b, 8]), Format::Gzip);
-        assert_eq!(Format::detect(&LZOP_MAGIC), Format::Lzop);
-        assert_eq!(Format::detect(&LZOP_MAGIC[..8]), Format::Unknown);
-        assert_eq!(Format::detect(b""), Format::Unknown);
-    }
 }

@@ -67,11 +67,7 @@ impl<R: Read> ZstdStream<R> {
     }
 
     /// Checks every frame against `table`; names extents from `index`.
-    pub fn with_table(
-        mut self,
-        table: Vec<FrameEntry>,
-        index: Option<Arc<ArchiveIndex>>,
-    ) -> Self {
+    pub fn with_table(mut self, table: Vec<FrameEntry>, index: Option<Arc<ArchiveIndex>>) -> Self {
         self.table = Some(table);
         self.index = index;
         self

@@ -41,7 +41,6 @@ pub fn reader_with_index(
         }
         Input::Stream(s) => (s, None),
     };
-    let reader =
-        Reader::new(stream).with_context(|| format!("{path}: not a valid VMA archive"))?;
+    let reader = Reader::new(stream).with_context(|| format!("{path}: not a valid VMA archive"))?;
     Ok((reader, index))
 }

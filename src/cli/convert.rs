@@ -53,13 +53,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .write_unit(&[Bytes::copy_from_slice(reader.raw_header())])
         .context(written.clone())?;
     let mut builder = if sink.can_hold_index() {
-        Some(IndexBuilder::new(&header, reader.header_len(), frame.is_some()).context(written.clone())?)
+        Some(
+            IndexBuilder::new(&header, reader.header_len(), frame.is_some())
+                .context(written.clone())?,
+        )
     } else {
         None
     };
-    let mut check = index
-        .map(|ix| IndexCheck::start(ix, &header))
-        .transpose()?;
+    let mut check = index.map(|ix| IndexCheck::start(ix, &header)).transpose()?;
     let read_failed = || format!("{}: cannot read the archive", a.input);
     while let Some(ext) = reader.next_extent().with_context(read_failed)? {
         let frame = sink
@@ -74,8 +75,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 .filter(|c| c.mask != 0)
                 .map(|c| stored_digest(c.mask, c.stored, c.len))
                 .collect();
-            b.add_extent(ext.offset, frame.unwrap_or(NO_FRAME), ext.entries(), &digests)
-                .context(written.clone())?;
+            b.add_extent(
+                ext.offset,
+                frame.unwrap_or(NO_FRAME),
+                ext.entries(),
+                &digests,
+            )
+            .context(written.clone())?;
         }
         let (offset, entries) = (ext.offset, ext.entries().to_vec());
         if let Some(c) = check.as_mut() {

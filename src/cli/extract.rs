@@ -102,6 +102,8 @@ fn check_names(header: &Header, wanted: &[String]) -> anyhow::Result<()> {
 }
 
 /// How the drives are read.
+// One per run: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Source {
     /// Front to back, checked against the stored index when there is one.
     Stream {
@@ -245,9 +247,7 @@ fn read_stream(
     outs: &HashMap<DevId, Out>,
     progress: &mut ReadProgress,
 ) -> anyhow::Result<()> {
-    let mut check = index
-        .map(|ix| IndexCheck::start(ix, header))
-        .transpose()?;
+    let mut check = index.map(|ix| IndexCheck::start(ix, header)).transpose()?;
     while let Some(ext) = reader.next_extent()? {
         for c in ext.clusters() {
             let dev = header.device(c.dev).expect("the reader checked the device");
@@ -283,7 +283,9 @@ fn read_random(
             }
         }
         for e in &rec.entries {
-            let dev = header.device(DevId(e.dev)).expect("the index checked the device");
+            let dev = header
+                .device(DevId(e.dev))
+                .expect("the index checked the device");
             progress.cluster(dev, u64::from(e.cluster), e.mask);
         }
     }

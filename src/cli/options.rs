@@ -141,7 +141,6 @@ impl OutputOpts {
             keep_partial: self.keep_partial,
         }
     }
-
 }
 
 impl ArchiveOpts {

@@ -10,6 +10,9 @@
 //! - [`ArchiveIndex::decode`] checks an encoded index completely (its own
 //!   digest, every count and offset, every cluster present exactly once)
 //!   and answers [`ArchiveIndex::locate`].
+//! - [`ArchiveIndex::from_extent_headers`] makes the same (without
+//!   digests) for an archive that has no index, from its extent headers,
+//!   with the same completeness checks.
 //! - [`cluster_digest`] / [`stored_digest`]: the digest of a cluster's
 //!   restored bytes, from those bytes or from its stored blocks.
 //!
@@ -159,6 +162,19 @@ pub struct DeviceTotals {
 }
 
 impl DeviceTotals {
+    /// Zero totals for every device of `header`.
+    fn none_of(header: &Header) -> Vec<DeviceTotals> {
+        header
+            .devices
+            .iter()
+            .map(|d| DeviceTotals {
+                dev: d.id,
+                size: d.size,
+                ..Default::default()
+            })
+            .collect()
+    }
+
     /// Adds one cluster of this device, stored as `e` says.
     fn count(&mut self, e: BlockInfo) {
         let len = super::cluster::cluster_len(self.size, u64::from(e.cluster)) as u64;
@@ -211,7 +227,7 @@ pub struct Location {
     pub stream_offset: u64,
     /// The zstd frame holding it, or [`NO_FRAME`].
     pub frame: u32,
-    /// Its digest, when it stores data.
+    /// Its digest, when it stores data and the index has digests.
     pub digest: Option<Digest>,
 }
 
@@ -238,15 +254,7 @@ impl IndexBuilder {
             uuid: header.uuid,
             header_len,
             framed,
-            devices: header
-                .devices
-                .iter()
-                .map(|d| DeviceTotals {
-                    dev: d.id,
-                    size: d.size,
-                    ..Default::default()
-                })
-                .collect(),
+            devices: DeviceTotals::none_of(header),
             body,
             extents: 0,
             stream_len: header_len,
@@ -669,15 +677,7 @@ impl ArchiveIndex {
         stream_len: u64,
         extents: impl IntoIterator<Item = (u64, Vec<BlockInfo>)>,
     ) -> Result<ArchiveIndex, IndexError> {
-        let mut devices: Vec<DeviceTotals> = header
-            .devices
-            .iter()
-            .map(|d| DeviceTotals {
-                dev: d.id,
-                size: d.size,
-                ..Default::default()
-            })
-            .collect();
+        let mut devices = DeviceTotals::none_of(header);
         let mut mapper = Mapper::new(&devices, header_len, false, false)?;
         for (stream_offset, entries) in extents {
             for e in &entries {
@@ -765,7 +765,8 @@ impl ArchiveIndex {
         unreachable!("the map points at an extent holding the cluster")
     }
 
-    /// The digests of an extent's data clusters, in entry order.
+    /// The digests of an extent's data clusters, in entry order (none
+    /// when the index has no digests).
     pub fn extent_digests(&self, extent: usize) -> &[Digest] {
         let rec = &self.extents[extent];
         if !self.has_digests {

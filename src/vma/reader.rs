@@ -17,7 +17,7 @@ use super::header::Header;
 use super::{ClusterBitmap, DevId, FormatError, MissingClusters};
 
 /// Reads until `buf` is full or EOF; returns the bytes read.
-fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+pub fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
