@@ -647,3 +647,63 @@ fn corruption_corpus() {
         "{err}"
     );
 }
+
+#[test]
+fn convert_commits_only_a_complete_archive() {
+    let t = tempfile::tempdir().unwrap();
+    let (args, _) = images(t.path(), &[("a", 40 * 65536, 1)]);
+    let plain = t.path().join("a.vma");
+    create(&plain, &args, &["--clusters-per-extent", "4"]);
+    let bytes = std::fs::read(&plain).unwrap();
+
+    // Interrupted: the input stalls half-way, then Ctrl-C.
+    for keep in [false, true] {
+        let out = t.path().join(format!("int-{keep}.vma.zst"));
+        let mut a = vec!["convert", "-", s(&out)];
+        if keep {
+            a.push("--keep-partial");
+        }
+        let mut child = bin()
+            .args(&a)
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        std::io::Write::write_all(&mut stdin, &bytes[..bytes.len() / 2]).unwrap();
+        let partial = t.path().join(format!("int-{keep}.vma.zst.partial"));
+        for _ in 0..500 {
+            if partial.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(partial.exists());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let o = child.wait_with_output().unwrap();
+        drop(stdin);
+        assert_eq!(o.status.code(), Some(130));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("convert interrupted by SIGINT"), "{err}");
+        assert!(!out.exists());
+        assert_eq!(partial.exists(), keep, "{err}");
+    }
+
+    // Failed: a corrupt input leaves no output.
+    let mut bad = bytes.clone();
+    let n = bad.len();
+    bad.truncate(n - 4096);
+    let cut = t.path().join("cut.vma");
+    std::fs::write(&cut, &bad).unwrap();
+    let out = t.path().join("out.vma");
+    let err = fails(&["convert", s(&cut), s(&out)]);
+    assert!(err.contains("truncated"), "{err}");
+    for p in ["out.vma", "out.vma.partial", "out.vma.index", "out.vma.index.partial"] {
+        assert!(!t.path().join(p).exists(), "{p}");
+    }
+    // Refuses to overwrite.
+    let err = fails(&["convert", s(&plain), s(&plain)]);
+    assert!(err.contains("already exists"), "{err}");
+}
