@@ -11,8 +11,8 @@ use crate::vma::{DevId, FormatError};
 /// Why an archive cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
-    /// Reading the file failed.
-    #[error("read error: {0}")]
+    /// Opening or reading the file failed.
+    #[error(transparent)]
     Io(#[from] io::Error),
     /// The VMA structure is invalid.
     #[error(transparent)]

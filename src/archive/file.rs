@@ -307,13 +307,13 @@ impl FileArchive {
         )
     }
 
-    /// The archive from its start as plain VMA bytes; `index` names the
-    /// extents of frames in errors.
+    /// The archive from its start as plain VMA bytes.
     pub fn stream(&self) -> Result<Stream, ArchiveError> {
         self.stream_named(None)
     }
 
-    /// [`stream`](Self::stream), naming extents from `index`.
+    /// [`stream`](Self::stream), naming the extent of a frame in errors
+    /// from `index`.
     pub fn stream_named(&self, index: Option<Arc<ArchiveIndex>>) -> Result<Stream, ArchiveError> {
         let all = SeqReader::new(self.file.clone(), 0, self.file.len());
         Ok(match &self.layout {

@@ -53,12 +53,7 @@ pub fn open(path: &str) -> Result<Input, ArchiveError> {
         // An unbuffered handle on fd 0; the readers do large reads.
         return pipe(File::from(io::stdin().as_fd().try_clone_to_owned()?));
     }
-    let file = File::open(path).map_err(|e| {
-        ArchiveError::Io(io::Error::new(
-            e.kind(),
-            format!("cannot open archive {path}: {e}"),
-        ))
-    })?;
+    let file = File::open(path)?;
     let meta = file.metadata()?;
     if !meta.file_type().is_file() {
         return pipe(file);

@@ -51,7 +51,10 @@ pub fn print_header(out: &mut impl Write, h: &Header) -> std::io::Result<()> {
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let header = archive_input::header(&a.archive)?;
     let mut out = std::io::stdout().lock();
-    print_header(&mut out, &header)?;
-    out.flush()?;
+    match print_header(&mut out, &header).and_then(|_| out.flush()) {
+        // A reader that stopped early (`| head`) is not our failure.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        r => r?,
+    }
     Ok(ExitCode::SUCCESS)
 }
