@@ -64,6 +64,15 @@ impl FileArchive {
         let got = file.read_at(&mut fixed, 0)?;
         fixed.truncate(got);
         let size = Header::check_fixed(&fixed)?;
+        if size as u64 > len {
+            return Err(FormatError::Truncated {
+                offset: 0,
+                what: "archive header",
+                need: size as u64,
+                got: len,
+            }
+            .into());
+        }
         fixed.resize(size, 0);
         let got = file.read_at(&mut fixed[VMA_HEADER_SIZE..], VMA_HEADER_SIZE as u64)?;
         if VMA_HEADER_SIZE + got < size {

@@ -10,7 +10,7 @@ use zstd::zstd_safe::{self, DCtx};
 
 use super::counted::CountedFile;
 use super::error::ArchiveError;
-use crate::seekable::FrameMap;
+use crate::seekable::{FrameMap, MAX_FRAME_CONTENT};
 
 thread_local! {
     /// One decompression context per thread, reused across frames.
@@ -43,6 +43,11 @@ pub fn read_frame(
 /// Decompresses `compressed`, which must be one whole frame of `len`
 /// decompressed bytes.
 pub fn decode_frame(compressed: &[u8], len: usize) -> Result<Bytes, String> {
+    if len > MAX_FRAME_CONTENT as usize {
+        return Err(format!(
+            "the seek table says {len} bytes, more than a frame may hold ({MAX_FRAME_CONTENT})"
+        ));
+    }
     match zstd_safe::find_frame_compressed_size(compressed) {
         Ok(n) if n == compressed.len() => {}
         Ok(n) => {
