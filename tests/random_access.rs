@@ -700,7 +700,12 @@ fn convert_commits_only_a_complete_archive() {
     let out = t.path().join("out.vma");
     let err = fails(&["convert", s(&cut), s(&out)]);
     assert!(err.contains("truncated"), "{err}");
-    for p in ["out.vma", "out.vma.partial", "out.vma.index", "out.vma.index.partial"] {
+    for p in [
+        "out.vma",
+        "out.vma.partial",
+        "out.vma.index",
+        "out.vma.index.partial",
+    ] {
         assert!(!t.path().join(p).exists(), "{p}");
     }
     // Refuses to overwrite.
