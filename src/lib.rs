@@ -26,6 +26,9 @@
 //!   `create`'s image reads).
 //! - [`seekable`]: the zstd seekable format's seek table and skippable
 //!   frames (pure).
+//! - [`archive`]: reading archives: any compression (zstd, gzip, lzop,
+//!   by magic), front to back or at random by cluster
+//!   ([`archive::RandomArchive`]), checked against the archive index.
 //! - [`sink`]: bytes out: plain or zstd, fsync, temp-then-rename commit.
 //! - [`qmp`]: a small async client for QEMU's JSON monitor:
 //!   [`qmp::protocol`] (pure message decoding, error classes, typed
@@ -35,6 +38,7 @@
 //!   `demo` and tests.
 //! - [`cli`]: one module per subcommand of the `vma-writer` binary.
 
+pub mod archive;
 pub mod assembler;
 pub mod backup;
 pub mod cli;

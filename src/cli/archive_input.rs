@@ -1,41 +1,46 @@
-//! Opening an archive for reading: a path or `-` for stdin, plain or
-//! zstd-compressed (detected by the zstd frame magic, so `.vma.zst` files
-//! and `zstd -c` pipes read like plain archives).
+//! Opening an archive for the reading commands through [`crate::archive`],
+//! with the path in every error: its header alone (`list`, `config`), or
+//! a stream of it with its stored index, when it has one (`verify`,
+//! `extract`, `convert`).
 
-use std::fs::File;
-use std::io::{self, Cursor, Read};
-use std::os::fd::AsFd;
+use std::sync::Arc;
 
 use anyhow::Context;
 
-/// First bytes of a zstd frame.
-const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+use crate::archive::{self, Input, Stream};
+use crate::vma::{ArchiveIndex, Header, Reader};
 
-/// Opens `path` (`-` = stdin) as a stream of plain VMA bytes.
-pub fn open(path: &str) -> anyhow::Result<Box<dyn Read + Send>> {
-    let file = if path == "-" {
-        // An unbuffered handle on fd 0; the reader does large reads itself.
-        File::from(io::stdin().as_fd().try_clone_to_owned()?)
-    } else {
-        File::open(path).with_context(|| format!("cannot open archive {path}"))?
-    };
-    let mut file = file;
-    let mut magic = [0u8; 4];
-    let mut got = 0;
-    while got < 4 {
-        match file.read(&mut magic[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e).with_context(|| format!("cannot read archive {path}")),
+/// Opens `path` (`-`: stdin).
+pub fn open(path: &str) -> anyhow::Result<Input> {
+    archive::open(path).with_context(|| format!("{path}: cannot read the archive"))
+}
+
+/// The header of `path`, reading no more than it needs: a plain file's
+/// header bytes, a seekable `.vma.zst`'s frame 0, a stream's first bytes.
+pub fn header(path: &str) -> anyhow::Result<Header> {
+    let not_valid = || format!("{path}: not a valid VMA archive");
+    match open(path)? {
+        Input::File(f) => Ok(f.header().clone()),
+        Input::Stream(s) => Ok(Reader::new(s).with_context(not_valid)?.header().clone()),
+    }
+}
+
+/// `input` as a validating reader from its start, and its stored index
+/// (checked against it) when it has one.
+pub fn reader_with_index(
+    path: &str,
+    input: Input,
+) -> anyhow::Result<(Reader<Stream>, Option<Arc<ArchiveIndex>>)> {
+    let (stream, index) = match input {
+        Input::File(f) => {
+            let index = f
+                .load_index()
+                .with_context(|| format!("{path}: unusable archive index"))?
+                .map(Arc::new);
+            (f.stream_named(index.clone())?, index)
         }
-    }
-    let stream = Cursor::new(magic[..got].to_vec()).chain(file);
-    if got == 4 && magic == ZSTD_MAGIC {
-        let dec = zstd::stream::read::Decoder::new(stream)
-            .with_context(|| format!("cannot start zstd decompression of {path}"))?;
-        Ok(Box::new(dec))
-    } else {
-        Ok(Box::new(stream))
-    }
+        Input::Stream(s) => (s, None),
+    };
+    let reader = Reader::new(stream).with_context(|| format!("{path}: not a valid VMA archive"))?;
+    Ok((reader, index))
 }

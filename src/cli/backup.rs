@@ -68,7 +68,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let output = match (&a.output, &a.output_dir, a.vmid) {
         (Some(o), _, _) => o.clone(),
         (None, Some(dir), Some(vmid)) => dir
-            .join(vzdump_name(vmid, a.archive.zstd.is_some()))
+            .join(vzdump_name(vmid, a.archive.output.zstd.is_some()))
             .to_string_lossy()
             .into_owned(),
         _ => bail!("give --output ARCHIVE or --output-dir DIR --vmid N"),

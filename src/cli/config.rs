@@ -3,10 +3,9 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 
 use super::archive_input;
-use crate::vma::Reader;
 
 /// Arguments of `config`.
 #[derive(Debug, clap::Args)]
@@ -20,10 +19,8 @@ pub struct Args {
 
 /// Runs `config`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let input = archive_input::open(&a.archive)?;
-    let reader =
-        Reader::new(input).with_context(|| format!("{}: not a valid VMA archive", a.archive))?;
-    let Some(c) = reader.header().config(&a.name) else {
+    let header = archive_input::header(&a.archive)?;
+    let Some(c) = header.config(&a.name) else {
         bail!("unable to find configuration data '{}'", a.name);
     };
     let mut out = std::io::stdout().lock();

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use super::live::{Ended, backup_with_display};
 use super::options::{ArchiveOpts, LiveOpts, output_target};
 use super::progress::CreateProgress;
-use super::signals::Leftovers;
+use super::signals::{Leftovers, partial_of};
 use super::values::{DriveImage, SECTOR_SIZE};
 use crate::backup::BackupDrive;
 use crate::pool::BufferPool;
@@ -321,12 +321,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         images.push((dev, img));
     }
     let target = output_target(&a.archive)?;
-    let leftovers = Leftovers::watch("create", a.archive_opts.keep_partial)?;
-    let sink = Sink::create(&target, &a.archive_opts.sink_options(&target))
+    let leftovers = Leftovers::watch("create", a.archive_opts.keep_partial())?;
+    let opts = a.archive_opts.sink_options(&target);
+    let sink = leftovers
+        .create(|| Sink::create(&target, &opts), partial_of)
         .with_context(|| format!("cannot create archive {}", a.archive))?;
-    if let Some(p) = sink.partial() {
-        leftovers.add(p);
-    }
     let mut w = builder
         .index(sink.can_hold_index())
         .start(sink)

@@ -5,25 +5,36 @@
 //! `tmp-disk-NAME.raw` and renamed to `disk-NAME.raw` only once the whole
 //! archive has been read and found complete. A failed or interrupted
 //! extraction removes the directory it created (unless `--keep-partial`).
+//!
+//! When the archive has an index, every data cluster is checked against
+//! its digest before it is written; a mismatch fails the extraction. A
+//! subset of the drives (`-d`) of a plain `.vma` or seekable `.vma.zst`
+//! file is read at random: only the extents holding those drives'
+//! clusters are read (located by the index, or by the extent headers of a
+//! `.vma` without one).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 
 use super::archive_input;
 use super::progress::{ReadProgress, stdout_line};
 use super::signals::Leftovers;
+use crate::archive::file::Layout;
+use crate::archive::{IndexCheck, Input, RandomArchive, Stream};
 use crate::vma::header::check_file_name;
-use crate::vma::{DevId, Header, Reader};
+use crate::vma::reader::ClusterData;
+use crate::vma::{ArchiveIndex, DevId, Header, Reader};
 
 /// Arguments of `extract`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The archive (`-` for stdin; zstd-compressed input is detected).
+    /// The archive (`-` for stdin; zstd, gzip and lzop are detected).
     pub archive: String,
     /// Directory to create; must not exist.
     pub dir: PathBuf,
@@ -90,22 +101,66 @@ fn check_names(header: &Header, wanted: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How the drives are read.
+// One per run: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Source {
+    /// Front to back, checked against the stored index when there is one.
+    Stream {
+        reader: Reader<Stream>,
+        index: Option<Arc<ArchiveIndex>>,
+    },
+    /// Only the extents holding the wanted drives' clusters.
+    Random(RandomArchive),
+}
+
+impl Source {
+    /// A subset of the drives of a file that can be read at random is
+    /// read at random; anything else front to back.
+    fn open(a: &Args) -> anyhow::Result<Source> {
+        let input = archive_input::open(&a.archive)?;
+        let random = match &input {
+            Input::File(f) if !a.drives.is_empty() => match f.layout() {
+                Layout::Plain => true,
+                Layout::Seekable { index_frame, .. } => index_frame.is_some(),
+            },
+            _ => false,
+        };
+        if random {
+            let Input::File(f) = input else {
+                unreachable!()
+            };
+            let ra = RandomArchive::from_file(f)
+                .with_context(|| format!("{}: cannot read the archive", a.archive))?;
+            return Ok(Source::Random(ra));
+        }
+        let (reader, index) = archive_input::reader_with_index(&a.archive, input)?;
+        Ok(Source::Stream { reader, index })
+    }
+
+    fn header(&self) -> &Header {
+        match self {
+            Source::Stream { reader, .. } => reader.header(),
+            Source::Random(ra) => ra.header(),
+        }
+    }
+}
+
 /// Runs `extract`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let input = archive_input::open(&a.archive)?;
-    let mut reader =
-        Reader::new(input).with_context(|| format!("{}: not a valid VMA archive", a.archive))?;
-    let header = reader.header().clone();
+    let mut source = Source::open(&a)?;
+    let header = source.header().clone();
     check_names(&header, &a.drives)?;
     let leftovers = Leftovers::watch("extract", a.keep_partial)?;
-    std::fs::create_dir(&a.dir).with_context(|| {
-        format!(
-            "cannot create directory {} (it must not exist)",
-            a.dir.display()
-        )
-    })?;
-    leftovers.add(&a.dir);
-    let res = extract_into(&a, &header, &mut reader, &leftovers);
+    leftovers
+        .create(|| std::fs::create_dir(&a.dir), |_| vec![a.dir.clone()])
+        .with_context(|| {
+            format!(
+                "cannot create directory {} (it must not exist)",
+                a.dir.display()
+            )
+        })?;
+    let res = extract_into(&a, &header, &mut source, &leftovers);
     if let Err(e) = res {
         let fate = if a.keep_partial {
             format!("partial files kept in {}", a.dir.display())
@@ -120,10 +175,24 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+impl Out {
+    /// Writes the stored runs of `c` where they belong (zero blocks are
+    /// left as holes).
+    fn write(&self, c: &ClusterData<'_>) -> anyhow::Result<()> {
+        let base = c.device_offset();
+        for (off, run) in c.runs() {
+            self.file
+                .write_all_at(run, base + off as u64)
+                .with_context(|| format!("write error on {}", self.tmp.display()))?;
+        }
+        Ok(())
+    }
+}
+
 fn extract_into(
     a: &Args,
     header: &Header,
-    reader: &mut Reader<Box<dyn std::io::Read + Send>>,
+    source: &mut Source,
     leftovers: &Leftovers,
 ) -> anyhow::Result<()> {
     for c in &header.configs {
@@ -148,24 +217,12 @@ fn extract_into(
         outs.insert(d.id, Out { file, tmp, path });
     }
     let mut progress = ReadProgress::new(header, a.verbose, "extract");
-    let res = (|| -> anyhow::Result<()> {
-        while let Some(ext) = reader.next_extent()? {
-            for c in ext.clusters() {
-                let dev = header.device(c.dev).expect("the reader checked the device");
-                progress.cluster(dev, c.cluster, c.mask);
-                let Some(out) = outs.get(&c.dev) else {
-                    continue;
-                };
-                let base = c.device_offset();
-                for (off, run) in c.runs() {
-                    out.file
-                        .write_all_at(run, base + off as u64)
-                        .with_context(|| format!("write error on {}", out.tmp.display()))?;
-                }
-            }
+    let res = match source {
+        Source::Stream { reader, index } => {
+            read_stream(header, reader, index.clone(), &outs, &mut progress)
         }
-        Ok(())
-    })();
+        Source::Random(ra) => read_random(header, ra, &outs, &mut progress),
+    };
     progress.finish(res.is_ok());
     res?;
     for out in outs.values() {
@@ -180,6 +237,60 @@ fn extract_into(
         }
         sync_dir(&a.dir)
     })
+}
+
+/// Reads the whole archive front to back, checking each extent against the
+/// index (digests on another thread, all before the files are renamed).
+fn read_stream(
+    header: &Header,
+    reader: &mut Reader<Stream>,
+    index: Option<Arc<ArchiveIndex>>,
+    outs: &HashMap<DevId, Out>,
+    progress: &mut ReadProgress,
+) -> anyhow::Result<()> {
+    let mut check = index.map(|ix| IndexCheck::start(ix, header)).transpose()?;
+    while let Some(ext) = reader.next_extent()? {
+        for c in ext.clusters() {
+            let dev = header.device(c.dev).expect("the reader checked the device");
+            progress.cluster(dev, c.cluster, c.mask);
+            if let Some(out) = outs.get(&c.dev) {
+                out.write(&c)?;
+            }
+        }
+        let (offset, entries) = (ext.offset, ext.entries().to_vec());
+        if let Some(c) = check.as_mut() {
+            c.extent(reader, offset, &entries)?;
+        }
+    }
+    if let Some(c) = check {
+        c.finish()?;
+    }
+    Ok(())
+}
+
+/// Reads only the extents that hold clusters of the wanted drives; the
+/// others count for the progress lines (Proxmox counts every cluster) from
+/// the index, unread.
+fn read_random(
+    header: &Header,
+    ra: &RandomArchive,
+    outs: &HashMap<DevId, Out>,
+    progress: &mut ReadProgress,
+) -> anyhow::Result<()> {
+    for (x, rec) in ra.index().extents.iter().enumerate() {
+        if rec.entries.iter().any(|e| outs.contains_key(&DevId(e.dev))) {
+            for c in ra.read_extent(x, |d| outs.contains_key(&d))? {
+                outs[&c.dev].write(&c.data())?;
+            }
+        }
+        for e in &rec.entries {
+            let dev = header
+                .device(DevId(e.dev))
+                .expect("the index checked the device");
+            progress.cluster(dev, u64::from(e.cluster), e.mask);
+        }
+    }
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> anyhow::Result<()> {

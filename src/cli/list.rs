@@ -5,16 +5,15 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use chrono::TimeZone;
 
 use super::archive_input;
-use crate::vma::{Header, Reader};
+use crate::vma::Header;
 
 /// Arguments of `list`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The archive (`-` for stdin; zstd-compressed input is detected).
+    /// The archive (`-` for stdin; zstd, gzip and lzop are detected).
     pub archive: String,
 }
 
@@ -50,11 +49,12 @@ pub fn print_header(out: &mut impl Write, h: &Header) -> std::io::Result<()> {
 
 /// Runs `list`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let input = archive_input::open(&a.archive)?;
-    let reader =
-        Reader::new(input).with_context(|| format!("{}: not a valid VMA archive", a.archive))?;
+    let header = archive_input::header(&a.archive)?;
     let mut out = std::io::stdout().lock();
-    print_header(&mut out, reader.header())?;
-    out.flush()?;
+    match print_header(&mut out, &header).and_then(|_| out.flush()) {
+        // A reader that stopped early (`| head`) is not our failure.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        r => r?,
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -4,7 +4,7 @@
 //! (typed parsers for sizes, levels and drive specs), `signals` (SIGINT,
 //! SIGTERM and exit statuses), `display` and `progress` (what the user
 //! sees), `live` (running a live target or backup to its end) and
-//! `archive_input` (opening an archive to read). With `main.rs`, the only
+//! `archive_input` (opening an archive to read, through [`crate::archive`]). With `main.rs`, the only
 //! home of `anyhow`.
 
 use std::process::ExitCode;
@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 mod archive_input;
 mod backup;
 mod config;
+mod convert;
 mod create;
 mod demo;
 mod display;
@@ -49,6 +50,10 @@ pub enum Command {
     Verify(verify::Args),
     /// Restore an archive's drives and configs into a new directory.
     Extract(extract::Args),
+    /// Re-encode any archive we read (.vma, .vma.zst, .vma.gz, .vma.lzo)
+    /// as a seekable .vma.zst, or a .vma with its index; the VMA bytes stay
+    /// the same.
+    Convert(convert::Args),
     /// Be the NBD target of a live backup and write its archive.
     Serve(serve::Args),
     /// Back up a running QEMU's drives over QMP into one archive.
@@ -65,6 +70,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(a) => config::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Extract(a) => extract::run(a),
+        Command::Convert(a) => convert::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Backup(a) => backup::run(a),
         Command::Demo(a) => demo::run(a),

@@ -24,15 +24,9 @@ pub struct ArchiveOpts {
     /// qemu-server.conf. May be repeated.
     #[arg(short = 'c', long = "config", value_name = "FILE")]
     pub configs: Vec<PathBuf>,
-    /// Compress the archive with zstd, at LEVEL (default 3), as seekable
-    /// zstd: one frame per extent, each with zstd's checksum, a seek table
-    /// and the archive index at the end. An output name ending in `.zst`
-    /// implies it.
-    #[arg(long, value_name = "LEVEL", num_args = 0..=1, default_missing_value = "3")]
-    pub zstd: Option<ZstdLevel>,
-    /// zstd compression threads (default: one per core).
-    #[arg(long, value_name = "N", alias = "zstd-threads", value_parser = clap::value_parser!(u16).range(1..))]
-    pub threads: Option<u16>,
+    /// Compression and what happens to a failed output.
+    #[command(flatten)]
+    pub output: OutputOpts,
     /// Archive uuid, instead of a random one (reproducible archives).
     #[arg(long, value_name = "UUID")]
     pub uuid: Option<uuid::Uuid>,
@@ -43,6 +37,21 @@ pub struct ArchiveOpts {
     #[arg(long, value_name = "N", default_value_t = PROXMOX_CLUSTERS_PER_EXTENT,
           value_parser = clusters_per_extent)]
     pub clusters_per_extent: usize,
+}
+
+/// How an archive file is written, for every command that writes one
+/// (`create`, `serve`, `backup`, `convert`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct OutputOpts {
+    /// Compress the archive with zstd, at LEVEL (default 3), as seekable
+    /// zstd: one frame per extent, each with zstd's checksum, a seek table
+    /// and the archive index at the end. An output name ending in `.zst`
+    /// implies it.
+    #[arg(long, value_name = "LEVEL", num_args = 0..=1, default_missing_value = "3")]
+    pub zstd: Option<ZstdLevel>,
+    /// zstd compression threads (default: one per core).
+    #[arg(long, value_name = "N", alias = "zstd-threads", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
     /// Keep ARCHIVE.partial when the command fails or is interrupted.
     #[arg(long)]
     pub keep_partial: bool,
@@ -68,12 +77,10 @@ impl Default for ArchiveOpts {
     fn default() -> Self {
         ArchiveOpts {
             configs: Vec::new(),
-            zstd: None,
-            threads: None,
+            output: OutputOpts::default(),
             uuid: None,
             ctime: None,
             clusters_per_extent: PROXMOX_CLUSTERS_PER_EXTENT,
-            keep_partial: false,
         }
     }
 }
@@ -117,6 +124,25 @@ pub fn output_target(name: &str) -> anyhow::Result<Target> {
     Ok(target)
 }
 
+impl OutputOpts {
+    /// How the sink writes to `target`: zstd when asked for, or when the
+    /// name ends in `.zst`.
+    pub fn sink_options(&self, target: &Target) -> SinkOptions {
+        let level = self
+            .zstd
+            .map(|l| l.0)
+            .or_else(|| target.implies_zstd().then_some(DEFAULT_ZSTD_LEVEL));
+        SinkOptions {
+            zstd_level: level,
+            threads: self.threads.map_or_else(
+                || std::thread::available_parallelism().map_or(1, |n| n.get()),
+                usize::from,
+            ),
+            keep_partial: self.keep_partial,
+        }
+    }
+}
+
 impl ArchiveOpts {
     /// The config files, each named by its file name (Proxmox stores only
     /// the base name).
@@ -135,21 +161,14 @@ impl ArchiveOpts {
             .collect()
     }
 
-    /// How the sink writes to `target`: zstd when asked for, or when the
-    /// name ends in `.zst`.
+    /// How the sink writes to `target`: see [`OutputOpts::sink_options`].
     pub fn sink_options(&self, target: &Target) -> SinkOptions {
-        let level = self
-            .zstd
-            .map(|l| l.0)
-            .or_else(|| target.implies_zstd().then_some(DEFAULT_ZSTD_LEVEL));
-        SinkOptions {
-            zstd_level: level,
-            threads: self.threads.map_or_else(
-                || std::thread::available_parallelism().map_or(1, |n| n.get()),
-                usize::from,
-            ),
-            keep_partial: self.keep_partial,
-        }
+        self.output.sink_options(target)
+    }
+
+    /// Keep a failed output (`--keep-partial`).
+    pub fn keep_partial(&self) -> bool {
+        self.output.keep_partial
     }
 
     /// True when the archive to `target` is zstd-compressed.

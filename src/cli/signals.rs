@@ -129,10 +129,19 @@ impl Leftovers {
         Ok(Leftovers { state })
     }
 
-    /// Registers a file or a directory (removed with its contents) the
-    /// command created and has not finished.
-    pub fn add(&self, path: &Path) {
-        lock(&self.state).paths.push(path.to_path_buf());
+    /// Runs `make`, which creates files or directories, with signals held
+    /// off, and registers what `made` says it created (directories are
+    /// removed with their contents): a signal never finds a file created
+    /// but not yet registered.
+    pub fn create<T, E>(
+        &self,
+        make: impl FnOnce() -> Result<T, E>,
+        made: impl FnOnce(&T) -> Vec<PathBuf>,
+    ) -> Result<T, E> {
+        let mut st = lock(&self.state);
+        let out = make()?;
+        st.paths.extend(made(&out));
+        Ok(out)
     }
 
     /// Runs `commit` (the step that makes the output final) with signals
@@ -144,6 +153,11 @@ impl Leftovers {
         st.paths.clear();
         out
     }
+}
+
+/// The partial file a sink writes, for [`Leftovers::create`].
+pub fn partial_of(sink: &crate::sink::Sink) -> Vec<PathBuf> {
+    sink.partial().map(Path::to_path_buf).into_iter().collect()
 }
 
 impl State {

@@ -43,6 +43,19 @@ pub enum FormatError {
     Io(#[from] io::Error),
 
     // ---- reader: framing ----
+    /// Reading an extent from the underlying stream failed (a broken
+    /// pipe, a corrupt compressed frame, a failed decompressor).
+    #[error("extent {extent} (offset {offset}): cannot read {what}: {source}")]
+    ReadFailed {
+        /// Where the extent starts.
+        offset: u64,
+        /// Its number (0: the first extent).
+        extent: u64,
+        /// Which part of it.
+        what: &'static str,
+        /// Why.
+        source: io::Error,
+    },
     /// The stream ended inside a structure.
     #[error("offset {offset}: archive truncated inside {what} ({got} of {need} bytes present)")]
     Truncated {

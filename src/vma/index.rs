@@ -10,6 +10,9 @@
 //! - [`ArchiveIndex::decode`] checks an encoded index completely (its own
 //!   digest, every count and offset, every cluster present exactly once)
 //!   and answers [`ArchiveIndex::locate`].
+//! - [`ArchiveIndex::from_extent_headers`] makes the same (without
+//!   digests) for an archive that has no index, from its extent headers,
+//!   with the same completeness checks.
 //! - [`cluster_digest`] / [`stored_digest`]: the digest of a cluster's
 //!   restored bytes, from those bytes or from its stored blocks.
 //!
@@ -158,6 +161,34 @@ pub struct DeviceTotals {
     pub zero_bytes: u64,
 }
 
+impl DeviceTotals {
+    /// Zero totals for every device of `header`.
+    fn none_of(header: &Header) -> Vec<DeviceTotals> {
+        header
+            .devices
+            .iter()
+            .map(|d| DeviceTotals {
+                dev: d.id,
+                size: d.size,
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    /// Adds one cluster of this device, stored as `e` says.
+    fn count(&mut self, e: BlockInfo) {
+        let len = super::cluster::cluster_len(self.size, u64::from(e.cluster)) as u64;
+        let stored = stored_len(e.mask) as u64;
+        if e.mask == 0 {
+            self.zero_clusters += 1;
+        } else {
+            self.data_clusters += 1;
+        }
+        self.stored_bytes += stored;
+        self.zero_bytes += len.saturating_sub(stored);
+    }
+}
+
 /// One extent as the index records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExtentRecord {
@@ -196,7 +227,7 @@ pub struct Location {
     pub stream_offset: u64,
     /// The zstd frame holding it, or [`NO_FRAME`].
     pub frame: u32,
-    /// Its digest, when it stores data.
+    /// Its digest, when it stores data and the index has digests.
     pub digest: Option<Digest>,
 }
 
@@ -223,15 +254,7 @@ impl IndexBuilder {
             uuid: header.uuid,
             header_len,
             framed,
-            devices: header
-                .devices
-                .iter()
-                .map(|d| DeviceTotals {
-                    dev: d.id,
-                    size: d.size,
-                    ..Default::default()
-                })
-                .collect(),
+            devices: DeviceTotals::none_of(header),
             body,
             extents: 0,
             stream_len: header_len,
@@ -269,14 +292,7 @@ impl IndexBuilder {
             let stored = stored_len(e.mask) as u64;
             payload += stored;
             if let Some(d) = self.devices.iter_mut().find(|d| d.dev.0 == e.dev) {
-                let len = super::cluster::cluster_len(d.size, u64::from(e.cluster)) as u64;
-                if e.mask == 0 {
-                    d.zero_clusters += 1;
-                } else {
-                    d.data_clusters += 1;
-                }
-                d.stored_bytes += stored;
-                d.zero_bytes += len.saturating_sub(stored);
+                d.count(*e);
             }
         }
         for d in digests {
@@ -409,6 +425,144 @@ pub struct ArchiveIndex {
     pub digests: Vec<Digest>,
     /// Per device slot (dev_id): for each cluster, the extent holding it.
     map: Vec<Vec<u32>>,
+    /// `digests` holds one digest per data cluster (else it is empty).
+    has_digests: bool,
+}
+
+/// Checks extents as they are added (back to back from the header, every
+/// cluster of a known device at most once) and builds the map from
+/// clusters to extents; then that every cluster was there. What
+/// [`ArchiveIndex::decode`] and [`ArchiveIndex::from_extent_headers`]
+/// share.
+struct Mapper {
+    framed: bool,
+    has_digests: bool,
+    header_len: u64,
+    map: Vec<Vec<u32>>,
+    extents: Vec<ExtentRecord>,
+    digests: Vec<Digest>,
+    next_offset: u64,
+}
+
+impl Mapper {
+    fn new(
+        devices: &[DeviceTotals],
+        header_len: u64,
+        framed: bool,
+        has_digests: bool,
+    ) -> Result<Mapper, IndexError> {
+        let mut map: Vec<Vec<u32>> = vec![Vec::new(); 256];
+        for (i, d) in devices.iter().enumerate() {
+            if d.dev.0 == 0 || !map[d.dev.0 as usize].is_empty() || d.size == 0 {
+                return Err(bad(format!("device record {i} (dev_id {})", d.dev)));
+            }
+            if d.size > super::consts::MAX_DEVICE_SIZE {
+                return Err(bad(format!("device {} is larger than any device", d.dev)));
+            }
+            map[d.dev.0 as usize] = vec![u32::MAX; clusters_of(d.size) as usize];
+        }
+        Ok(Mapper {
+            framed,
+            has_digests,
+            header_len,
+            map,
+            extents: Vec::new(),
+            digests: Vec::new(),
+            next_offset: header_len,
+        })
+    }
+
+    /// Adds the next extent; `digests` has one digest per data entry when
+    /// the index has digests (else it is not read).
+    fn add(
+        &mut self,
+        stream_offset: u64,
+        frame: u32,
+        entries: Vec<BlockInfo>,
+        digests: impl Iterator<Item = Digest>,
+    ) -> Result<(), IndexError> {
+        let x = self.extents.len();
+        if stream_offset != self.next_offset {
+            return Err(bad(format!(
+                "extent {x} at stream offset {stream_offset}, expected {}",
+                self.next_offset
+            )));
+        }
+        if self.framed == (frame == NO_FRAME) {
+            return Err(bad(format!("extent {x}: frame number {frame}")));
+        }
+        if entries.len() > super::consts::VMA_BLOCKS_PER_EXTENT {
+            return Err(bad(format!("extent {x} has {} entries", entries.len())));
+        }
+        for info in &entries {
+            let slots = &mut self.map[info.dev as usize];
+            let c = info.cluster as usize;
+            if c >= slots.len() {
+                return Err(bad(format!(
+                    "extent {x}: cluster {c} of dev_id {} is not in a device",
+                    info.dev
+                )));
+            }
+            if slots[c] != u32::MAX {
+                return Err(bad(format!(
+                    "cluster {c} of dev_id {} appears twice",
+                    info.dev
+                )));
+            }
+            slots[c] = x as u32;
+        }
+        let first_digest = self.digests.len() as u32;
+        if self.has_digests {
+            let data = entries.iter().filter(|e| e.mask != 0).count();
+            self.digests.extend(digests.take(data));
+            if self.digests.len() != first_digest as usize + data {
+                return Err(bad(format!("extent {x} lacks digests")));
+            }
+        }
+        let rec = ExtentRecord {
+            stream_offset,
+            frame,
+            entries,
+            first_digest,
+        };
+        self.next_offset = stream_offset + rec.len();
+        self.extents.push(rec);
+        Ok(())
+    }
+
+    fn finish(
+        self,
+        uuid: Uuid,
+        stream_len: u64,
+        devices: Vec<DeviceTotals>,
+    ) -> Result<ArchiveIndex, IndexError> {
+        if self.next_offset != stream_len {
+            return Err(bad(format!(
+                "the extents end at {}, the stream at {stream_len}",
+                self.next_offset
+            )));
+        }
+        for d in &devices {
+            let slots = &self.map[d.dev.0 as usize];
+            if let Some(c) = slots.iter().position(|&x| x == u32::MAX) {
+                return Err(bad(format!("cluster {c} of dev_id {} is missing", d.dev)));
+            }
+            if d.data_clusters + d.zero_clusters != slots.len() as u64 {
+                return Err(bad(format!("device {} totals", d.dev)));
+            }
+        }
+        Ok(ArchiveIndex {
+            uuid,
+            stream_len,
+            header_len: self.header_len,
+            framed: self.framed,
+            devices,
+            extents: self.extents,
+            digests: self.digests,
+            map: self.map,
+            has_digests: self.has_digests,
+        })
+    }
 }
 
 impl ArchiveIndex {
@@ -452,35 +606,24 @@ impl ArchiveIndex {
         let dev_start = t
             .checked_sub(device_count * DEVICE_RECORD_LEN)
             .ok_or_else(|| bad("the device table does not fit"))?;
-        let mut devices = Vec::with_capacity(device_count);
-        let mut map: Vec<Vec<u32>> = vec![Vec::new(); 256];
-        for i in 0..device_count {
-            let r = &raw[dev_start + i * DEVICE_RECORD_LEN..][..DEVICE_RECORD_LEN];
-            let d = DeviceTotals {
-                dev: DevId(r[0]),
-                size: le_u64(r, 8),
-                data_clusters: le_u64(r, 16),
-                zero_clusters: le_u64(r, 24),
-                stored_bytes: le_u64(r, 32),
-                zero_bytes: le_u64(r, 40),
-            };
-            if d.dev.0 == 0 || !map[d.dev.0 as usize].is_empty() || d.size == 0 {
-                return Err(bad(format!("device record {i} (dev_id {})", d.dev)));
-            }
-            let clusters = clusters_of(d.size);
-            if d.size > super::consts::MAX_DEVICE_SIZE {
-                return Err(bad(format!("device {} is larger than any device", d.dev)));
-            }
-            map[d.dev.0 as usize] = vec![u32::MAX; clusters as usize];
-            devices.push(d);
-        }
+        let devices: Vec<DeviceTotals> = (0..device_count)
+            .map(|i| {
+                let r = &raw[dev_start + i * DEVICE_RECORD_LEN..][..DEVICE_RECORD_LEN];
+                DeviceTotals {
+                    dev: DevId(r[0]),
+                    size: le_u64(r, 8),
+                    data_clusters: le_u64(r, 16),
+                    zero_clusters: le_u64(r, 24),
+                    stored_bytes: le_u64(r, 32),
+                    zero_bytes: le_u64(r, 40),
+                }
+            })
+            .collect();
+        let mut mapper = Mapper::new(&devices, header_len, head.framed, true)?;
         if extent_count > dev_start / EXTENT_RECORD_LEN {
             return Err(bad(format!("{extent_count} extents do not fit")));
         }
-        let mut extents = Vec::with_capacity(extent_count);
-        let mut digests = Vec::new();
         let mut at = 0usize;
-        let mut next_offset = header_len;
         for x in 0..extent_count {
             if at + EXTENT_RECORD_LEN > dev_start {
                 return Err(bad(format!("extent record {x} is cut short")));
@@ -489,14 +632,6 @@ impl ArchiveIndex {
             let stream_offset = le_u64(r, 0);
             let frame = le_u32(r, 8);
             let count = r[12] as usize;
-            if stream_offset != next_offset {
-                return Err(bad(format!(
-                    "extent {x} at stream offset {stream_offset}, expected {next_offset}"
-                )));
-            }
-            if head.framed == (frame == NO_FRAME) {
-                return Err(bad(format!("extent {x}: frame number {frame}")));
-            }
             if count > super::consts::VMA_BLOCKS_PER_EXTENT {
                 return Err(bad(format!("extent {x} has {count} entries")));
             }
@@ -504,82 +639,76 @@ impl ArchiveIndex {
             if at + count * ENTRY_LEN > dev_start {
                 return Err(bad(format!("extent record {x} is cut short")));
             }
-            let mut entries = Vec::with_capacity(count);
-            for k in 0..count {
-                let e = &raw[at + k * ENTRY_LEN..];
-                let info = BlockInfo {
-                    dev: e[0],
-                    mask: le_u16(e, 2),
-                    cluster: le_u32(e, 4),
-                };
-                let slots = &mut map[info.dev as usize];
-                let c = info.cluster as usize;
-                if c >= slots.len() {
-                    return Err(bad(format!(
-                        "extent {x}: cluster {c} of dev_id {} is not in a device",
-                        info.dev
-                    )));
-                }
-                if slots[c] != u32::MAX {
-                    return Err(bad(format!(
-                        "cluster {c} of dev_id {} appears twice",
-                        info.dev
-                    )));
-                }
-                slots[c] = x as u32;
-                entries.push(info);
-            }
+            let entries: Vec<BlockInfo> = (0..count)
+                .map(|k| {
+                    let e = &raw[at + k * ENTRY_LEN..];
+                    BlockInfo {
+                        dev: e[0],
+                        mask: le_u16(e, 2),
+                        cluster: le_u32(e, 4),
+                    }
+                })
+                .collect();
             at += count * ENTRY_LEN;
             let data = entries.iter().filter(|e| e.mask != 0).count();
             if at + data * DIGEST_LEN > dev_start {
                 return Err(bad(format!("extent record {x} is cut short")));
             }
-            let first_digest = digests.len() as u32;
-            for k in 0..data {
-                digests.push(
-                    raw[at + k * DIGEST_LEN..][..DIGEST_LEN]
-                        .try_into()
-                        .expect("16"),
-                );
-            }
+            let digests = raw[at..at + data * DIGEST_LEN]
+                .chunks_exact(DIGEST_LEN)
+                .map(|d| d.try_into().expect("16 bytes"));
+            mapper.add(stream_offset, frame, entries, digests)?;
             at += data * DIGEST_LEN;
-            let rec = ExtentRecord {
-                stream_offset,
-                frame,
-                entries,
-                first_digest,
-            };
-            next_offset = stream_offset + rec.len();
-            extents.push(rec);
         }
         if at != dev_start {
             return Err(bad("bytes left between the extents and the device table"));
         }
-        if next_offset != head.stream_len {
-            return Err(bad(format!(
-                "the extents end at {next_offset}, the stream at {}",
-                head.stream_len
-            )));
-        }
-        for d in &devices {
-            let slots = &map[d.dev.0 as usize];
-            if let Some(c) = slots.iter().position(|&x| x == u32::MAX) {
-                return Err(bad(format!("cluster {c} of dev_id {} is missing", d.dev)));
+        mapper.finish(head.uuid, head.stream_len, devices)
+    }
+
+    /// An index without digests for an archive that has none, from its
+    /// header and its extent headers (`(stream offset, entries)` in stream
+    /// order, e.g. read one 512-byte header at a time from a plain `.vma`),
+    /// with the same completeness checks as [`decode`](Self::decode).
+    /// `stream_len` is the archive's length: the extents must end there.
+    pub fn from_extent_headers(
+        header: &Header,
+        header_len: u64,
+        stream_len: u64,
+        extents: impl IntoIterator<Item = (u64, Vec<BlockInfo>)>,
+    ) -> Result<ArchiveIndex, IndexError> {
+        let mut devices = DeviceTotals::none_of(header);
+        let mut mapper = Mapper::new(&devices, header_len, false, false)?;
+        for (stream_offset, entries) in extents {
+            for e in &entries {
+                if let Some(d) = devices.iter_mut().find(|d| d.dev.0 == e.dev) {
+                    d.count(*e);
+                }
             }
-            if d.data_clusters + d.zero_clusters != slots.len() as u64 {
-                return Err(bad(format!("device {} totals", d.dev)));
-            }
+            mapper.add(stream_offset, NO_FRAME, entries, std::iter::empty())?;
         }
-        Ok(ArchiveIndex {
-            uuid: head.uuid,
-            stream_len: head.stream_len,
-            header_len,
-            framed: head.framed,
-            devices,
-            extents,
-            digests,
-            map,
-        })
+        mapper.finish(header.uuid, stream_len, devices)
+    }
+
+    /// True when the index holds a digest of every data cluster (an index
+    /// [`decode`](Self::decode)d from an archive); false for one made
+    /// [`from_extent_headers`](Self::from_extent_headers).
+    pub fn has_digests(&self) -> bool {
+        self.has_digests
+    }
+
+    /// The extent whose bytes hold plain-stream offset `offset`.
+    pub fn extent_at(&self, offset: u64) -> Option<usize> {
+        let i = self
+            .extents
+            .partition_point(|e| e.stream_offset + e.len() <= offset);
+        (i < self.extents.len() && self.extents[i].stream_offset <= offset).then_some(i)
+    }
+
+    /// The first extent held by zstd frame `frame`.
+    pub fn extent_of_frame(&self, frame: u32) -> Option<usize> {
+        let i = self.extents.partition_point(|e| e.frame < frame);
+        (i < self.extents.len() && self.extents[i].frame == frame).then_some(i)
     }
 
     /// Checks that the index describes the archive with `header`, whose
@@ -625,7 +754,7 @@ impl ArchiveIndex {
                     mask: e.mask,
                     stream_offset: offset,
                     frame: rec.frame,
-                    digest: (e.mask != 0).then(|| self.digests[digest]),
+                    digest: (e.mask != 0 && self.has_digests).then(|| self.digests[digest]),
                 });
             }
             offset += e.stored_len() as u64;
@@ -636,9 +765,13 @@ impl ArchiveIndex {
         unreachable!("the map points at an extent holding the cluster")
     }
 
-    /// The digests of an extent's data clusters, in entry order.
+    /// The digests of an extent's data clusters, in entry order (none
+    /// when the index has no digests).
     pub fn extent_digests(&self, extent: usize) -> &[Digest] {
         let rec = &self.extents[extent];
+        if !self.has_digests {
+            return &[];
+        }
         let n = rec.entries.iter().filter(|e| e.mask != 0).count();
         &self.digests[rec.first_digest as usize..][..n]
     }

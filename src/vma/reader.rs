@@ -17,7 +17,7 @@ use super::header::Header;
 use super::{ClusterBitmap, DevId, FormatError, MissingClusters};
 
 /// Reads until `buf` is full or EOF; returns the bytes read.
-fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+pub fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
@@ -50,7 +50,11 @@ pub struct ReadStats {
 pub struct Reader<R: Read> {
     inner: R,
     header: Header,
+    /// The header as read (for copying an archive unchanged).
+    raw_header: Vec<u8>,
     header_len: u64,
+    /// Extents read so far.
+    extents: u64,
     pos: u64,
     devs: Vec<Option<DevTrack>>,
     head: [u8; VMA_EXTENT_HEADER_SIZE],
@@ -87,6 +91,7 @@ impl<R: Read> Reader<R> {
             });
         }
         let header = Header::decode(&fixed)?;
+        let raw_header = fixed;
         let mut devs: Vec<Option<DevTrack>> = (0..VMA_DEV_SLOTS).map(|_| None).collect();
         for d in &header.devices {
             devs[d.id.0 as usize] = Some(DevTrack {
@@ -97,7 +102,9 @@ impl<R: Read> Reader<R> {
         Ok(Reader {
             inner,
             header,
+            raw_header,
             header_len: header_size as u64,
+            extents: 0,
             pos: header_size as u64,
             devs,
             head: [0; VMA_EXTENT_HEADER_SIZE],
@@ -110,6 +117,11 @@ impl<R: Read> Reader<R> {
     /// The decoded header.
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// The header's bytes, exactly as read.
+    pub fn raw_header(&self) -> &[u8] {
+        &self.raw_header
     }
 
     /// Header length in bytes (offset of the first extent).
@@ -139,7 +151,16 @@ impl<R: Read> Reader<R> {
             return Ok(None);
         }
         let at = self.pos;
-        let got = read_full(&mut self.inner, &mut self.head)?;
+        let number = self.extents;
+        let failed = |what: &'static str| {
+            move |source| FormatError::ReadFailed {
+                offset: at,
+                extent: number,
+                what,
+                source,
+            }
+        };
+        let got = read_full(&mut self.inner, &mut self.head).map_err(failed("its header"))?;
         if got == 0 {
             self.done = true;
             self.check_complete()?;
@@ -156,7 +177,7 @@ impl<R: Read> Reader<R> {
         let ext = ExtentHeader::decode(&self.head, &self.header.uuid, at)?;
         let len = ext.payload_len();
         self.payload.resize(len, 0);
-        let got = read_full(&mut self.inner, &mut self.payload)?;
+        let got = read_full(&mut self.inner, &mut self.payload).map_err(failed("its payload"))?;
         if got < len {
             return Err(FormatError::Truncated {
                 offset: at,
@@ -166,6 +187,7 @@ impl<R: Read> Reader<R> {
             });
         }
         self.pos += (VMA_EXTENT_HEADER_SIZE + len) as u64;
+        self.extents += 1;
         // Validate every entry before handing out any data.
         let mut entries = Vec::with_capacity(VMA_BLOCKS_PER_EXTENT);
         for (slot, e) in ext.entries() {
@@ -211,10 +233,20 @@ impl<R: Read> Reader<R> {
         }
         Ok(Some(Extent {
             offset: at,
+            number,
             entries,
+            head: &self.head,
             payload: &self.payload,
             sizes: &self.devs,
         }))
+    }
+
+    /// Hands out the payload buffer of the extent last returned (to be
+    /// checked on another thread while the next is read) and reads the
+    /// next one into `spare` (a buffer handed out earlier, so that its
+    /// memory is reused: it is not zeroed again).
+    pub fn take_payload(&mut self, spare: Vec<u8>) -> Vec<u8> {
+        std::mem::replace(&mut self.payload, spare)
     }
 
     fn check_complete(&self) -> Result<(), FormatError> {
@@ -252,7 +284,10 @@ impl<R: Read> Reader<R> {
 pub struct Extent<'a> {
     /// Archive offset of the extent header.
     pub offset: u64,
+    /// Its place in the archive: 0 for the first extent.
+    pub number: u64,
     entries: Vec<BlockInfo>,
+    head: &'a [u8; VMA_EXTENT_HEADER_SIZE],
     payload: &'a [u8],
     sizes: &'a [Option<DevTrack>],
 }
@@ -270,6 +305,21 @@ impl<'a> Extent<'a> {
                 stored: &self.payload[stored],
             }
         })
+    }
+
+    /// Its used blockinfo entries, in slot order.
+    pub fn entries(&self) -> &[BlockInfo] {
+        &self.entries
+    }
+
+    /// The 512-byte extent header, exactly as read.
+    pub fn raw_head(&self) -> &'a [u8; VMA_EXTENT_HEADER_SIZE] {
+        self.head
+    }
+
+    /// The payload (every stored block), exactly as read.
+    pub fn payload(&self) -> &'a [u8] {
+        self.payload
     }
 
     /// Number of clusters in this extent.
