@@ -528,3 +528,46 @@ async fn backup_all_drives_zstd() {
     );
     daemon.shutdown().await.unwrap();
 }
+
+/// The oldest QEMU `backup` claims to work with (README): Debian 12's own
+/// QEMU 7.2 (no NBD extended headers, an older backup job). `.ci/run`
+/// unpacks its qemu-storage-daemon and names it in `VMA_WRITER_QSD_7_2`.
+/// A raw and a qcow2 drive, backed up in one transaction, restore byte for
+/// byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_from_qemu_7_2() {
+    let old = std::env::var_os("VMA_WRITER_QSD_7_2").map(std::path::PathBuf::from);
+    let found = old.as_ref().is_some_and(|p| p.is_file());
+    if !require_tools(QSD_TOOLS) || !support::require(found, "VMA_WRITER_QSD_7_2 (QEMU 7.2)") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let raw = raw_islands(&dir.join("scsi0.raw"), 32 * MIB, 7, 8, 2 * MIB);
+    let qcow = dir.join("virtio0.qcow2");
+    let qcow_expected = dir.join("virtio0.expected.raw");
+    qcow2_scattered(&qcow, 1 << 30, &qcow_expected);
+    let mut opts = vma_writer::qemu::DaemonOptions::new(dir.join("run"))
+        .image(vma_writer::qemu::Image::new("scsi0", &raw, "raw"))
+        .image(vma_writer::qemu::Image::new("virtio0", &qcow, "qcow2"));
+    opts.binary = old;
+    let daemon = vma_writer::qemu::StorageDaemon::start(opts)
+        .await
+        .unwrap_or_else(|e| panic!("qemu-storage-daemon 7.2: {e}"));
+    let archive = dir.join("old.vma");
+    let mut cmd = vma_async(["backup", "--qmp"]);
+    cmd.arg(daemon.qmp_socket())
+        .args(["--drive", "scsi0", "--drive", "virtio0", "-o"])
+        .arg(&archive);
+    let ended = Proc::spawn(cmd, false).wait(RUN_TIMEOUT).await;
+    ended.assert_success();
+    check_archive(
+        &archive,
+        &[
+            ("drive-scsi0", 32 * MIB, &raw),
+            ("drive-virtio0", 1 << 30, &qcow_expected),
+        ],
+        dir,
+    );
+    daemon.shutdown().await.unwrap();
+}
