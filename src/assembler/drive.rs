@@ -29,7 +29,7 @@ const BLOCK_STATUS_MAX_CLUSTERS: u64 = 65536;
 
 /// 32-bit content digest of an archived cluster, to recognise replays.
 fn digest(data: &[u8]) -> u32 {
-    xxhash_rust::xxh3::xxh3_64(data) as u32
+    twox_hash::XxHash3_64::oneshot(data) as u32
 }
 
 /// What a replayed whole cluster is, compared with the archived one.

@@ -23,7 +23,7 @@
 use std::io::Write;
 
 use uuid::Uuid;
-use xxhash_rust::xxh3::{Xxh3, xxh3_128};
+use twox_hash::XxHash3_128;
 
 use super::DevId;
 #[cfg(test)]
@@ -69,7 +69,7 @@ pub type Digest = [u8; DIGEST_LEN];
 /// The digest of a cluster from its restored bytes (its in-device bytes:
 /// 64 KiB, or less for a device's last cluster): XXH3-128, big-endian.
 pub fn cluster_digest(restored: &[u8]) -> Digest {
-    xxh3_128(restored).to_be_bytes()
+    XxHash3_128::oneshot(restored).to_be_bytes()
 }
 
 /// [`cluster_digest`] computed from a cluster's stored blocks (`mask` and
@@ -77,12 +77,12 @@ pub fn cluster_digest(restored: &[u8]) -> Digest {
 /// expanding it.
 pub fn stored_digest(mask: u16, stored: &[u8], len: usize) -> Digest {
     static ZEROS: [u8; super::consts::VMA_BLOCK_SIZE] = [0; super::consts::VMA_BLOCK_SIZE];
-    let mut h = Xxh3::new();
+    let mut h = XxHash3_128::new();
     let mut at = 0;
-    let feed_zeros = |h: &mut Xxh3, mut n: usize| {
+    let feed_zeros = |h: &mut XxHash3_128, mut n: usize| {
         while n > 0 {
             let k = n.min(ZEROS.len());
-            h.update(&ZEROS[..k]);
+            h.write(&ZEROS[..k]);
             n -= k;
         }
     };
@@ -93,11 +93,11 @@ pub fn stored_digest(mask: u16, stored: &[u8], len: usize) -> Digest {
         }
         feed_zeros(&mut h, keep.start - at);
         let from = run.payload_range().start;
-        h.update(&stored[from..from + keep.len()]);
+        h.write(&stored[from..from + keep.len()]);
         at = keep.end;
     }
     feed_zeros(&mut h, len - at);
-    h.digest128().to_be_bytes()
+    h.finish_128().to_be_bytes()
 }
 
 /// Why an index is refused.
@@ -349,10 +349,10 @@ impl IndexBuilder {
 /// The index's own digest: XXH3-128 of its first 48 bytes and the
 /// compressed body.
 fn head_digest(head: &[u8], body: &[u8]) -> Digest {
-    let mut h = Xxh3::new();
-    h.update(&head[..48]);
-    h.update(body);
-    h.digest128().to_be_bytes()
+    let mut h = XxHash3_128::new();
+    h.write(&head[..48]);
+    h.write(body);
+    h.finish_128().to_be_bytes()
 }
 
 fn le_u16(b: &[u8], at: usize) -> u16 {
