@@ -39,6 +39,12 @@ pub fn stored_len(mask: u16) -> usize {
     mask.count_ones() as usize * VMA_BLOCK_SIZE
 }
 
+/// In-device bytes of a cluster with `len` in-device bytes that `mask`
+/// stores (the rest of its `len` bytes are zero blocks).
+pub fn stored_in_device(mask: u16, len: usize) -> usize {
+    stored_runs(mask).map(|r| r.in_device(len).len()).sum()
+}
+
 /// The mask bits a cluster with `len` in-device bytes may set: those of the
 /// blocks that start inside the device (§6.2). A reader rejects any other.
 pub fn valid_mask(len: usize) -> u16 {

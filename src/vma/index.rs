@@ -22,13 +22,13 @@
 
 use std::io::Write;
 
-use uuid::Uuid;
 use twox_hash::XxHash3_128;
+use uuid::Uuid;
 
 use super::DevId;
 #[cfg(test)]
 use super::Device;
-use super::cluster::{clusters_of, stored_len, stored_runs};
+use super::cluster::{clusters_of, stored_in_device, stored_len, stored_runs};
 use super::consts::{VMA_EXTENT_HEADER_SIZE, VMA_MAX_DEVICES};
 use super::extent::BlockInfo;
 use super::header::Header;
@@ -185,7 +185,7 @@ impl DeviceTotals {
             self.data_clusters += 1;
         }
         self.stored_bytes += stored;
-        self.zero_bytes += len.saturating_sub(stored);
+        self.zero_bytes += len - stored_in_device(e.mask, len as usize) as u64;
     }
 }
 

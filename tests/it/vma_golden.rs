@@ -1,8 +1,10 @@
 //! Golden vectors (`format/golden/`): small archives generated
 //! deterministically (fixed uuid, ctime and pseudo-random content), committed
-//! as binary files with their expected `list` output (`NAME.list`, UTC) and
-//! the sha256 of every extracted drive (`NAME.sha256`). Any change to the
-//! bytes the writer produces, to `list`, or to extraction fails here.
+//! as binary files with their index (`NAME.vma.index`, `format/INDEX.md`),
+//! their expected `list` output (`NAME.list`, UTC) and the sha256 of every
+//! extracted drive (`NAME.sha256`); `worked-example` also as a seekable
+//! `.vma.zst`. Any change to the bytes the writer produces, to the index,
+//! to `list`, or to extraction fails here.
 //!
 //! Regenerate deliberately with `VMA_WRITER_BLESS=1 cargo test --release --test it
 //! vma_golden` (see `format/golden/README.md`).
@@ -12,7 +14,10 @@ use std::path::{Path, PathBuf};
 use crate::support::*;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
-use vma_writer::vma::{DevId, WriterBuilder};
+use vma_writer::archive::RandomArchive;
+use vma_writer::sink::{Sink, SinkOptions, Target};
+use vma_writer::vma::index::stored_digest;
+use vma_writer::vma::{ArchiveIndex, DevId, Reader, Writer, WriterBuilder};
 
 const BLESS_ENV: &str = "VMA_WRITER_BLESS";
 
@@ -180,8 +185,48 @@ fn sector_sizes_devs() -> Vec<TestDev> {
         .collect()
 }
 
+/// The golden archive written as a seekable `.vma.zst` as well.
+const SEEKABLE_GOLDEN: &str = "worked-example";
+
 impl Golden {
     fn build(&self) -> Vec<u8> {
+        self.build_indexed().0
+    }
+
+    /// The archive and its index, as `create` writes them to a `.vma`.
+    fn build_indexed(&self) -> (Vec<u8>, Vec<u8>) {
+        let mut w = self.builder().index(true).start(Vec::new()).unwrap();
+        self.write_clusters(&mut w);
+        let (archive, index) = w.finish_indexed().unwrap();
+        (archive, index.expect("an indexed writer returns its index"))
+    }
+
+    /// The archive as a seekable `.vma.zst` (one compression thread, so
+    /// the bytes do not depend on the machine).
+    fn build_seekable(&self) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.vma.zst");
+        let opts = SinkOptions {
+            zstd_level: Some(3),
+            threads: 1,
+            keep_partial: false,
+        };
+        let sink = Sink::create(&Target::File(path.clone()), &opts).unwrap();
+        let mut w = self.builder().index(true).start(sink).unwrap();
+        self.write_clusters(&mut w);
+        let (sink, index) = w.finish_indexed().unwrap();
+        sink.commit(index.as_deref()).unwrap();
+        std::fs::read(path).unwrap()
+    }
+
+    fn write_clusters<W: vma_writer::vma::ArchiveOut>(&self, w: &mut Writer<W>) {
+        for &(d, c) in &self.order {
+            w.write_cluster(DevId(d as u8 + 1), c as u64, self.devs[d].cluster(c))
+                .unwrap();
+        }
+    }
+
+    fn builder(&self) -> WriterBuilder {
         let mut b = WriterBuilder::new()
             .uuid(self.uuid)
             .ctime(self.ctime)
@@ -190,17 +235,11 @@ impl Golden {
         for (n, d) in &self.configs {
             b.add_config(n, d).unwrap();
         }
-        let ids: Vec<DevId> = self
-            .devs
-            .iter()
-            .map(|d| b.add_device(&d.name, d.data.len() as u64).unwrap())
-            .collect();
-        let mut w = b.start(Vec::new()).unwrap();
-        for &(d, c) in &self.order {
-            w.write_cluster(ids[d], c as u64, self.devs[d].cluster(c))
-                .unwrap();
+        for (i, d) in self.devs.iter().enumerate() {
+            let id = b.add_device(&d.name, d.data.len() as u64).unwrap();
+            assert_eq!(id, DevId(i as u8 + 1));
         }
-        w.finish().unwrap()
+        b
     }
 
     /// The expected `list` output, written out from the inputs (not from
@@ -262,7 +301,12 @@ fn bless_once() {
             let w = |ext: &str, data: &[u8]| {
                 std::fs::write(golden_dir().join(format!("{}.{ext}", g.name)), data).unwrap()
             };
-            w("vma", &g.build());
+            let (archive, index) = g.build_indexed();
+            w("vma", &archive);
+            w("vma.index", &index);
+            if g.name == SEEKABLE_GOLDEN {
+                w("vma.zst", &g.build_seekable());
+            }
             w("list", g.list().as_bytes());
             w("sha256", g.sha256().as_bytes());
         }
@@ -483,4 +527,78 @@ fn golden_archive_shapes() {
         .inspect(|b| assert_eq!(b.0, 0))
         .count();
     assert_eq!(zero, 49);
+}
+
+/// Every golden archive's index (`format/INDEX.md`) is reproduced byte for
+/// byte, decodes, names its archive, and locates every cluster where the
+/// archive has it, with the digest of its restored bytes.
+#[test]
+fn golden_indexes_are_reproduced_and_locate_every_cluster() {
+    for g in goldens() {
+        let (archive, fresh) = g.build_indexed();
+        let committed = golden_file(&format!("{}.vma.index", g.name));
+        assert!(
+            committed == fresh,
+            "{}.vma.index: the index changed; if intended, regenerate with {BLESS_ENV}=1",
+            g.name
+        );
+        let index = ArchiveIndex::decode(&committed).unwrap();
+        let mut r = Reader::new(&archive[..]).unwrap();
+        index
+            .check_archive(r.header(), Some(archive.len() as u64))
+            .unwrap();
+        assert!(!index.framed && index.has_digests());
+        let mut extents = 0;
+        while let Some(ext) = r.next_extent().unwrap() {
+            assert_eq!(
+                index.extents[extents].stream_offset, ext.offset,
+                "{}",
+                g.name
+            );
+            extents += 1;
+            for c in ext.clusters() {
+                let at = index.locate(c.dev, c.cluster).unwrap();
+                assert_eq!(at.mask, c.mask);
+                let stored = &archive[at.stream_offset as usize..][..c.stored.len()];
+                assert_eq!(stored, c.stored, "{}: cluster {}", g.name, c.cluster);
+                let want = (c.mask != 0).then(|| stored_digest(c.mask, c.stored, c.len));
+                assert_eq!(
+                    at.digest, want,
+                    "{}: digest of cluster {}",
+                    g.name, c.cluster
+                );
+            }
+        }
+        assert_eq!(extents, index.extents.len());
+    }
+}
+
+/// The seekable golden `.vma.zst` is reproduced byte for byte, `zstd -d`
+/// gives the plain golden archive, and it reads at random to the sources.
+#[test]
+fn golden_seekable_archive() {
+    let g = goldens()
+        .into_iter()
+        .find(|g| g.name == SEEKABLE_GOLDEN)
+        .unwrap();
+    let committed = golden_file(&format!("{SEEKABLE_GOLDEN}.vma.zst"));
+    assert!(
+        committed == g.build_seekable(),
+        "{SEEKABLE_GOLDEN}.vma.zst changed; if intended, regenerate with {BLESS_ENV}=1"
+    );
+    assert_eq!(
+        zstd::decode_all(&committed[..]).unwrap(),
+        golden_file(&format!("{SEEKABLE_GOLDEN}.vma"))
+    );
+    let path = golden_dir().join(format!("{SEEKABLE_GOLDEN}.vma.zst"));
+    let a = RandomArchive::open(path.to_str().unwrap()).unwrap();
+    assert!(a.index().framed && a.has_digests());
+    for (i, d) in g.devs.iter().enumerate() {
+        for c in 0..d.clusters() {
+            let got = a.read_cluster(DevId(i as u8 + 1), c as u64).unwrap();
+            let mut out = vec![0u8; got.len];
+            got.data().expand_into(&mut out);
+            assert_eq!(out, d.cluster(c).to_vec(), "cluster {c}");
+        }
+    }
 }
