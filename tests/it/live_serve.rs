@@ -475,3 +475,50 @@ async fn serve_flush_writes_out_the_pending_extent() {
     std::fs::write(&expected_path, &expected).unwrap();
     check_archive(&archive, &[("drive-scsi0", size, &expected_path)], dir);
 }
+
+/// `serve --zstd` writes the same VMA as `serve` without it (issue 8): two
+/// runs with the same `--uuid` and `--ctime`, fed by the same one-request-
+/// at-a-time client (`qemu-img convert -m 1`, so the clusters arrive in the
+/// same order), give a plain archive and a seekable `.vma.zst` whose
+/// `zstd -dc` is that archive byte for byte; both restore to the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_zstd_is_the_plain_archive_under_zstd() {
+    if !require_tools(&["qemu-img", "zstd"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let size = 6 * MIB + 1536;
+    let src = raw_islands(&dir.join("src.raw"), size, 21, 6, MIB);
+    let same = [
+        "--uuid",
+        "6c0a9e4e-7f52-4c39-9d1e-2b1b8a3c4d5e",
+        "--ctime",
+        "1767225600",
+    ];
+    let mut archives = Vec::new();
+    for (name, extra) in [("plain.vma", None), ("packed.vma.zst", Some("--zstd"))] {
+        let sub = dir.join(name.replace('.', "-"));
+        std::fs::create_dir(&sub).unwrap();
+        let archive = dir.join(name);
+        let (serve, at) = ServeCmd::unix(&sub, &[("drive-scsi0", size)], &archive)
+            .args(same)
+            .args(extra)
+            .start()
+            .await;
+        run_ok(
+            Command::new("qemu-img")
+                .args(["convert", "-m", "1", "-n", "-f", "raw", "-O", "raw"])
+                .arg(&src)
+                .arg(at.uri("drive-scsi0")),
+        );
+        serve.wait(RUN_TIMEOUT).await.assert_success();
+        check_archive(&archive, &[("drive-scsi0", size, &src)], dir);
+        archives.push(archive);
+    }
+    let unpacked = run_ok(Command::new("zstd").arg("-dc").arg(&archives[1])).stdout;
+    assert!(
+        unpacked == std::fs::read(&archives[0]).unwrap(),
+        "zstd -dc of the .vma.zst differs from the plain archive"
+    );
+}
