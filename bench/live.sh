@@ -24,7 +24,16 @@
 # Experiment (TARGETS="a a2 b c amt"): amt = a under GLIBC_TUNABLES that make
 # glibc keep freed 1 MiB payload buffers (what a buffer pool would gain).
 #
+# Random-access archives (issue 8), as further targets:
+#   ax  a, but the archive to stdout (`-o - > FILE`): no index, no digests,
+#       so a/ax in CPU is what the index costs;
+#   z   vma-writer serve --zstd (seekable frames on all cores, index inside);
+#   zp  vma-writer serve -o - | zstd -T2 -3 (vzdump's way), the peer of z.
+# SOURCE=mixed makes the source compressible (per 4 MiB: 1 MiB text-like,
+# 1 MiB random, 2 MiB zeros) instead of dense random, for z and zp.
+#
 # Usage: bench/live.sh          Env: VMA=...  RUNS=3  SIZE_MIB=4096  SCRATCH=...
+#                                    TARGETS="a a2 b c"  SOURCE=random|mixed
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -64,8 +73,25 @@ echo "== live benchmark, $RUNS runs, ${SIZE_MIB} MiB dense random source, binary
 machine_info
 echo "qemu:    $(qemu-storage-daemon --version | head -1)"
 echo "nbdkit:  $(nbdkit --version)"
-echo "making the source in $S ..."
-rnd $SIZE > "$S/src.raw"
+echo "making the ${SOURCE:-random} source in $S ..."
+if [[ ${SOURCE:-random} == mixed ]]; then
+    # per 4 MiB: 1 MiB text-like (random bytes mapped onto letters, spaces
+    # and newlines), 1 MiB random, 2 MiB zeros
+    python3 - "$S/src.raw" "$SIZE_MIB" <<'PY'
+import os, sys
+path, mib = sys.argv[1], int(sys.argv[2])
+M = 1 << 20
+alphabet = bytes(b"abcdefghijklmnopqrstuvwxyz    \n\n" * 8)
+table = bytes.maketrans(bytes(range(256)), alphabet)
+with open(path, "wb") as w:
+    for i in range(mib // 4):
+        w.write(os.urandom(M).translate(table))
+        w.write(os.urandom(M))
+        w.write(bytes(2 * M))
+PY
+else
+    rnd $SIZE > "$S/src.raw"
+fi
 
 QSD_PID=
 start_qsd() {
@@ -81,7 +107,7 @@ start_qsd() {
 qsd_cpu() { cpu_secs_pid "$QSD_PID"; }
 stop_qsd() { stop_pid "$QSD_PID"; QSD_PID=; }
 
-declare -A T J RSS CPU QCPU FOREIGN
+declare -A T J RSS CPU QCPU FOREIGN SIZES
 add() { T[$1]="${T[$1]:-} $2"; IDLE_SEEN[$1]="${IDLE_SEEN[$1]:-} $LAST_IDLE"; }
 declare -A IDLE_SEEN
 
@@ -145,6 +171,66 @@ run_a2() { # vma-writer backup --qmp, end to end
     rm -f "$arch"
 }
 
+run_stream() { # ax: serve -o - > FILE; zp: serve -o - | zstd -T2 -3 > FILE
+    local i=$1 k=$2 arch="$S/$2.vma" t0 sp rc
+    rm -f "$S/nbd.sock" "$arch"
+    if [[ $k == zp ]]; then
+        arch="$S/zp.vma.zst"
+        bash -c "/usr/bin/time -v -o '$S/time-$k.txt' '$VMA' serve --listen 'unix:$S/nbd.sock' \
+            --drive 'drive-scsi0=$SIZE' -o - 2> '$S/serve.err' | zstd -T2 -3 -q > '$arch'" &
+    else
+        /usr/bin/time -v -o "$S/time-$k.txt" "$VMA" serve --listen "unix:$S/nbd.sock" \
+            --drive "drive-scsi0=$SIZE" -o - > "$arch" 2> "$S/serve.err" &
+    fi
+    sp=$!
+    wait_socket "$S/nbd.sock"
+    wait_idle
+    local b0 b1 q0
+    q0=$(qsd_cpu); b0=$(busy_secs)
+    t0=$(now)
+    "$PY" "$QMP_BACKUP" --qmp "$S/qmp.sock" --nbd-unix "$S/nbd.sock" \
+        --node drive0 --export drive-scsi0 > "$S/qb.out" 2>&1 || { cat "$S/qb.out" "$S/serve.err" >&2; return 1; }
+    rc=0; wait "$sp" || rc=$?
+    add "$k" "$(since "$t0")"
+    b1=$(busy_secs)
+    [[ $rc == 0 ]] || { echo "$k exited $rc" >&2; cat "$S/serve.err" >&2; return 1; }
+    J[$k]="${J[$k]:-} $(job_secs "$S/qb.out")"
+    RSS[$k]="${RSS[$k]:-} $(peak_rss_kib "$S/time-$k.txt")"
+    CPU[$k]="${CPU[$k]:-} $(cpu_secs_time "$S/time-$k.txt")"; QCPU[$k]="${QCPU[$k]:-} $(qsd_cpu)"
+    FOREIGN[$k]="${FOREIGN[$k]:-} $(foreign_secs "$b0" "$b1" "$(awk -v s="$(cpu_secs_time "$S/time-$k.txt")" -v q1="$(qsd_cpu)" -v q0="$q0" 'BEGIN { print s + q1 - q0 }')")"
+    SIZES[$k]=$(stat -c %s "$arch")
+    rm -f "$arch"
+}
+
+run_z() { # vma-writer serve --zstd: seekable frames, index inside
+    local i=$1 arch="$S/z.vma.zst" t0 sp rc
+    rm -f "$S/nbd.sock" "$arch"
+    /usr/bin/time -v -o "$S/time-z.txt" "$VMA" serve --listen "unix:$S/nbd.sock" \
+        --drive "drive-scsi0=$SIZE" -o "$arch" > "$S/serve.out" 2> "$S/serve.err" &
+    sp=$!
+    wait_socket "$S/nbd.sock"
+    wait_idle
+    local b0 b1 q0
+    q0=$(qsd_cpu); b0=$(busy_secs)
+    t0=$(now)
+    "$PY" "$QMP_BACKUP" --qmp "$S/qmp.sock" --nbd-unix "$S/nbd.sock" \
+        --node drive0 --export drive-scsi0 > "$S/qb.out" 2>&1 || { cat "$S/qb.out" "$S/serve.err" >&2; return 1; }
+    rc=0; wait "$sp" || rc=$?
+    add z "$(since "$t0")"
+    b1=$(busy_secs)
+    [[ $rc == 0 ]] || { echo "serve --zstd exited $rc" >&2; cat "$S/serve.err" >&2; return 1; }
+    J[z]="${J[z]:-} $(job_secs "$S/qb.out")"
+    RSS[z]="${RSS[z]:-} $(peak_rss_kib "$S/time-z.txt")"
+    CPU[z]="${CPU[z]:-} $(cpu_secs_time "$S/time-z.txt")"; QCPU[z]="${QCPU[z]:-} $(qsd_cpu)"
+    FOREIGN[z]="${FOREIGN[z]:-} $(foreign_secs "$b0" "$b1" "$(awk -v s="$(cpu_secs_time "$S/time-z.txt")" -v q1="$(qsd_cpu)" -v q0="$q0" 'BEGIN { print s + q1 - q0 }')")"
+    SIZES[z]=$(stat -c %s "$arch")
+    if ((${VERIFIED_z:-0} == 0)); then
+        "$VMA" verify "$arch" 2>&1 | tail -1 | sed 's/^/   verify of (z): /'
+        VERIFIED_z=1
+    fi
+    rm -f "$arch"
+}
+
 run_nbdkit() { # b: null, c: file
     local which=$1 t0 np
     rm -f "$S/nbd.sock" "$S/c.raw"
@@ -186,6 +272,8 @@ for ((i = 1; i <= RUNS; i++)); do
             a) run_a "$i" a ;;
             amt) run_a "$i" amt ;;
             a2) run_a2 "$i" ;;
+            ax | zp) run_stream "$i" "$t" ;;
+            z) run_z "$i" ;;
             b | c) run_nbdkit "$t" ;;
         esac
         stop_qsd
@@ -199,13 +287,16 @@ label() {
         b) echo "b  nbdkit null" ;;
         c) echo "c  nbdkit file -> tmpfs" ;;
         amt) echo "a  serve, malloc tuned (exp.)" ;;
+        ax) echo "ax serve -o - > tmpfs (no index)" ;;
+        z) echo "z  serve --zstd (seekable)" ;;
+        zp) echo "zp serve -o - | zstd -T2 -3" ;;
     esac
 }
 med() { # shellcheck disable=SC2086
     median $1; }
 
 echo
-echo "== results: QEMU blockdev-backup sync=full of ${SIZE_MIB} MiB dense random, medians of $RUNS runs (MB = 10^6 B)"
+echo "== results: QEMU blockdev-backup sync=full of ${SIZE_MIB} MiB ${SOURCE:-random} source, medians of $RUNS runs (MB = 10^6 B)"
 machine_info
 printf '%-32s %9s %7s %9s %7s %9s %10s %9s\n' target wall_s MB/s job_s job_MB/s "RSS MiB" srv_cpu_s qemu_cpu_s
 for t in $TARGETS; do
@@ -263,7 +354,13 @@ paired() { # NUM_KEY DEN_KEY: median over rounds of T[DEN]/T[NUM] (speed of NUM 
     echo "$(median "${r[@]}") (rounds: ${r[*]}); clean rounds only: $cm (${#c[@]} of ${#r[@]}: ${c[*]})"
 }
 FOREIGN_MAX=${FOREIGN_MAX:-0.5}
-for pr in "a b" "a c" "a2 b" "a2 c" "amt b" "amt c"; do
+if has z && has zp; then
+    echo "(z)/(zp) = $(ratio "$(med "${T[zp]}")" "$(med "${T[z]}")")   (serve --zstd against serve -o - | zstd -T2 -3; sizes ${SIZES[z]:-?} / ${SIZES[zp]:-?} B)"
+fi
+if has a && has ax; then
+    echo "index cost: serve CPU with index / without = $(ratio "$(med "${CPU[a]}")" "$(med "${CPU[ax]}")")   (target <= 1.10)"
+fi
+for pr in "a b" "a c" "a2 b" "a2 c" "amt b" "amt c" "z zp" "a ax"; do
     read -r x y <<< "$pr"
     if has "$x" && has "$y"; then echo "paired ($x)/($y): $(paired "$x" "$y")"; fi
 done
