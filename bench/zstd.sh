@@ -110,8 +110,19 @@ done
 SIZE[a]=$(stat -c %s "$S/a.vma.zst"); SIZE[b]=$(stat -c %s "$S/b.vma.zst")
 zstd -dc "$S/a.vma.zst" | cmp - <(zstd -dc "$S/b.vma.zst") && echo "same VMA bytes in both"
 
-echo "-- plain archive for verify"
-"$VMA" create "$S/p.vma" --uuid $UUID --ctime $CTIME -d drive-scsi0="$S/img.raw"
+echo "-- index cost: create to a file (index + digests) against create to stdout (neither)"
+declare -A C
+for ((i = 1; i <= RUNS; i++)); do
+    rm -f "$S/p.vma" "$S/p.vma.index" "$S/px.vma"
+    wait_idle
+    /usr/bin/time -v -o "$S/t.txt" "$VMA" create "$S/p.vma" --uuid $UUID --ctime $CTIME -d drive-scsi0="$S/img.raw"
+    C[indexed]="${C[indexed]:-} $(cpu_secs_time "$S/t.txt")"
+    wait_idle
+    /usr/bin/time -v -o "$S/t.txt" "$VMA" create - --uuid $UUID --ctime $CTIME -d drive-scsi0="$S/img.raw" > "$S/px.vma"
+    C[plain]="${C[plain]:-} $(cpu_secs_time "$S/t.txt")"
+done
+cmp "$S/p.vma" "$S/px.vma" && echo "same archive bytes with and without the index"
+rm -f "$S/px.vma"
 for ((i = 1; i <= RUNS; i++)); do
     echo "-- verify run $i/$RUNS"
     wait_idle; t0=$(now); "$VMA" verify "$S/p.vma" 2>/dev/null; add verify-digests "$(since "$t0")"
@@ -150,6 +161,7 @@ row() { local m; m=$(median ${T[$1]}); printf '%-22s %8s s  %6s MB/s\n' "$1" "$m
 row create-zstd $SIZE4; row create-pipe $SIZE4; row create-zstd-t1 $SIZE4
 echo "create --zstd / pipe (throughput): $(ratio "$(median ${T[create-pipe]})" "$(median ${T[create-zstd]})") x (target >= 1.3)"
 echo "compressed: --zstd ${SIZE[a]} B, pipe ${SIZE[b]} B, ratio $(awk -v a="${SIZE[a]}" -v b="${SIZE[b]}" 'BEGIN{printf "%.4f", a/b}') (target within 1 %)"
+echo "create CPU-s: with index $(median ${C[indexed]}), without $(median ${C[plain]}): $(ratio "$(median ${C[indexed]})" "$(median ${C[plain]})") (target <= 1.10)"
 row verify-digests $SIZE4; row verify-plain $SIZE4; row verify-zstd-digests $SIZE4
 P=$(stat -c %s "$S/p.vma")
 row xxhsum "$P"; row b3sum "$P"
