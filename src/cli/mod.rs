@@ -19,6 +19,7 @@ mod create;
 mod demo;
 mod display;
 mod extract;
+mod generate;
 mod list;
 mod live;
 mod options;
@@ -60,6 +61,8 @@ pub enum Command {
     Backup(backup::Args),
     /// Run a self-contained live backup and restore check, end to end.
     Demo(demo::Args),
+    /// Write man pages or print shell completions.
+    Generate(generate::Args),
 }
 
 /// Runs the parsed command line.
@@ -74,6 +77,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(a) => serve::run(a),
         Command::Backup(a) => backup::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Generate(a) => generate::run(a),
     }
 }
 

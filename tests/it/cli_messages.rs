@@ -324,3 +324,34 @@ fn demo_without_qemu_storage_daemon_fails_before_making_anything() {
         assert_eq!(out.stdout, b"", "demo said something on stdout");
     }
 }
+
+/// `generate man DIR` writes vma-writer(1) and a page per subcommand;
+/// `generate completions SHELL` prints a script that knows the
+/// subcommands (and bash's parses).
+#[test]
+fn generated_man_pages_and_completions() {
+    let env = TestEnv::new();
+    env.ok(["generate", "man", "man1"]);
+    for page in [
+        "vma-writer.1",
+        "vma-writer-backup.1",
+        "vma-writer-verify.1",
+        "vma-writer-convert.1",
+    ] {
+        let text = std::fs::read_to_string(env.path("man1").join(page)).unwrap();
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH"),
+            "{page}: {text:.80}"
+        );
+    }
+    for shell in ["bash", "zsh", "fish"] {
+        let script = String::from_utf8(env.ok(["generate", "completions", shell])).unwrap();
+        for sub in ["backup", "serve", "extract", "convert"] {
+            assert!(script.contains(sub), "{shell}: no {sub}");
+        }
+        if shell == "bash" {
+            let path = env.write("vma-writer.bash", script.as_bytes());
+            run_ok(std::process::Command::new("bash").arg("-n").arg(path));
+        }
+    }
+}
