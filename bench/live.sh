@@ -121,7 +121,7 @@ MALLOC_TUNED='glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=26
 run_a() { # vma-writer serve + qmp_backup.py; $2 = key (a, or amt: malloc tuned)
     local i=$1 k=${2:-a} arch="$S/a.vma" t0 sp rc tun=
     [[ $k == amt ]] && tun=$MALLOC_TUNED
-    rm -f "$S/nbd.sock" "$arch"
+    rm -f "$S/nbd.sock" "$arch" "$arch.index"
     GLIBC_TUNABLES=$tun /usr/bin/time -v -o "$S/time-a.txt" "$VMA" serve --listen "unix:$S/nbd.sock" \
         --drive "drive-scsi0=$SIZE" -o "$arch" > "$S/serve.out" 2> "$S/serve.err" &
     sp=$!
@@ -145,12 +145,12 @@ run_a() { # vma-writer serve + qmp_backup.py; $2 = key (a, or amt: malloc tuned)
         tail -2 "$S/serve.err" | sed 's/^/   serve: /'
         VERIFIED_a=1
     fi
-    rm -f "$arch"
+    rm -f "$arch" "$arch.index"
 }
 
 run_a2() { # vma-writer backup --qmp, end to end
     local i=$1 arch="$S/a2.vma" t0
-    rm -f "$arch"
+    rm -f "$arch" "$arch.index"
     wait_idle
     local b0 b1 q0
     q0=$(qsd_cpu); b0=$(busy_secs)
@@ -168,12 +168,12 @@ run_a2() { # vma-writer backup --qmp, end to end
         tail -2 "$S/backup.err" | sed 's/^/   backup: /'
         VERIFIED_a2=1
     fi
-    rm -f "$arch"
+    rm -f "$arch" "$arch.index"
 }
 
 run_stream() { # ax: serve -o - > FILE; zp: serve -o - | zstd -T2 -3 > FILE
     local i=$1 k=$2 arch="$S/$2.vma" t0 sp rc
-    rm -f "$S/nbd.sock" "$arch"
+    rm -f "$S/nbd.sock" "$arch" "$arch.index"
     if [[ $k == zp ]]; then
         arch="$S/zp.vma.zst"
         bash -c "/usr/bin/time -v -o '$S/time-$k.txt' '$VMA' serve --listen 'unix:$S/nbd.sock' \
@@ -199,12 +199,12 @@ run_stream() { # ax: serve -o - > FILE; zp: serve -o - | zstd -T2 -3 > FILE
     CPU[$k]="${CPU[$k]:-} $(cpu_secs_time "$S/time-$k.txt")"; QCPU[$k]="${QCPU[$k]:-} $(qsd_cpu)"
     FOREIGN[$k]="${FOREIGN[$k]:-} $(foreign_secs "$b0" "$b1" "$(awk -v s="$(cpu_secs_time "$S/time-$k.txt")" -v q1="$(qsd_cpu)" -v q0="$q0" 'BEGIN { print s + q1 - q0 }')")"
     SIZES[$k]=$(stat -c %s "$arch")
-    rm -f "$arch"
+    rm -f "$arch" "$arch.index"
 }
 
 run_z() { # vma-writer serve --zstd: seekable frames, index inside
     local i=$1 arch="$S/z.vma.zst" t0 sp rc
-    rm -f "$S/nbd.sock" "$arch"
+    rm -f "$S/nbd.sock" "$arch" "$arch.index"
     /usr/bin/time -v -o "$S/time-z.txt" "$VMA" serve --listen "unix:$S/nbd.sock" \
         --drive "drive-scsi0=$SIZE" -o "$arch" > "$S/serve.out" 2> "$S/serve.err" &
     sp=$!
@@ -228,7 +228,7 @@ run_z() { # vma-writer serve --zstd: seekable frames, index inside
         "$VMA" verify "$arch" 2>&1 | tail -1 | sed 's/^/   verify of (z): /'
         VERIFIED_z=1
     fi
-    rm -f "$arch"
+    rm -f "$arch" "$arch.index"
 }
 
 run_nbdkit() { # b: null, c: file

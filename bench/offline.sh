@@ -83,7 +83,7 @@ run_image() {
         if ((MT)); then # experiment: the same create with glibc malloc keeping freed buffers
             wait_idle; t0=$(now)
             GLIBC_TUNABLES=$MALLOC_TUNED "$VMA" create "$arch.mt" -d "drive-scsi0=$img"
-            add "$name:create-mt" "$(since "$t0")"; rm -f "$arch.mt"
+            add "$name:create-mt" "$(since "$t0")"; rm -f "$arch.mt" "$arch.mt.index"
         fi
         wait_idle; t0=$(now)
         /usr/bin/time -v -o "$S/time.txt" "$VMA" verify "$arch"
@@ -95,7 +95,7 @@ run_image() {
             cmp "$img" "$x/disk-drive-scsi0.raw" || { echo "extract differs from $img" >&2; exit 1; }
             echo "   archive $(stat -c %s "$arch") B; extract == source"
         fi
-        rm -rf "$x" "$arch"
+        rm -rf "$x" "$arch" "$arch.index"
     done
     SIZE[$name]=$size
 }
