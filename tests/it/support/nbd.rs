@@ -313,6 +313,10 @@ impl RawClient {
             match self.s.read(&mut buf) {
                 Ok(0) => return true,
                 Ok(_) => continue,
+                // A socket read with SO_RCVTIMEO fails with EINTR when a
+                // signal arrives, even under SA_RESTART (signal(7)); other
+                // tests' children send this process SIGCHLD.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
                 Err(_) => return false,
             }
