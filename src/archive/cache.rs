@@ -120,6 +120,17 @@ impl FrameCache {
         }
     }
 
+    /// True when frame `frame` is held or being loaded (a prefetch of it
+    /// would only wait for that load).
+    pub fn contains(&self, frame: u32) -> bool {
+        lock(&self.state).entries.contains_key(&frame)
+    }
+
+    /// The budget in bytes.
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
     /// Frames decompressed so far (tests: shared loads count once).
     pub fn loads(&self) -> u64 {
         lock(&self.state).loads
