@@ -29,6 +29,10 @@
 //! - [`archive`]: reading archives: any compression (zstd, gzip, lzop,
 //!   by magic), front to back or at random by cluster
 //!   ([`archive::RandomArchive`]), checked against the archive index.
+//! - [`export`]: an archive's drives served read-only over NBD (instant
+//!   restore): one [`nbd::Backend`] per drive over an
+//!   [`archive::RandomArchive`], with digest-checked reads, block status
+//!   from the index, read-ahead and bounded memory.
 //! - [`sink`]: bytes out: plain or zstd, fsync, temp-then-rename commit.
 //! - [`qmp`]: a small async client for QEMU's JSON monitor:
 //!   [`qmp::protocol`] (pure message decoding, error classes, typed
@@ -42,6 +46,7 @@ pub mod archive;
 pub mod assembler;
 pub mod backup;
 pub mod cli;
+pub mod export;
 pub mod nbd;
 pub mod pool;
 pub mod qemu;

@@ -18,6 +18,7 @@ mod convert;
 mod create;
 mod demo;
 mod display;
+mod export;
 mod extract;
 mod list;
 mod live;
@@ -54,6 +55,8 @@ pub enum Command {
     /// as a seekable .vma.zst, or a .vma with its index; the VMA bytes stay
     /// the same.
     Convert(convert::Args),
+    /// Serve an archive's drives read-only over NBD (instant restore).
+    Export(export::Args),
     /// Be the NBD target of a live backup and write its archive.
     Serve(serve::Args),
     /// Back up a running QEMU's drives over QMP into one archive.
@@ -71,6 +74,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify(a) => verify::run(a),
         Command::Extract(a) => extract::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Export(a) => export::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Backup(a) => backup::run(a),
         Command::Demo(a) => demo::run(a),
