@@ -40,6 +40,8 @@
 //!   [`qmp::commands`] (typed block commands and queries).
 //! - [`qemu`]: starting and stopping `qemu-storage-daemon` for `create`,
 //!   `demo` and tests.
+//! - [`qemu_img`]: `qemu-img` as a child process: converting an export
+//!   into any image format, creating the overlays of a live restore.
 //! - [`cli`]: one module per subcommand of the `vma-writer` binary.
 
 pub mod archive;
@@ -50,6 +52,7 @@ pub mod export;
 pub mod nbd;
 pub mod pool;
 pub mod qemu;
+pub mod qemu_img;
 pub mod qmp;
 pub mod seekable;
 pub mod sink;

@@ -217,71 +217,112 @@ impl RandomArchive {
     pub fn read_into(&self, dev: DevId, offset: u64, out: &mut [u8]) -> Result<(), ArchiveError> {
         let size = self.device_size(dev);
         let cluster_bytes = VMA_CLUSTER_SIZE as u64;
+        let plain = matches!(self.file.layout(), Layout::Plain);
         let mut pos = 0usize;
         while pos < out.len() {
             let at = offset + pos as u64;
+            let cluster = at / cluster_bytes;
             let in_cluster = (at % cluster_bytes) as usize;
             let n = (VMA_CLUSTER_SIZE - in_cluster).min(out.len() - pos);
-            self.read_cluster_part(
-                dev,
-                size,
-                at / cluster_bytes,
-                in_cluster,
-                &mut out[pos..pos + n],
-            )?;
+            let loc = self.locate(dev, size, cluster)?;
+            let in_place =
+                |loc: &Location, len: usize| loc.mask != 0 && loc.mask == valid_mask(len);
+            if plain && n == cluster_len(size, cluster) && in_place(&loc, n) {
+                // A plain archive's cluster with every block stored is its
+                // own in-device bytes, and the next clusters often follow
+                // it in the file: read the whole run in place, in one call.
+                let mut run = n;
+                let mut next = cluster + 1;
+                loop {
+                    let len = cluster_len(size, next);
+                    if len == 0 || run + len > out.len() - pos {
+                        break;
+                    }
+                    let l = self.locate(dev, size, next)?;
+                    if !in_place(&l, len) || l.stream_offset != loc.stream_offset + run as u64 {
+                        break;
+                    }
+                    run += len;
+                    next += 1;
+                }
+                self.read_in_place(
+                    dev,
+                    size,
+                    cluster..next,
+                    loc.stream_offset,
+                    &mut out[pos..pos + run],
+                )?;
+                pos += run;
+                continue;
+            }
+            self.read_cluster_part(dev, size, cluster, &loc, in_cluster, &mut out[pos..pos + n])?;
             pos += n;
         }
         Ok(())
     }
 
-    /// The bytes of cluster `cluster` from `at` on into `out`; see
-    /// [`read_into`](Self::read_into).
+    /// Reads `clusters` of `dev`, stored back to back from `stream_offset`
+    /// with every block, straight into `out`, and checks each.
+    fn read_in_place(
+        &self,
+        dev: DevId,
+        size: u64,
+        clusters: Range<u64>,
+        stream_offset: u64,
+        out: &mut [u8],
+    ) -> Result<(), ArchiveError> {
+        let got = self.file.file().read_at(out, stream_offset)?;
+        if got < out.len() {
+            return Err(FormatError::Truncated {
+                offset: stream_offset,
+                what: "cluster",
+                need: out.len() as u64,
+                got: got as u64,
+            }
+            .into());
+        }
+        if !self.has_digests() {
+            return Ok(());
+        }
+        let mut at = 0;
+        for cluster in clusters {
+            let loc = self.locate(dev, size, cluster)?;
+            let len = cluster_len(size, cluster);
+            let c = ClusterData {
+                dev,
+                cluster,
+                mask: loc.mask,
+                len,
+                stored: &out[at..at + len],
+            };
+            check_cluster(
+                self.header(),
+                &c,
+                &loc.digest.expect("an index with digests"),
+            )?;
+            at += len;
+        }
+        Ok(())
+    }
+
+    /// The bytes of cluster `cluster` (at `loc`) from `at` on into `out`;
+    /// see [`read_into`](Self::read_into).
     fn read_cluster_part(
         &self,
         dev: DevId,
         size: u64,
         cluster: u64,
+        loc: &Location,
         at: usize,
         out: &mut [u8],
     ) -> Result<(), ArchiveError> {
-        let loc = self.locate(dev, size, cluster)?;
         if loc.mask == 0 {
             out.fill(0);
             return Ok(());
         }
         let len = cluster_len(size, cluster);
-        let whole = at == 0 && out.len() == len;
-        let check = |stored: &[u8]| match &loc.digest {
-            Some(want) => {
-                let c = ClusterData {
-                    dev,
-                    cluster,
-                    mask: loc.mask,
-                    len,
-                    stored,
-                };
-                check_cluster(self.header(), &c, want)
-            }
-            None => Ok(()),
-        };
-        // A plain archive's cluster with every block stored is its own
-        // in-device bytes: read it in place, without a copy.
-        if whole && matches!(self.file.layout(), Layout::Plain) && loc.mask == valid_mask(len) {
-            let got = self.file.file().read_at(out, loc.stream_offset)?;
-            if got < len {
-                return Err(FormatError::Truncated {
-                    offset: loc.stream_offset,
-                    what: "cluster",
-                    need: len as u64,
-                    got: got as u64,
-                }
-                .into());
-            }
-            return check(out);
-        }
         let stored =
             self.stream_bytes(loc.extent as usize, loc.stream_offset, stored_len(loc.mask))?;
-        check(&stored)?;
         let c = ClusterData {
             dev,
             cluster,
@@ -289,7 +330,10 @@ impl RandomArchive {
             len,
             stored: &stored,
         };
-        if whole {
+        if let Some(want) = &loc.digest {
+            check_cluster(self.header(), &c, want)?;
+        }
+        if at == 0 && out.len() == len {
             c.expand_into(out);
         } else {
             let mut whole = [0u8; VMA_CLUSTER_SIZE];
