@@ -40,6 +40,8 @@
 //!   [`qmp::commands`] (typed block commands and queries).
 //! - [`qemu`]: starting and stopping `qemu-storage-daemon` for `create`,
 //!   `demo` and tests.
+//! - [`live_restore`]: a VM runs from its backup while it restores: qcow2
+//!   overlays over the export, `block-stream` jobs driven over QMP.
 //! - [`qemu_img`]: `qemu-img` as a child process: converting an export
 //!   into any image format, creating the overlays of a live restore.
 //! - [`cli`]: one module per subcommand of the `vma-writer` binary.
@@ -49,6 +51,7 @@ pub mod assembler;
 pub mod backup;
 pub mod cli;
 pub mod export;
+pub mod live_restore;
 pub mod nbd;
 pub mod pool;
 pub mod qemu;

@@ -22,6 +22,7 @@ mod export;
 mod extract;
 mod list;
 mod live;
+mod live_restore;
 mod options;
 mod progress;
 mod serve;
@@ -59,6 +60,9 @@ pub enum Command {
     Export(export::Args),
     /// Be the NBD target of a live backup and write its archive.
     Serve(serve::Args),
+    /// Run a VM from an archive while its drives stream back: qcow2
+    /// overlays over a read-only export, block-stream jobs over QMP.
+    LiveRestore(live_restore::Args),
     /// Back up a running QEMU's drives over QMP into one archive.
     Backup(backup::Args),
     /// Run a self-contained live backup and restore check, end to end.
@@ -76,6 +80,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Convert(a) => convert::run(a),
         Command::Export(a) => export::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::LiveRestore(a) => live_restore::run(a),
         Command::Backup(a) => backup::run(a),
         Command::Demo(a) => demo::run(a),
     }
