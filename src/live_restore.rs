@@ -257,9 +257,21 @@ pub async fn attach(qmp: &Qmp, overlays: Vec<Overlay>) -> Result<Vec<Attached>, 
     Ok(out)
 }
 
+/// Stream jobs started per drive before its failure is final. A job that
+/// failed while the export was away (longer than the reconnect delay)
+/// succeeds once QEMU has reconnected, and copies only what is still
+/// missing; a job that fails on a corrupt cluster fails every time.
+pub const STREAM_ATTEMPTS: u32 = 5;
+
+/// Wait before the second job of a drive; doubled for each further one
+/// (2, 4, 8, 16 s: about the back-off of QEMU's NBD reconnection, which
+/// must find the export again before a new job can read from it).
+pub const RETRY_WAIT: Duration = Duration::from_secs(2);
+
 /// Streams every drive: starts a `block-stream` job (limited to `speed`
 /// bytes per second) for each overlay that still has a backing file,
-/// unless its job is running already (an earlier run started it); calls
+/// unless its job is running already (an earlier run started it), and
+/// starts it again when it fails (up to [`STREAM_ATTEMPTS`] jobs); calls
 /// `observe` with the progress every [`POLL_INTERVAL`]; returns once every
 /// overlay is self-contained, or the first failure once every job has
 /// ended.
@@ -269,17 +281,33 @@ pub async fn stream(
     speed: Option<u64>,
     mut observe: impl FnMut(&[Progress]),
 ) -> Result<(), Error> {
+    /// Where one drive's stream stands.
+    #[derive(Default)]
+    struct Job {
+        /// Jobs started for it.
+        attempts: u32,
+        /// QEMU's error for its last job.
+        error: Option<String>,
+        /// When to start the next job, after one failed.
+        retry_at: Option<tokio::time::Instant>,
+        /// No more attempts: it failed.
+        failed: bool,
+    }
     let mut events = qmp.subscribe();
     let running = qmp.query_block_jobs().await?;
     let nodes = qmp.query_named_block_nodes().await?;
     let mut progress: Vec<Progress> = Vec::new();
+    let mut jobs: Vec<Job> = Vec::new();
     for d in drives {
         let backed = nodes
             .iter()
             .any(|n| n.node_name == d.node && n.backing_file.is_some());
+        let mut job = Job::default();
         if backed && !running.iter().any(|j| j.device == d.job) {
             qmp.block_stream(&d.job, &d.node, speed).await?;
+            job.attempts = 1;
         }
+        jobs.push(job);
         progress.push(Progress {
             name: d.overlay.name.clone(),
             size: d.overlay.size,
@@ -287,13 +315,14 @@ pub async fn stream(
             complete: !backed,
         });
     }
-    let mut failures: Vec<Option<String>> = vec![None; drives.len()];
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     loop {
         observe(&progress);
-        let ended =
-            |i: usize, p: &[Progress], f: &[Option<String>]| p[i].complete || f[i].is_some();
-        if (0..drives.len()).all(|i| ended(i, &progress, &failures)) {
+        if progress
+            .iter()
+            .zip(&jobs)
+            .all(|(p, j)| p.complete || j.failed)
+        {
             break;
         }
         tokio::select! {
@@ -306,9 +335,11 @@ pub async fn stream(
                     };
                     if let Some(i) = drives.iter().position(|d| d.job == end.device) {
                         if cancelled {
-                            failures[i] = Some("the job was cancelled".into());
-                        } else if let Some(e) = end.error {
-                            failures[i] = Some(e);
+                            // Someone else cancelled it: not ours to undo.
+                            jobs[i].error = Some("the job was cancelled".into());
+                            jobs[i].failed = true;
+                        } else if end.error.is_some() {
+                            jobs[i].error = end.error;
                         }
                     }
                 }
@@ -317,33 +348,49 @@ pub async fn stream(
                 Err(e) => return Err(e.into()),
             },
             _ = tick.tick() => {
-                let jobs = qmp.query_block_jobs().await?;
+                let running = qmp.query_block_jobs().await?;
                 let nodes = qmp.query_named_block_nodes().await?;
                 for (i, d) in drives.iter().enumerate() {
-                    if ended(i, &progress, &failures) {
+                    if progress[i].complete || jobs[i].failed {
                         continue;
                     }
-                    if let Some(j) = jobs.iter().find(|j| j.device == d.job) {
+                    if let Some(j) = running.iter().find(|j| j.device == d.job) {
                         progress[i].done = (j.offset as u128 * d.overlay.size as u128
                             / u128::from(j.len.max(1))) as u64;
                         continue;
                     }
                     // The job is gone: its overlay is complete, or it failed.
                     let backed = nodes.iter().any(|n| n.node_name == d.node && n.backing_file.is_some());
-                    if backed {
-                        failures[i].get_or_insert_with(|| "the job ended before it was complete".into());
-                    } else {
+                    if !backed {
                         progress[i].done = d.overlay.size;
                         progress[i].complete = true;
+                    } else if jobs[i].attempts < STREAM_ATTEMPTS {
+                        let job = &mut jobs[i];
+                        let now = tokio::time::Instant::now();
+                        let at = *job.retry_at.get_or_insert_with(|| {
+                            now + RETRY_WAIT * (1 << job.attempts.saturating_sub(1))
+                        });
+                        if now >= at {
+                            qmp.block_stream(&d.job, &d.node, speed).await?;
+                            job.attempts += 1;
+                            job.retry_at = None;
+                        }
+                    } else {
+                        jobs[i].failed = true;
                     }
                 }
             }
         }
     }
-    match drives.iter().zip(failures).find_map(|(d, f)| Some((d, f?))) {
-        Some((d, reason)) => Err(Error::Failed {
+    match drives.iter().zip(jobs).find(|(_, j)| j.failed) {
+        Some((d, j)) => Err(Error::Failed {
             drive: d.overlay.name.clone(),
-            reason,
+            reason: format!(
+                "{} (after {} job(s))",
+                j.error
+                    .unwrap_or_else(|| "the job ended before it was complete".into()),
+                j.attempts
+            ),
         }),
         None => Ok(()),
     }
