@@ -161,7 +161,13 @@ impl RandomArchive {
             Layout::Seekable { frames, .. } => {
                 let frame = self.index.extents[x].frame;
                 let bytes = self.cache.get(frame, || {
-                    read_frame(self.file.file(), frames, frame, || format!("extent {x}"))
+                    read_frame(
+                        self.file.file(),
+                        frames,
+                        frame,
+                        || format!("extent {x}"),
+                        self.cache.buffers(),
+                    )
                 })?;
                 let (_, start, _) = frames.frame(frame as usize).expect("checked at open");
                 let at = (offset - start) as usize;
@@ -407,9 +413,14 @@ impl RandomArchive {
                     }
                     let x = loc.extent;
                     self.cache.get(loc.frame, || {
-                        read_frame(self.file.file(), frames, loc.frame, || {
-                            format!("extent {x}")
-                        })
+                        let holds = || format!("extent {x}");
+                        read_frame(
+                            self.file.file(),
+                            frames,
+                            loc.frame,
+                            holds,
+                            self.cache.buffers(),
+                        )
                     })?;
                     loaded += 1;
                 }
