@@ -377,7 +377,7 @@ async fn many_clients_at_once_with_bounded_memory() {
             let uri = &uri;
             s.spawn(move || {
                 let mut io = Command::new("qemu-io");
-                io.args(["-r", "-f", "raw"]).arg(&uri).env("LC_ALL", "C");
+                io.args(["-r", "-f", "raw"]).arg(uri).env("LC_ALL", "C");
                 for c in cmds {
                     io.arg("-c").arg(c);
                 }
