@@ -29,6 +29,10 @@
 //! - [`archive`]: reading archives: any compression (zstd, gzip, lzop,
 //!   by magic), front to back or at random by cluster
 //!   ([`archive::RandomArchive`]), checked against the archive index.
+//! - [`export`]: an archive's drives served read-only over NBD (instant
+//!   restore): one [`nbd::Backend`] per drive over an
+//!   [`archive::RandomArchive`], with digest-checked reads, block status
+//!   from the index, read-ahead and bounded memory.
 //! - [`sink`]: bytes out: plain or zstd, fsync, temp-then-rename commit.
 //! - [`qmp`]: a small async client for QEMU's JSON monitor:
 //!   [`qmp::protocol`] (pure message decoding, error classes, typed
@@ -36,15 +40,22 @@
 //!   [`qmp::commands`] (typed block commands and queries).
 //! - [`qemu`]: starting and stopping `qemu-storage-daemon` for `create`,
 //!   `demo` and tests.
+//! - [`live_restore`]: a VM runs from its backup while it restores: qcow2
+//!   overlays over the export, `block-stream` jobs driven over QMP.
+//! - [`qemu_img`]: `qemu-img` as a child process: converting an export
+//!   into any image format, creating the overlays of a live restore.
 //! - [`cli`]: one module per subcommand of the `vma-writer` binary.
 
 pub mod archive;
 pub mod assembler;
 pub mod backup;
 pub mod cli;
+pub mod export;
+pub mod live_restore;
 pub mod nbd;
 pub mod pool;
 pub mod qemu;
+pub mod qemu_img;
 pub mod qmp;
 pub mod seekable;
 pub mod sink;

@@ -208,24 +208,26 @@ impl DaemonOptions {
 
 /// Finds the daemon: `$QEMU_STORAGE_DAEMON` when set, else `PATH`.
 pub fn find_binary() -> Result<PathBuf, Error> {
-    if let Some(p) = std::env::var_os(BINARY_ENV).filter(|p| !p.is_empty()) {
+    find_program(BINARY_NAME, BINARY_ENV).map_err(|searched| Error::NotFound { searched })
+}
+
+/// Finds program `name`: the file `$env` names when that is set, else
+/// `name` on `PATH`. On failure, says where it looked.
+pub fn find_program(name: &str, env: &str) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os(env).filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
         return if p.is_file() {
             Ok(p)
         } else {
-            Err(Error::NotFound {
-                searched: format!("{BINARY_ENV}={}", p.display()),
-            })
+            Err(format!("{env}={}", p.display()))
         };
     }
     std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
-        .map(|dir| dir.join(BINARY_NAME))
+        .map(|dir| dir.join(name))
         .find(|p| p.is_file())
-        .ok_or_else(|| Error::NotFound {
-            searched: "PATH".into(),
-        })
+        .ok_or_else(|| "PATH".into())
 }
 
 /// Checks a node name against QEMU's rules (`id_wellformed`), which also
@@ -395,19 +397,7 @@ impl StorageDaemon {
             .stdout(Stdio::null())
             .stderr(stderr)
             .kill_on_drop(true);
-        let parent = Pid::from_raw(std::process::id() as i32);
-        // SAFETY: the closure only makes async-signal-safe calls (prctl,
-        // getppid, as raw syscalls) and allocates nothing.
-        unsafe {
-            cmd.pre_exec(move || {
-                rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
-                // We may have died between fork and prctl.
-                if rustix::process::getppid() != parent {
-                    return Err(rustix::io::Errno::SRCH.into());
-                }
-                Ok(())
-            });
-        }
+        die_with_parent(cmd.as_std_mut());
         debug!(binary = %binary.display(), args = ?cmd.as_std().get_args().collect::<Vec<_>>(), "starting qemu-storage-daemon");
         let child = cmd.spawn().map_err(|source| Error::Io {
             op: format!("start {}", binary.display()),
@@ -576,6 +566,27 @@ impl StorageDaemon {
         for p in self.qmp_sockets.iter().chain([&self.nbd_socket]) {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+/// Makes the child `cmd` starts get SIGKILL when the thread that starts
+/// it exits (`PR_SET_PDEATHSIG`): a QEMU tool never outlives vma-writer,
+/// even when vma-writer is killed hard. Start it from a thread that lives
+/// as long as the child should (not a `spawn_blocking` thread).
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = Pid::from_raw(std::process::id() as i32);
+    // SAFETY: the closure only makes async-signal-safe calls (prctl,
+    // getppid, as raw syscalls) and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+            // We may have died between fork and prctl.
+            if rustix::process::getppid() != parent {
+                return Err(rustix::io::Errno::SRCH.into());
+            }
+            Ok(())
+        });
     }
 }
 

@@ -10,9 +10,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 
+use crate::pool::BufferPool;
+
 /// Default budget: 64 MiB holds 17 full extents of 3.7 MiB, enough for a
 /// few readers at different places and a read-ahead each.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
+/// Idle frame buffers (compressed and decompressed) kept for the next
+/// loads: eight 4 MiB buffers, two for each of four loads at once. A frame
+/// dropped from the cache comes back here once no reader holds it.
+pub const IDLE_FRAME_BUFFERS: usize = 32 << 20;
 
 struct Slot {
     /// Held while the frame is loaded; `Some` once it is.
@@ -38,6 +45,8 @@ struct State {
 pub struct FrameCache {
     budget: usize,
     state: Mutex<State>,
+    /// Buffers frames are read and decompressed into.
+    buffers: Arc<BufferPool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -51,6 +60,7 @@ impl FrameCache {
         FrameCache {
             budget,
             state: Mutex::new(State::default()),
+            buffers: BufferPool::new(IDLE_FRAME_BUFFERS),
         }
     }
 
@@ -118,6 +128,23 @@ impl FrameCache {
             let e = st.entries.remove(&f).expect("found");
             st.bytes -= e.len;
         }
+    }
+
+    /// True when frame `frame` is held or being loaded (a prefetch of it
+    /// would only wait for that load).
+    pub fn contains(&self, frame: u32) -> bool {
+        lock(&self.state).entries.contains_key(&frame)
+    }
+
+    /// The buffers loads read and decompress frames into, for
+    /// [`super::frame::read_frame`].
+    pub fn buffers(&self) -> &Arc<BufferPool> {
+        &self.buffers
+    }
+
+    /// The budget in bytes.
+    pub fn budget(&self) -> usize {
+        self.budget
     }
 
     /// Frames decompressed so far (tests: shared loads count once).

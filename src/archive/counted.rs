@@ -57,6 +57,16 @@ impl CountedFile {
         Ok(got)
     }
 
+    /// Asks the kernel to start reading `[offset, offset + len)` into the
+    /// page cache (`POSIX_FADV_WILLNEED`); returns at once. A hint: errors
+    /// are ignored, and nothing is counted as read.
+    pub fn advise_willneed(&self, offset: u64, len: u64) {
+        if let Some(len) = std::num::NonZeroU64::new(len) {
+            let _ =
+                rustix::fs::fadvise(&self.file, offset, Some(len), rustix::fs::Advice::WillNeed);
+        }
+    }
+
     /// `len` bytes at `offset`; `None` when the file ends before them.
     pub fn read_vec(&self, offset: u64, len: usize) -> io::Result<Option<Vec<u8>>> {
         let mut buf = vec![0; len];

@@ -137,7 +137,9 @@ impl FileArchive {
             }
             _ => None,
         };
-        let bytes = read_frame(&file, &frames, 0, || "the archive header".into())?;
+        // Read once: a pool that keeps nothing.
+        let once = crate::pool::BufferPool::new(0);
+        let bytes = read_frame(&file, &frames, 0, || "the archive header".into(), &once)?;
         let size = Header::check_fixed(&bytes[..bytes.len().min(VMA_HEADER_SIZE)])?;
         if bytes.len() < size {
             return Err(ArchiveError::Frame {

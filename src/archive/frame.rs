@@ -2,14 +2,19 @@
 //! compressed bytes where the seek table puts them, decompressed in one
 //! call and checked: exactly one frame, the size the seek table says,
 //! zstd's content checksum. Errors name the frame and what it holds.
+//! Both the compressed and the decompressed bytes live in buffers from a
+//! [`BufferPool`], so reading frame after frame reuses the same few
+//! buffers instead of leaving freed megabytes in every thread's heap.
 
 use std::cell::RefCell;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use zstd::zstd_safe::{self, DCtx};
 
 use super::counted::CountedFile;
 use super::error::ArchiveError;
+use crate::pool::BufferPool;
 use crate::seekable::{FrameMap, MAX_FRAME_CONTENT};
 
 thread_local! {
@@ -17,13 +22,14 @@ thread_local! {
     static DCTX: RefCell<DCtx<'static>> = RefCell::new(DCtx::create());
 }
 
-/// Reads and decompresses frame `frame` of `frames` from `file`; `holds`
-/// says what the frame holds (for messages).
+/// Reads and decompresses frame `frame` of `frames` from `file`, in
+/// buffers from `pool`; `holds` says what the frame holds (for messages).
 pub fn read_frame(
     file: &CountedFile,
     frames: &FrameMap,
     frame: u32,
     holds: impl Fn() -> String,
+    pool: &Arc<BufferPool>,
 ) -> Result<Bytes, ArchiveError> {
     let fail = |problem: String| ArchiveError::Frame {
         frame,
@@ -34,10 +40,21 @@ pub fn read_frame(
         .frame(frame as usize)
         .ok_or_else(|| fail("not in the seek table".into()))?;
     let clen = entry.compressed as usize;
-    let compressed = file
-        .read_vec(at, clen)?
-        .ok_or_else(|| fail(format!("truncated: the file ends before its {clen} bytes")))?;
-    decode_frame(&compressed, entry.decompressed as usize).map_err(fail)
+    let len = entry.decompressed as usize;
+    if len > MAX_FRAME_CONTENT as usize {
+        return Err(fail(format!(
+            "the seek table says {len} bytes, more than a frame may hold ({MAX_FRAME_CONTENT})"
+        )));
+    }
+    let mut compressed = pool.get_filled(clen);
+    if file.read_at(&mut compressed, at)? < clen {
+        return Err(fail(format!(
+            "truncated: the file ends before its {clen} bytes"
+        )));
+    }
+    let mut out = pool.get(len);
+    decode_frame_into(&compressed, len, &mut out).map_err(fail)?;
+    Ok(out.freeze())
 }
 
 /// Decompresses `compressed`, which must be one whole frame of `len`
@@ -48,6 +65,13 @@ pub fn decode_frame(compressed: &[u8], len: usize) -> Result<Bytes, String> {
             "the seek table says {len} bytes, more than a frame may hold ({MAX_FRAME_CONTENT})"
         ));
     }
+    let mut out: Vec<u8> = Vec::with_capacity(len);
+    decode_frame_into(compressed, len, &mut out)?;
+    Ok(Bytes::from(out))
+}
+
+/// [`decode_frame`] into `out` (emptied first; it grows to `len`).
+fn decode_frame_into(compressed: &[u8], len: usize, out: &mut Vec<u8>) -> Result<(), String> {
     match zstd_safe::find_frame_compressed_size(compressed) {
         Ok(n) if n == compressed.len() => {}
         Ok(n) => {
@@ -70,8 +94,9 @@ pub fn decode_frame(compressed: &[u8], len: usize) -> Result<Bytes, String> {
         }
         Ok(None) | Err(_) => {}
     }
-    let mut out: Vec<u8> = Vec::with_capacity(len);
-    DCTX.with(|d| d.borrow_mut().decompress(&mut out, compressed))
+    out.clear();
+    out.reserve(len);
+    DCTX.with(|d| d.borrow_mut().decompress(out, compressed))
         .map_err(|code| format!("corrupt: {}", zstd_safe::get_error_name(code)))?;
     if out.len() != len {
         return Err(format!(
@@ -79,7 +104,7 @@ pub fn decode_frame(compressed: &[u8], len: usize) -> Result<Bytes, String> {
             out.len()
         ));
     }
-    Ok(Bytes::from(out))
+    Ok(())
 }
 
 #[cfg(test)]

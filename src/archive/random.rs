@@ -6,6 +6,7 @@
 //! digest when the index has digests: a mismatch is an error naming the
 //! device and cluster, never wrong data.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -16,9 +17,10 @@ use super::error::ArchiveError;
 use super::file::{FileArchive, Layout};
 use super::frame::read_frame;
 use super::source::{Input, open};
-use crate::vma::cluster::{cluster_len, stored_len};
-use crate::vma::consts::VMA_EXTENT_HEADER_SIZE;
+use crate::vma::cluster::{cluster_len, clusters_of, stored_len, valid_mask};
+use crate::vma::consts::{VMA_CLUSTER_SIZE, VMA_EXTENT_HEADER_SIZE};
 use crate::vma::extent::{ExtentHeader, payload_ranges};
+use crate::vma::index::Location;
 use crate::vma::reader::ClusterData;
 use crate::vma::{ArchiveIndex, DevId, FormatError, Header};
 
@@ -159,7 +161,13 @@ impl RandomArchive {
             Layout::Seekable { frames, .. } => {
                 let frame = self.index.extents[x].frame;
                 let bytes = self.cache.get(frame, || {
-                    read_frame(self.file.file(), frames, frame, || format!("extent {x}"))
+                    read_frame(
+                        self.file.file(),
+                        frames,
+                        frame,
+                        || format!("extent {x}"),
+                        self.cache.buffers(),
+                    )
                 })?;
                 let (_, start, _) = frames.frame(frame as usize).expect("checked at open");
                 let at = (offset - start) as usize;
@@ -168,17 +176,27 @@ impl RandomArchive {
         }
     }
 
-    /// Cluster `cluster` of `dev`, checked against its digest.
-    pub fn read_cluster(&self, dev: DevId, cluster: u64) -> Result<Cluster, ArchiveError> {
-        let size = self.header().device(dev).map_or(0, |d| d.size);
-        let loc = self.index.locate(dev, cluster).ok_or_else(|| {
+    /// Size of device `dev` (0 when there is none).
+    fn device_size(&self, dev: DevId) -> u64 {
+        self.header().device(dev).map_or(0, |d| d.size)
+    }
+
+    /// Where cluster `cluster` of `dev` (a device of `size` bytes) is.
+    fn locate(&self, dev: DevId, size: u64, cluster: u64) -> Result<Location, ArchiveError> {
+        self.index.locate(dev, cluster).ok_or_else(|| {
             ArchiveError::Format(FormatError::ClusterOutOfRange {
                 offset: 0,
                 dev,
                 cluster,
-                clusters: crate::vma::cluster::clusters_of(size),
+                clusters: clusters_of(size),
             })
-        })?;
+        })
+    }
+
+    /// Cluster `cluster` of `dev`, checked against its digest.
+    pub fn read_cluster(&self, dev: DevId, cluster: u64) -> Result<Cluster, ArchiveError> {
+        let size = self.device_size(dev);
+        let loc = self.locate(dev, size, cluster)?;
         let stored = if loc.mask == 0 {
             Bytes::new()
         } else {
@@ -195,6 +213,229 @@ impl RandomArchive {
             check_cluster(self.header(), &c.data(), want)?;
         }
         Ok(c)
+    }
+
+    /// Bytes `[offset, offset + out.len())` of device `dev` as a restore
+    /// writes them: zeros for zero clusters and zero blocks, stored data
+    /// elsewhere. Every data cluster touched is checked against its digest
+    /// (so the whole cluster is read however little of it is wanted); a
+    /// mismatch is [`ArchiveError::Digest`] and `out` is then unspecified.
+    pub fn read_into(&self, dev: DevId, offset: u64, out: &mut [u8]) -> Result<(), ArchiveError> {
+        let size = self.device_size(dev);
+        let cluster_bytes = VMA_CLUSTER_SIZE as u64;
+        let plain = matches!(self.file.layout(), Layout::Plain);
+        let mut pos = 0usize;
+        while pos < out.len() {
+            let at = offset + pos as u64;
+            let cluster = at / cluster_bytes;
+            let in_cluster = (at % cluster_bytes) as usize;
+            let n = (VMA_CLUSTER_SIZE - in_cluster).min(out.len() - pos);
+            let loc = self.locate(dev, size, cluster)?;
+            let in_place =
+                |loc: &Location, len: usize| loc.mask != 0 && loc.mask == valid_mask(len);
+            if plain && n == cluster_len(size, cluster) && in_place(&loc, n) {
+                // A plain archive's cluster with every block stored is its
+                // own in-device bytes, and the next clusters often follow
+                // it in the file: read the whole run in place, in one call.
+                let mut run = n;
+                let mut next = cluster + 1;
+                loop {
+                    let len = cluster_len(size, next);
+                    if len == 0 || run + len > out.len() - pos {
+                        break;
+                    }
+                    let l = self.locate(dev, size, next)?;
+                    if !in_place(&l, len) || l.stream_offset != loc.stream_offset + run as u64 {
+                        break;
+                    }
+                    run += len;
+                    next += 1;
+                }
+                self.read_in_place(
+                    dev,
+                    size,
+                    cluster..next,
+                    loc.stream_offset,
+                    &mut out[pos..pos + run],
+                )?;
+                pos += run;
+                continue;
+            }
+            self.read_cluster_part(dev, size, cluster, &loc, in_cluster, &mut out[pos..pos + n])?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Reads `clusters` of `dev`, stored back to back from `stream_offset`
+    /// with every block, straight into `out`, and checks each.
+    fn read_in_place(
+        &self,
+        dev: DevId,
+        size: u64,
+        clusters: Range<u64>,
+        stream_offset: u64,
+        out: &mut [u8],
+    ) -> Result<(), ArchiveError> {
+        let got = self.file.file().read_at(out, stream_offset)?;
+        if got < out.len() {
+            return Err(FormatError::Truncated {
+                offset: stream_offset,
+                what: "cluster",
+                need: out.len() as u64,
+                got: got as u64,
+            }
+            .into());
+        }
+        if !self.has_digests() {
+            return Ok(());
+        }
+        let mut at = 0;
+        for cluster in clusters {
+            let loc = self.locate(dev, size, cluster)?;
+            let len = cluster_len(size, cluster);
+            let c = ClusterData {
+                dev,
+                cluster,
+                mask: loc.mask,
+                len,
+                stored: &out[at..at + len],
+            };
+            check_cluster(
+                self.header(),
+                &c,
+                &loc.digest.expect("an index with digests"),
+            )?;
+            at += len;
+        }
+        Ok(())
+    }
+
+    /// The bytes of cluster `cluster` (at `loc`) from `at` on into `out`;
+    /// see [`read_into`](Self::read_into).
+    fn read_cluster_part(
+        &self,
+        dev: DevId,
+        size: u64,
+        cluster: u64,
+        loc: &Location,
+        at: usize,
+        out: &mut [u8],
+    ) -> Result<(), ArchiveError> {
+        if loc.mask == 0 {
+            out.fill(0);
+            return Ok(());
+        }
+        let len = cluster_len(size, cluster);
+        let stored =
+            self.stream_bytes(loc.extent as usize, loc.stream_offset, stored_len(loc.mask))?;
+        let c = ClusterData {
+            dev,
+            cluster,
+            mask: loc.mask,
+            len,
+            stored: &stored,
+        };
+        if let Some(want) = &loc.digest {
+            check_cluster(self.header(), &c, want)?;
+        }
+        if at == 0 && out.len() == len {
+            c.expand_into(out);
+        } else {
+            let mut whole = [0u8; VMA_CLUSTER_SIZE];
+            c.expand_into(&mut whole);
+            out.copy_from_slice(&whole[at..at + out.len()]);
+        }
+        Ok(())
+    }
+
+    /// Warms what reading clusters `clusters` of `dev` will need, up to
+    /// `budget` bytes of it: a seekable archive's frames holding them are
+    /// decompressed into the cache (unless held or loading already; this
+    /// blocks while they decompress), a plain archive's stored blocks are
+    /// read ahead by the kernel (`POSIX_FADV_WILLNEED`, at once). Returns
+    /// the frames it decompressed.
+    pub fn prefetch(
+        &self,
+        dev: DevId,
+        clusters: Range<u64>,
+        budget: u64,
+    ) -> Result<usize, ArchiveError> {
+        let size = self.device_size(dev);
+        let clusters = clusters.start..clusters.end.min(clusters_of(size));
+        match self.file.layout() {
+            Layout::Plain => {
+                // Stored blocks of consecutive clusters are often adjacent
+                // in the file: one hint per adjacent run.
+                let mut run: Option<(u64, u64)> = None;
+                let mut advised = 0u64;
+                for c in clusters {
+                    let loc = self.locate(dev, size, c)?;
+                    let len = stored_len(loc.mask) as u64;
+                    if len == 0 {
+                        continue;
+                    }
+                    if advised >= budget {
+                        break;
+                    }
+                    advised += len;
+                    run = match run {
+                        Some((start, end)) if end == loc.stream_offset => Some((start, end + len)),
+                        Some((start, end)) => {
+                            self.file.file().advise_willneed(start, end - start);
+                            Some((loc.stream_offset, loc.stream_offset + len))
+                        }
+                        None => Some((loc.stream_offset, loc.stream_offset + len)),
+                    };
+                }
+                if let Some((start, end)) = run {
+                    self.file.file().advise_willneed(start, end - start);
+                }
+                Ok(0)
+            }
+            Layout::Seekable { frames, .. } => {
+                let mut loaded = 0;
+                let mut warmed = 0u64;
+                let mut last = None;
+                for c in clusters {
+                    let loc = self.locate(dev, size, c)?;
+                    if loc.mask == 0 || last == Some(loc.frame) {
+                        continue;
+                    }
+                    last = Some(loc.frame);
+                    let (_, _, entry) = frames.frame(loc.frame as usize).expect("checked at open");
+                    warmed += u64::from(entry.decompressed);
+                    if warmed > budget {
+                        break;
+                    }
+                    if self.cache.contains(loc.frame) {
+                        continue;
+                    }
+                    let x = loc.extent;
+                    self.cache.get(loc.frame, || {
+                        let holds = || format!("extent {x}");
+                        read_frame(
+                            self.file.file(),
+                            frames,
+                            loc.frame,
+                            holds,
+                            self.cache.buffers(),
+                        )
+                    })?;
+                    loaded += 1;
+                }
+                Ok(loaded)
+            }
+        }
+    }
+
+    /// Bytes of decompressed frames the cache keeps (0 for a plain
+    /// archive, which has no frames).
+    pub fn cache_budget(&self) -> usize {
+        match self.file.layout() {
+            Layout::Plain => 0,
+            Layout::Seekable { .. } => self.cache.budget(),
+        }
     }
 
     /// The clusters of extent `x` whose device `want` accepts, after

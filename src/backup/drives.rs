@@ -330,6 +330,7 @@ mod tests {
                 read_only: false,
                 driver: drv.into(),
                 filename: file.into(),
+                backing_file: None,
             },
             drive_name: None,
         };

@@ -1,13 +1,14 @@
 //! Opening an archive for the reading commands through [`crate::archive`],
-//! with the path in every error: its header alone (`list`, `config`), or
-//! a stream of it with its stored index, when it has one (`verify`,
-//! `extract`, `convert`).
+//! with the path in every error: its header alone (`list`, `config`), a
+//! stream of it with its stored index, when it has one (`verify`,
+//! `extract`, `convert`), or the file read at random (`export`,
+//! `extract --format`, `live-restore`).
 
 use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::archive::{self, Input, Stream};
+use crate::archive::{self, Input, RandomArchive, Stream};
 use crate::vma::{ArchiveIndex, Header, Reader};
 
 /// Opens `path` (`-`: stdin).
@@ -43,4 +44,11 @@ pub fn reader_with_index(
     };
     let reader = Reader::new(stream).with_context(|| format!("{path}: not a valid VMA archive"))?;
     Ok((reader, index))
+}
+
+/// `path` read at random: a plain `.vma` (with or without its index) or a
+/// seekable `.vma.zst`. Anything else fails with a message that suggests
+/// `vma-writer convert`.
+pub fn random(path: &str) -> anyhow::Result<RandomArchive> {
+    RandomArchive::open(path).with_context(|| format!("{path}: cannot read the archive at random"))
 }

@@ -6,6 +6,12 @@
 //! archive has been read and found complete. A failed or interrupted
 //! extraction removes the directory it created (unless `--keep-partial`).
 //!
+//! `--format FMT` (any format `qemu-img` writes but raw: qcow2, vmdk,
+//! vhdx, ...) restores `disk-NAME.FMT` instead, through a private
+//! read-only export of the archive ([`crate::export`]) that `qemu-img
+//! convert` reads: regions the export reports as zero stay unallocated.
+//! The same names, temporary files and cleanup rules apply.
+//!
 //! When the archive has an index, every data cluster is checked against
 //! its digest before it is written; a mismatch fails the extraction. A
 //! subset of the drives (`-d`) of a plain `.vma` or seekable `.vma.zst`
@@ -23,13 +29,16 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 
 use super::archive_input;
-use super::progress::{ReadProgress, stdout_line};
+use super::progress::{ConvertProgress, ReadProgress, stdout_line};
 use super::signals::Leftovers;
 use crate::archive::file::Layout;
 use crate::archive::{IndexCheck, Input, RandomArchive, Stream};
+use crate::export::{ArchiveExport, ExportConfig};
+use crate::nbd::ListenAddr;
+use crate::qemu_img;
 use crate::vma::header::check_file_name;
 use crate::vma::reader::ClusterData;
-use crate::vma::{ArchiveIndex, DevId, Header, Reader};
+use crate::vma::{ArchiveIndex, DevId, Device, Header, Reader};
 
 /// Arguments of `extract`.
 #[derive(Debug, clap::Args)]
@@ -53,6 +62,26 @@ pub struct Args {
     /// interrupted.
     #[arg(long)]
     pub keep_partial: bool,
+    /// Image format of the drives: raw, or any format qemu-img writes
+    /// (qcow2, vmdk, vhdx, ...: written sparse by qemu-img, from a plain
+    /// .vma or a seekable .vma.zst).
+    #[arg(long, value_name = "FORMAT", default_value = "raw")]
+    pub format: String,
+}
+
+impl Args {
+    /// The image file of drive `name`, and its temporary name.
+    fn image_names(&self, name: &str) -> (PathBuf, PathBuf) {
+        (
+            self.dir.join(format!("disk-{name}.{}", self.format)),
+            self.dir.join(format!("tmp-disk-{name}.{}", self.format)),
+        )
+    }
+
+    /// True for raw images, which vma-writer writes itself.
+    fn raw(&self) -> bool {
+        self.format == "raw"
+    }
 }
 
 struct Out {
@@ -63,7 +92,7 @@ struct Out {
 
 /// Refuses archives whose names would escape or clobber DIR, and drives
 /// the user named that the archive does not have.
-fn check_names(header: &Header, wanted: &[String]) -> anyhow::Result<()> {
+fn check_names(header: &Header, wanted: &[String], format: &str) -> anyhow::Result<()> {
     let refuse = |e: crate::vma::FormatError| {
         anyhow::anyhow!(
             "{e}; refusing to extract: the name would escape or clobber the target directory"
@@ -82,8 +111,8 @@ fn check_names(header: &Header, wanted: &[String]) -> anyhow::Result<()> {
     for d in &header.devices {
         check_file_name("device", &d.name).map_err(refuse)?;
         for file in [
-            format!("disk-{}.raw", d.name),
-            format!("tmp-disk-{}.raw", d.name),
+            format!("disk-{}.{format}", d.name),
+            format!("tmp-disk-{}.{format}", d.name),
         ] {
             if config_names.contains(file.as_str()) {
                 bail!(
@@ -112,12 +141,18 @@ enum Source {
     },
     /// Only the extents holding the wanted drives' clusters.
     Random(RandomArchive),
+    /// Served read-only over NBD to `qemu-img convert`.
+    Export(RandomArchive),
 }
 
 impl Source {
     /// A subset of the drives of a file that can be read at random is
     /// read at random; anything else front to back.
     fn open(a: &Args) -> anyhow::Result<Source> {
+        if !a.raw() {
+            crate::qemu_img::check_format(&a.format)?;
+            return Ok(Source::Export(archive_input::random(&a.archive)?));
+        }
         let input = archive_input::open(&a.archive)?;
         let random = match &input {
             Input::File(f) if !a.drives.is_empty() => match f.layout() {
@@ -141,16 +176,16 @@ impl Source {
     fn header(&self) -> &Header {
         match self {
             Source::Stream { reader, .. } => reader.header(),
-            Source::Random(ra) => ra.header(),
+            Source::Random(ra) | Source::Export(ra) => ra.header(),
         }
     }
 }
 
 /// Runs `extract`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let mut source = Source::open(&a)?;
+    let source = Source::open(&a)?;
     let header = source.header().clone();
-    check_names(&header, &a.drives)?;
+    check_names(&header, &a.drives, &a.format)?;
     let leftovers = Leftovers::watch("extract", a.keep_partial)?;
     leftovers
         .create(|| std::fs::create_dir(&a.dir), |_| vec![a.dir.clone()])
@@ -160,7 +195,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 a.dir.display()
             )
         })?;
-    let res = extract_into(&a, &header, &mut source, &leftovers);
+    let res = extract_into(&a, &header, source, &leftovers);
     if let Err(e) = res {
         let fate = if a.keep_partial {
             format!("partial files kept in {}", a.dir.display())
@@ -192,20 +227,19 @@ impl Out {
 fn extract_into(
     a: &Args,
     header: &Header,
-    source: &mut Source,
+    mut source: Source,
     leftovers: &Leftovers,
 ) -> anyhow::Result<()> {
     for c in &header.configs {
         let p = a.dir.join(&c.name);
         std::fs::write(&p, &c.data).with_context(|| format!("cannot write {}", p.display()))?;
     }
+    if let Source::Export(ra) = source {
+        return convert_drives(a, header, ra, leftovers);
+    }
     let mut outs: HashMap<DevId, Out> = HashMap::new();
-    for d in &header.devices {
-        if !a.drives.is_empty() && !a.drives.contains(&d.name) {
-            continue;
-        }
-        let tmp = a.dir.join(format!("tmp-disk-{}.raw", d.name));
-        let path = a.dir.join(format!("disk-{}.raw", d.name));
+    for d in wanted(a, header) {
+        let (path, tmp) = a.image_names(&d.name);
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -217,11 +251,12 @@ fn extract_into(
         outs.insert(d.id, Out { file, tmp, path });
     }
     let mut progress = ReadProgress::new(header, a.verbose, "extract");
-    let res = match source {
+    let res = match &mut source {
         Source::Stream { reader, index } => {
             read_stream(header, reader, index.clone(), &outs, &mut progress)
         }
         Source::Random(ra) => read_random(header, ra, &outs, &mut progress),
+        Source::Export(_) => unreachable!("converted above"),
     };
     progress.finish(res.is_ok());
     res?;
@@ -234,6 +269,77 @@ fn extract_into(
         for out in outs.values() {
             std::fs::rename(&out.tmp, &out.path)
                 .with_context(|| format!("cannot rename {}", out.tmp.display()))?;
+        }
+        sync_dir(&a.dir)
+    })
+}
+
+/// The drives to restore: those named with `-d`, or all.
+fn wanted<'h>(a: &Args, header: &'h Header) -> impl Iterator<Item = &'h Device> {
+    header
+        .devices
+        .iter()
+        .filter(|d| a.drives.is_empty() || a.drives.contains(&d.name))
+}
+
+/// Restores the wanted drives with `qemu-img convert` from a private
+/// read-only export of `archive`, each into its temporary file; renames
+/// them all once every one is complete.
+fn convert_drives(
+    a: &Args,
+    header: &Header,
+    archive: RandomArchive,
+    leftovers: &Leftovers,
+) -> anyhow::Result<()> {
+    let drives: Vec<&Device> = wanted(a, header).collect();
+    let mut images = Vec::new();
+    for d in &drives {
+        let (path, tmp) = a.image_names(&d.name);
+        stdout_line(&format!("DEVINFO {} {}", tmp.display(), d.size));
+        images.push((d, tmp, path));
+    }
+    // The export's socket lives in a private directory, removed on a
+    // signal like the rest.
+    let sockets = leftovers
+        .scratch_dir()
+        .context("cannot create a private socket directory")?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let cfg = ExportConfig {
+        drives: drives.iter().map(|d| d.name.clone()).collect(),
+        ..ExportConfig::new(ListenAddr::Unix(sockets.path().join("nbd.sock")))
+    };
+    let export = {
+        let _rt = rt.enter();
+        ArchiveExport::start(archive, cfg)?
+    };
+    let total = drives.iter().map(|d| d.size).sum();
+    let mut progress = ConvertProgress::new(total, a.verbose, "extract");
+    let mut before = 0u64;
+    let mut res = Ok(());
+    for (d, tmp, _) in &images {
+        let size = d.size as f64;
+        res = qemu_img::convert(&export.uri(&d.name), &a.format, tmp, |pct| {
+            progress.update(before + (size * pct / 100.0) as u64)
+        })
+        .with_context(|| format!("cannot restore drive {}", d.name));
+        if res.is_err() {
+            break;
+        }
+        before += d.size;
+    }
+    progress.finish();
+    rt.block_on(export.stop())
+        .context("the archive export did not stop cleanly")?;
+    res?;
+    for (_, tmp, _) in &images {
+        File::open(tmp)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("cannot sync {}", tmp.display()))?;
+    }
+    leftovers.commit(|| -> anyhow::Result<()> {
+        for (_, tmp, path) in &images {
+            std::fs::rename(tmp, path)
+                .with_context(|| format!("cannot rename {}", tmp.display()))?;
         }
         sync_dir(&a.dir)
     })

@@ -18,10 +18,12 @@ mod convert;
 mod create;
 mod demo;
 mod display;
+mod export;
 mod extract;
 mod generate;
 mod list;
 mod live;
+mod live_restore;
 mod options;
 mod progress;
 mod serve;
@@ -55,8 +57,13 @@ pub enum Command {
     /// as a seekable .vma.zst, or a .vma with its index; the VMA bytes stay
     /// the same.
     Convert(convert::Args),
+    /// Serve an archive's drives read-only over NBD (instant restore).
+    Export(export::Args),
     /// Be the NBD target of a live backup and write its archive.
     Serve(serve::Args),
+    /// Run a VM from an archive while its drives stream back: qcow2
+    /// overlays over a read-only export, block-stream jobs over QMP.
+    LiveRestore(live_restore::Args),
     /// Back up a running QEMU's drives over QMP into one archive.
     Backup(backup::Args),
     /// Run a self-contained live backup and restore check, end to end.
@@ -74,7 +81,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify(a) => verify::run(a),
         Command::Extract(a) => extract::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Export(a) => export::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::LiveRestore(a) => live_restore::run(a),
         Command::Backup(a) => backup::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Generate(a) => generate::run(a),

@@ -6,6 +6,8 @@
 //!   progress and total lines on **stdout**, exactly as `vma` does
 //!   (qmrestore and scripts parse them); without `-v`, a terminal on
 //!   stderr gets a bar.
+//! - [`ConvertProgress`]: `extract --format`'s, the same two ways, from
+//!   the bytes qemu-img has converted.
 
 use std::io::{IsTerminal, Write};
 
@@ -120,6 +122,57 @@ impl ReadProgress {
             for line in self.stats.summary() {
                 stdout_line(&line);
             }
+        }
+    }
+}
+
+/// `extract --format`'s progress; see the module docs.
+pub struct ConvertProgress {
+    bar: Option<ProgressBar>,
+    verbose: bool,
+    total: u64,
+    started: std::time::Instant,
+    last_pct: Option<u64>,
+}
+
+impl ConvertProgress {
+    /// A display for converting `total` bytes of drives.
+    pub fn new(total: u64, verbose: bool, label: &str) -> Self {
+        ConvertProgress {
+            bar: (!verbose && std::io::stderr().is_terminal()).then(|| {
+                bar(
+                    total,
+                    label,
+                    "{msg} [{elapsed_precise}] {wide_bar} {percent:>3}%",
+                )
+            }),
+            verbose,
+            total,
+            started: std::time::Instant::now(),
+            last_pct: None,
+        }
+    }
+
+    /// Reports `done` bytes converted; with `-v`, a line per percent, as
+    /// `extract -v` prints them.
+    pub fn update(&mut self, done: u64) {
+        if let Some(b) = &self.bar {
+            b.set_position(done);
+        }
+        let pct = (done * 100).checked_div(self.total).unwrap_or(100);
+        if self.verbose && self.last_pct != Some(pct) {
+            self.last_pct = Some(pct);
+            stdout_line(&format!(
+                "progress {pct}% (read {done} bytes, duration {} sec)",
+                self.started.elapsed().as_secs()
+            ));
+        }
+    }
+
+    /// Removes the bar.
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
         }
     }
 }

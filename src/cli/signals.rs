@@ -93,6 +93,9 @@ struct State {
     keep: bool,
     /// In creation order; removed in reverse.
     paths: Vec<PathBuf>,
+    /// Private working directories (sockets): removed silently, even
+    /// with `--keep-partial`.
+    scratch: Vec<PathBuf>,
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -110,6 +113,7 @@ impl Leftovers {
             command,
             keep,
             paths: Vec::new(),
+            scratch: Vec::new(),
         }));
         let watched = state.clone();
         std::thread::Builder::new()
@@ -144,6 +148,16 @@ impl Leftovers {
         Ok(out)
     }
 
+    /// A private temporary directory (e.g. for a socket), made with
+    /// signals held off; a signal removes it silently, `--keep-partial` or
+    /// not. Dropping it removes it as usual.
+    pub fn scratch_dir(&self) -> std::io::Result<tempfile::TempDir> {
+        let mut st = lock(&self.state);
+        let dir = tempfile::Builder::new().prefix("vma-writer-").tempdir()?;
+        st.scratch.push(dir.path().to_path_buf());
+        Ok(dir)
+    }
+
     /// Runs `commit` (the step that makes the output final) with signals
     /// held off, then forgets every registered path: from now on they are
     /// the command's finished output.
@@ -164,6 +178,9 @@ impl State {
     /// Removes the registered paths (unless kept); returns the tail of the
     /// message that says what happened to them.
     fn clean_up(&self) -> String {
+        for p in &self.scratch {
+            let _ = std::fs::remove_dir_all(p);
+        }
         if self.paths.is_empty() {
             return String::new();
         }

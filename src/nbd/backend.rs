@@ -118,6 +118,15 @@ pub trait Backend: Send + Sync + 'static {
         len: u64,
     ) -> impl Future<Output = io::Result<Vec<BlockStatus>>> + Send;
 
+    /// Prefetch hint (NBD_CMD_CACHE) for `[offset, offset + len)`: a
+    /// backend that reads from slower storage may load the range so later
+    /// READs are fast. Advisory: the default does nothing, and a backend
+    /// may load less than asked.
+    fn cache(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> + Send {
+        let _ = (offset, len);
+        std::future::ready(Ok(()))
+    }
+
     /// A client finished the handshake for this export. Called just before
     /// the final handshake reply is sent, so by the time the client's open
     /// returns (e.g. QEMU's `blockdev-add`) the backend knows of it. Every

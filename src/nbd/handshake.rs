@@ -46,15 +46,13 @@ pub const PREFERRED_BLOCK_SIZE: u32 = 4096;
 /// The transmission flags an export advertises, given its capabilities and
 /// the negotiated reply mode.
 pub fn transmission_flags(caps: BackendCaps, mode: ReplyMode) -> u16 {
-    let mut f = NBD_FLAG_HAS_FLAGS
-        | NBD_FLAG_SEND_FLUSH
-        | NBD_FLAG_SEND_FUA
-        | NBD_FLAG_SEND_TRIM
-        | NBD_FLAG_SEND_WRITE_ZEROES
-        | NBD_FLAG_SEND_CACHE
-        | NBD_FLAG_SEND_FAST_ZERO;
+    let mut f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_CACHE;
     if caps.read_only {
+        // As nbdkit and qemu-nbd do: a read-only export offers no command
+        // that changes data (they would all be answered EPERM).
         f |= NBD_FLAG_READ_ONLY;
+    } else {
+        f |= NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO;
     }
     if caps.flush_is_global {
         f |= NBD_FLAG_CAN_MULTI_CONN;

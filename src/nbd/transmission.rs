@@ -206,7 +206,12 @@ async fn execute<B: Backend>(
             b.flush().await.map_err(|e| errno_of(&e))?;
             return Ok(Output::Done);
         }
-        NBD_CMD_CACHE => return Ok(Output::Done),
+        NBD_CMD_CACHE => {
+            if len > 0 {
+                b.cache(off, len).await.map_err(|e| errno_of(&e))?;
+            }
+            return Ok(Output::Done);
+        }
         NBD_CMD_READ => {
             if len == 0 {
                 return Ok(Output::Data(Bytes::new()));

@@ -1,9 +1,10 @@
-//! Typed QMP commands for a live backup and its tests: the block-node
-//! queries (`query-named-block-nodes`, `query-block`,
-//! `x-debug-query-block-graph`), `blockdev-add` of an NBD client node, a
-//! `transaction` of `blockdev-backup`s, `block-job-cancel`,
-//! `block-job-set-speed`, `query-block-jobs`, `blockdev-del`,
-//! `nbd-server-start`, `block-export-add` and `quit`.
+//! Typed QMP commands for a live backup, a live restore and their tests:
+//! the block-node queries (`query-named-block-nodes`, `query-block`,
+//! `x-debug-query-block-graph`), `blockdev-add` of an NBD client node or a
+//! qcow2 image file, a `transaction` of `blockdev-backup`s,
+//! `block-stream`, `block-job-cancel`, `block-job-set-speed`,
+//! `query-block-jobs`, `blockdev-del`, `nbd-server-start`,
+//! `block-export-add` and `quit`.
 //!
 //! Each turns Rust arguments into the QAPI JSON QEMU expects and its reply
 //! into Rust types; no policy. Which nodes a backup picks is the backup's
@@ -90,6 +91,9 @@ pub struct BlockNode {
     pub driver: String,
     /// The file name QEMU reports for the node.
     pub filename: String,
+    /// The backing file its image names (`None`: no backing file), as
+    /// QEMU has it now: a completed `block-stream` clears it.
+    pub backing_file: Option<String>,
 }
 
 /// The part of `query-named-block-nodes` we use.
@@ -108,6 +112,8 @@ struct RawNode {
 struct RawImage {
     #[serde(rename = "virtual-size")]
     virtual_size: u64,
+    #[serde(rename = "backing-filename", default)]
+    backing_filename: Option<String>,
 }
 
 impl From<RawNode> for BlockNode {
@@ -118,6 +124,7 @@ impl From<RawNode> for BlockNode {
             read_only: n.ro,
             driver: n.drv,
             filename: n.file,
+            backing_file: n.image.backing_filename,
         }
     }
 }
@@ -287,6 +294,34 @@ impl Qmp {
         self.execute("blockdev-add", Some(args)).await.map(drop)
     }
 
+    /// Adds the qcow2 image file `path` as node `node_name` (its backing
+    /// file, if its header names one, is opened too, as the header says).
+    pub async fn blockdev_add_qcow2(&self, node_name: &str, path: &Path) -> Result<(), Error> {
+        let args = json!({
+            "driver": "qcow2",
+            "node-name": node_name,
+            "file": {"driver": "file", "filename": path.to_string_lossy()},
+        });
+        self.execute("blockdev-add", Some(args)).await.map(drop)
+    }
+
+    /// Starts job `job_id` copying into node `device` everything it reads
+    /// from its backing chain (`block-stream` without a base); once it
+    /// completes, `device` has no backing file any more. `speed` limits it
+    /// (bytes per second).
+    pub async fn block_stream(
+        &self,
+        job_id: &str,
+        device: &str,
+        speed: Option<u64>,
+    ) -> Result<(), Error> {
+        let mut args = json!({"job-id": job_id, "device": device});
+        if let Some(speed) = speed {
+            args["speed"] = json!(speed);
+        }
+        self.execute("block-stream", Some(args)).await.map(drop)
+    }
+
     /// Starts every job in one `transaction` of `blockdev-backup`s with
     /// `sync: full`, so all drives are copied from the same point in time.
     /// Either all jobs start or none does.
@@ -454,7 +489,8 @@ mod tests {
         let nodes: Vec<BlockNode> = Deserialize::deserialize(&json!([
             {"node-name": "#block123", "ro": false, "drv": "qcow2", "file": "/img/a.qcow2",
              "image": {"virtual-size": 1073741824, "filename": "/img/a.qcow2"}},
-            {"node-name": "ro0", "ro": true, "drv": "raw", "image": {"virtual-size": 4096}}
+            {"node-name": "ro0", "ro": true, "drv": "raw",
+             "image": {"virtual-size": 4096, "backing-filename": "nbd+unix:///d?socket=/s"}}
         ]))
         .unwrap();
         assert_eq!(
@@ -466,6 +502,7 @@ mod tests {
                     read_only: false,
                     driver: "qcow2".into(),
                     filename: "/img/a.qcow2".into(),
+                    backing_file: None,
                 },
                 BlockNode {
                     node_name: "ro0".into(),
@@ -473,6 +510,7 @@ mod tests {
                     read_only: true,
                     driver: "raw".into(),
                     filename: String::new(),
+                    backing_file: Some("nbd+unix:///d?socket=/s".into()),
                 },
             ]
         );

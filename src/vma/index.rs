@@ -776,6 +776,30 @@ impl ArchiveIndex {
         &self.digests[rec.first_digest as usize..][..n]
     }
 
+    /// The blockinfo mask of every cluster of `dev`, in cluster order (0:
+    /// an all-zero cluster); empty for an unknown device. Two bytes per
+    /// 64 KiB cluster, from the index alone: what answers "which blocks
+    /// hold data" without reading the archive.
+    pub fn cluster_masks(&self, dev: DevId) -> Vec<u16> {
+        let Some(slots) = self.map.get(dev.0 as usize) else {
+            return Vec::new();
+        };
+        let mut masks = vec![0u16; slots.len()];
+        let mut last = None;
+        for &x in slots {
+            if last == Some(x) {
+                continue;
+            }
+            last = Some(x);
+            for e in &self.extents[x as usize].entries {
+                if e.dev == dev.0 {
+                    masks[e.cluster as usize] = e.mask;
+                }
+            }
+        }
+        masks
+    }
+
     /// The extents holding clusters of any of `devs`, in stream order.
     pub fn extents_of(&self, devs: &[DevId]) -> Vec<usize> {
         let mut marks = vec![false; self.extents.len()];
@@ -859,6 +883,9 @@ mod tests {
         assert_eq!(idx.locate(DevId(1), 3), None);
         assert_eq!(idx.extents_of(&[DevId(2)]), [0]);
         assert_eq!(idx.extents_of(&[DevId(1)]), [0, 1]);
+        assert_eq!(idx.cluster_masks(DevId(1)), [0, 0b100, 0xFFFF]);
+        assert_eq!(idx.cluster_masks(DevId(2)), [0b11]);
+        assert!(idx.cluster_masks(DevId(9)).is_empty());
         let t = idx.device(DevId(1)).unwrap();
         assert_eq!(
             (t.data_clusters, t.zero_clusters, t.stored_bytes),

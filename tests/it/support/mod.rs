@@ -2,7 +2,8 @@
 //! end with a deadline and asserting how it ended ([`cmd`]: the binary as
 //! [`vma`] / [`TestEnv`], tools as [`run_ok`]), long-running children and
 //! their `--json` events ([`proc`]: [`Proc`]), starting `serve`
-//! ([`serve`]: [`ServeCmd`]), the PRNG and test data ([`data`]:
+//! ([`serve`]: [`ServeCmd`]), starting `export` ([`export`]:
+//! [`ExportCmd`]), the PRNG and test data ([`data`]:
 //! [`XorShift`]), making images ([`image`]), comparing files ([`compare`]:
 //! [`assert_same_file`], sparse-aware), checking archives through the
 //! binary ([`check`]), QEMU, nbdkit and process checks ([`qemu`]: the
@@ -21,6 +22,7 @@ pub mod check;
 pub mod cmd;
 pub mod compare;
 pub mod data;
+pub mod export;
 pub mod image;
 pub mod nbd;
 pub mod proc;
@@ -33,6 +35,7 @@ pub use check::*;
 pub use cmd::*;
 pub use compare::*;
 pub use data::*;
+pub use export::*;
 pub use image::*;
 pub use nbd::*;
 pub use proc::*;
