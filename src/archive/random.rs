@@ -20,6 +20,7 @@ use crate::vma::cluster::{cluster_len, stored_len};
 use crate::vma::consts::VMA_EXTENT_HEADER_SIZE;
 use crate::vma::extent::{ExtentHeader, payload_ranges};
 use crate::vma::reader::ClusterData;
+use crate::vma::index::Digest;
 use crate::vma::{ArchiveIndex, DevId, FormatError, Header};
 
 /// One cluster as stored: its mask and its stored 4 KiB blocks.
@@ -35,6 +36,9 @@ pub struct Cluster {
     pub len: usize,
     /// The stored blocks, in ascending block order.
     pub stored: Bytes,
+    /// The digest it was checked against (`None`: all zero, or the index
+    /// has no digests).
+    pub digest: Option<Digest>,
 }
 
 impl Cluster {
@@ -190,6 +194,7 @@ impl RandomArchive {
             mask: loc.mask,
             len: cluster_len(size, cluster),
             stored,
+            digest: loc.digest,
         };
         if let Some(want) = &loc.digest {
             check_cluster(self.header(), &c.data(), want)?;
@@ -204,6 +209,16 @@ impl RandomArchive {
         &self,
         x: usize,
         want: impl Fn(DevId) -> bool,
+    ) -> Result<Vec<Cluster>, ArchiveError> {
+        self.read_extent_clusters(x, |dev, _| want(dev))
+    }
+
+    /// [`read_extent`](Self::read_extent) for the clusters `want` accepts
+    /// by device and cluster number: only those are checked and returned.
+    pub fn read_extent_clusters(
+        &self,
+        x: usize,
+        want: impl Fn(DevId, u64) -> bool,
     ) -> Result<Vec<Cluster>, ArchiveError> {
         let rec = &self.index.extents[x];
         let bytes = self.stream_bytes(x, rec.stream_offset, rec.len() as usize)?;
@@ -221,7 +236,7 @@ impl RandomArchive {
             let digest = (e.mask != 0).then(|| digests.get(data)).flatten();
             data += usize::from(e.mask != 0);
             let dev = DevId(e.dev);
-            if !want(dev) {
+            if !want(dev, u64::from(e.cluster)) {
                 continue;
             }
             let size = self.header().device(dev).map_or(0, |d| d.size);
@@ -231,6 +246,7 @@ impl RandomArchive {
                 mask: e.mask,
                 len: cluster_len(size, u64::from(e.cluster)),
                 stored: payload.slice(range),
+                digest: digest.copied(),
             };
             if let Some(d) = digest {
                 check_cluster(self.header(), &c.data(), d)?;

@@ -78,10 +78,7 @@ pub async fn run(
     };
     cfg.drives = drives
         .iter()
-        .map(|d| DriveSpec {
-            name: d.name.clone(),
-            size: d.size,
-        })
+        .map(|d| DriveSpec::new(d.name.clone(), d.size))
         .collect();
     let target = BackupTarget::start(cfg).await?;
     let mut backup = Backup {

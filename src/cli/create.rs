@@ -298,8 +298,8 @@ fn create_via_qemu(a: &Args) -> anyhow::Result<ExitCode> {
         }
         let ended = res.map_err(|e| anyhow::anyhow!(explain(super::describe(&*e))))?;
         if let (Ended::Done(report), true) = (&ended, a.verbose) {
-            for (name, size, zero) in &report.summary.drives {
-                print_image_totals(name, *size, *zero);
+            for d in &report.summary.drives {
+                print_image_totals(&d.name, d.size, d.zero_bytes);
             }
         }
         Ok(ended.exit_code())

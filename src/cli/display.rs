@@ -138,7 +138,7 @@ impl LiveDisplay {
                 "copied_bytes": r.summary.copied_bytes,
                 "duration_s": r.duration.as_secs_f64(),
                 "mb_per_s": r.mb_per_s(),
-                "drives": r.summary.drives.iter().map(|(n, size, zero)| json!({"name": n, "size": size, "zero_bytes": zero})).collect::<Vec<_>>(),
+                "drives": r.summary.drives.iter().map(|d| json!({"name": d.name, "size": d.size, "zero_bytes": d.zero_bytes})).collect::<Vec<_>>(),
             }));
         } else {
             eprintln!(

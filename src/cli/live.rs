@@ -115,6 +115,8 @@ pub async fn backup_with_display(
             ever_connected: false,
             idle_since: None,
             settled: false,
+            base_bytes: 0,
+            awaits_base: false,
         })
         .collect();
     let mut display = LiveDisplay::new(live.json, status_out, &initial);
