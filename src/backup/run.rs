@@ -143,6 +143,7 @@ impl Backup<'_> {
                 target: target_node(i),
                 speed,
                 filter_node_name: Some(qemu_name("cbw", i)),
+                bitmap: None,
             })
             .collect();
         self.qmp
