@@ -9,6 +9,7 @@ mod support;
 mod cli_messages;
 mod cli_roundtrip;
 mod cli_signals;
+mod incremental;
 mod index_property;
 mod live_backup;
 mod live_create;
