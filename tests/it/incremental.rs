@@ -252,13 +252,87 @@ impl Vm {
 
     /// `vma-writer backup --json` of every disk with `args`.
     fn backup_cmd(&self, args: &[&str]) -> tokio::process::Command {
-        let mut cmd = vma_async(["backup", "--json", "--qmp"]);
-        cmd.arg(self.qmp_socket());
-        for d in &self.disks {
-            cmd.args(["--drive", d.node]);
-        }
-        cmd.args(args);
+        let mut cmd = vma_async(["backup"]);
+        cmd.args(self.backup_args(&self.qmp_socket(), args));
         cmd
+    }
+
+    /// The arguments of `backup --json` of every disk over QMP socket
+    /// `qmp`, then `args`.
+    fn backup_args(&self, qmp: &Path, args: &[&str]) -> Vec<std::ffi::OsString> {
+        let mut out: Vec<std::ffi::OsString> = vec!["--json".into(), "--qmp".into(), qmp.into()];
+        for d in &self.disks {
+            out.extend(["--drive".into(), d.node.into()]);
+        }
+        out.extend(args.iter().map(Into::into));
+        out
+    }
+
+    /// Adds a new raw disk of `size` to the running VM (hot-plug):
+    /// `blockdev-add` of its file and raw nodes, exported for the guest.
+    async fn add_disk(&mut self, node: &'static str, size: u64, seed: u64) {
+        let model = holey_data(size as usize, seed);
+        let path = self.dir.join(format!("{node}.raw"));
+        std::fs::write(&path, &model).unwrap();
+        let qmp = self.spare().await;
+        qmp.execute(
+            "blockdev-add",
+            Some(serde_json::json!({"driver": "raw", "node-name": node,
+                "file": {"driver": "file", "filename": path.to_str().unwrap()}})),
+        )
+        .await
+        .unwrap();
+        drop(qmp);
+        let daemon = self.daemon.as_mut().unwrap();
+        self.nbd = daemon.export_nbd(node, node, true).await.unwrap();
+        self.disks.push(Disk {
+            node,
+            format: "raw",
+            path,
+            model,
+            dirty: BTreeSet::new(),
+        });
+    }
+
+    /// Grows disk `i` to `size` (`block_resize`; the new bytes read as
+    /// zeros). Its NBD export, which does not share the resize, is
+    /// removed first (export ids are `export<n>` in the order the disks
+    /// were exported) and made again after.
+    async fn resize(&mut self, i: usize, size: u64) {
+        let qmp = self.spare().await;
+        qmp.execute(
+            "block-export-del",
+            Some(serde_json::json!({"id": format!("export{i}")})),
+        )
+        .await
+        .unwrap();
+        qmp.execute(
+            "block_resize",
+            Some(serde_json::json!({"node-name": self.disks[i].node, "size": size})),
+        )
+        .await
+        .unwrap();
+        drop(qmp);
+        let node = self.disks[i].node;
+        let daemon = self.daemon.as_mut().unwrap();
+        self.nbd = daemon.export_nbd(node, node, true).await.unwrap();
+        self.disks[i].model.resize(size as usize, 0);
+    }
+
+    /// Waits until QEMU runs no job of ours (after a vma-writer that could
+    /// not cancel its jobs, they fail on their own).
+    async fn wait_jobs_gone(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let qmp = self.spare().await;
+            let jobs = qmp.query_block_jobs().await.unwrap();
+            if !jobs.iter().any(|j| j.device.starts_with("vmaw")) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "jobs left: {jobs:?}");
+            drop(qmp);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The point in time of a backup about to start: the images it must
@@ -490,5 +564,520 @@ async fn five_generations_with_writes_between_and_during() {
     assert!(list_chain(&archives[0]).contains("BITMAP: "));
     assert!(!list_chain(&archives[0]).contains("INCREMENTAL"));
     assert_eq!(list_devices(last).len(), 2);
+    vm.daemon.take().unwrap().shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_bitmap_survives_a_restart_raw_falls_back_to_full() {
+    if !require_tools(QSD_TOOLS) {
+        return;
+    }
+    support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut vm = Vm::new(dir, QCOW2_RAW, 2000).await;
+    let a0 = dir.join("a0.vma");
+    let (ended, at) = vm.backup("a0", &out_args(&a0)).await;
+    vm.check(&ended, &at, &[Some(""), Some("")]);
+    // Writes before and after QEMU restarts: the qcow2 bitmap, stored in
+    // the image at the clean stop, has them all.
+    vm.write_all(10);
+    vm.restart().await;
+    vm.write_all(10);
+    let a1 = dir.join("a1.vma");
+    let (ended, at) = vm.backup("a1", &[out_args(&a1), base_args(&a0)].concat()).await;
+    vm.check(&ended, &at, &[None, Some("node scsi1 has no bitmap")]);
+    assert!(
+        ended.stderr.contains("QEMU restarted and the bitmap was not persistent"),
+        "{}",
+        ended.stderr
+    );
+    vm.assert_bitmaps(&[&a1]).await;
+    vm.daemon.take().unwrap().shutdown().await.unwrap();
+}
+
+/// A VM with a full backup as the base and writes since: the start of
+/// every fault test.
+async fn after_a_full_backup(dir: &Path, seed: u64) -> (Vm, PathBuf) {
+    let mut vm = Vm::new(dir, QCOW2_RAW, seed).await;
+    let base = dir.join("base.vma");
+    let (ended, at) = vm.backup("base", &out_args(&base)).await;
+    vm.check(&ended, &at, &[Some(""), Some("")]);
+    vm.write_all(10);
+    (vm, base)
+}
+
+/// After a failed incremental from `base` (its point in time `at`): the
+/// new archive is not there, the base's bitmap is, and the next
+/// incremental from `base` (with more writes) sends every cluster written
+/// since the base and restores exactly; only its bitmap is left then.
+/// `leftovers` bitmaps of ours besides the base's are expected before.
+async fn next_incremental_is_correct(
+    vm: &mut Vm,
+    base: &Path,
+    failed: &Path,
+    at: PointInTime,
+    leftovers: usize,
+) {
+    assert_no_archive(failed, false);
+    vm.failed(at);
+    vm.wait_jobs_gone().await;
+    for (d, names) in vm.disks.iter().zip(vm.bitmaps().await) {
+        assert!(names.contains(&archive_bitmap(base)), "{}: {names:?}", d.node);
+        assert_eq!(names.len(), 1 + leftovers, "{}: {names:?}", d.node);
+    }
+    vm.write_all(5);
+    let next = vm.dir.join("next.vma");
+    let (ended, at) = vm
+        .backup("next", &[out_args(&next), base_args(base)].concat())
+        .await;
+    vm.check(&ended, &at, &[None, None]);
+    vm.assert_bitmaps(&[&next]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_archive_write_fails_after_the_job_succeeded() {
+    if !require_tools(QSD_TOOLS) {
+        return;
+    }
+    support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (mut vm, base) = after_a_full_backup(dir, 3000).await;
+    let spare = vm.spare().await;
+    let mut events = spare.subscribe();
+    let failed = dir.join("efbig.vma");
+    let at = vm.point_in_time("efbig");
+    // 4 to 8 MiB: more than QEMU's changed clusters, less than the copy.
+    let args = vm.backup_args(&vm.qmp_socket(), &[out_args(&failed), base_args(&base)].concat());
+    let backup = Proc::spawn(vma_async_file_limit(8192, std::iter::once("backup".into()).chain(args)), true);
+    let jobs = [0, 1].map(|i| format!("vmaw{}-job{i}", backup.pid()));
+    let ended = backup.wait(RUN_TIMEOUT).await;
+    ended.assert_backup_failed(&["backup failed: writing the archive failed: File too large"]);
+    let ends = events
+        .wait_jobs_ended(&jobs, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(ends.iter().all(|e| e.is_success()), "QEMU's jobs: {ends:?}");
+    drop(events);
+    drop(spare);
+    next_incremental_is_correct(&mut vm, &base, &failed, at, 0).await;
+    vm.daemon.take().unwrap().shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_sigterm_mid_job() {
+    if !require_tools(QSD_TOOLS) {
+        return;
+    }
+    support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (mut vm, base) = after_a_full_backup(dir, 4000).await;
+    let failed = dir.join("term.vma");
+    let (backup, at) = vm
+        .start_slow_backup("term", &[out_args(&failed), base_args(&base)].concat())
+        .await;
+    vm.write_all(3);
+    backup.signal(libc::SIGTERM);
+    let ended = backup.wait(RUN_TIMEOUT).await;
+    ended.assert_stopped_by(libc::SIGTERM);
+    next_incremental_is_correct(&mut vm, &base, &failed, at, 0).await;
+    vm.daemon.take().unwrap().shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_qemu_job_cancelled() {
+    if !require_tools(QSD_TOOLS) {
+        return;
+    }
+    support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (mut vm, base) = after_a_full_backup(dir, 5000).await;
+    let failed = dir.join("cancel.vma");
+    let (backup, at) = vm
+        .start_slow_backup("cancel", &[out_args(&failed), base_args(&base)].concat())
+        .await;
+    let qmp = vm.spare().await;
+    let job = format!("vmaw{}-job0", backup.pid());
+    qmp.block_job_cancel(&job, true).await.unwrap();
+    drop(qmp);
+    let ended = backup.wait(RUN_TIMEOUT).await;
+    ended.assert_backup_failed(&[&format!("backup job {job} was cancelled")]);
+    next_incremental_is_correct(&mut vm, &base, &failed, at, 0).await;
+    vm.daemon.take().unwrap().shutdown().await.unwrap();
+}
+
+/// A QMP proxy between vma-writer and the daemon, for one client. It
+/// passes everything on, except that with `hold_removes` it holds back the
+/// first `block-dirty-bitmap-remove` that is not a probe's, and all after
+/// it (vma-writer then waits for QEMU's reply forever), and that
+/// [`QmpProxy::cut`] closes the connection.
+struct QmpProxy {
+    path: PathBuf,
+    held: std::sync::Arc<tokio::sync::Notify>,
+    cut: std::sync::Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl QmpProxy {
+    fn start(path: PathBuf, upstream: PathBuf, hold_removes: bool) -> QmpProxy {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let held = std::sync::Arc::new(tokio::sync::Notify::new());
+        let cut = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (h, c) = (held.clone(), cut.clone());
+        let task = tokio::spawn(async move {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let up = tokio::net::UnixStream::connect(&upstream).await.unwrap();
+            let (client_r, mut client_w) = client.into_split();
+            let (mut up_r, mut up_w) = up.into_split();
+            let down = tokio::io::copy(&mut up_r, &mut client_w);
+            let upward = async {
+                let mut r = tokio::io::BufReader::new(client_r);
+                let mut line = Vec::new();
+                loop {
+                    line.clear();
+                    if r.read_until(b'\n', &mut line).await? == 0 {
+                        return Ok::<_, std::io::Error>(());
+                    }
+                    let text = String::from_utf8_lossy(&line);
+                    if hold_removes
+                        && text.contains("block-dirty-bitmap-remove")
+                        && !text.contains("-probe-")
+                    {
+                        h.notify_one();
+                        std::future::pending::<()>().await;
+                    }
+                    up_w.write_all(&line).await?;
+                }
+            };
+            tokio::select! {
+                _ = down => {}
+                _ = upward => {}
+                _ = c.notified() => {}
+            }
+        });
+        QmpProxy {
+            path,
+            held,
+            cut,
+            task,
+        }
+    }
+
+    /// Waits until a bitmap removal is held back.
+    async fn held(&self) {
+        tokio::time::timeout(Duration::from_secs(60), self.held.notified())
+            .await
+            .expect("no bitmap removal was held back");
+    }
+
+    /// Closes the connection both ways.
+    fn cut(&self) {
+        self.cut.notify_one();
+    }
+}
+
+impl Drop for QmpProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// SIGKILL of vma-writer after the new archive was renamed into place but
+/// before it removed the base's bitmap (the proxy holds that command
+/// back): both bitmaps are left; the next nightly run takes the newest
+/// archive as its base, finds its bitmap, and removes the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_sigkill_after_rename_before_the_bitmap_step() {
+    if !require_tools(QSD_TOOLS) {
+        return;
+    }
+    support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let dump = dir.join("dump");
+    std::fs::create_dir(&dump).unwrap();
+    let nightly = [
+        "--output-dir",
+        dump.to_str().unwrap(),
+        "--vmid",
+        "7",
+        "--incremental",
+    ];
+    let mut vm = Vm::new(dir, QCOW2_RAW, 6000).await;
+    vm.next_second().await;
+    let (ended, at) = vm.backup("base", &nightly).await;
+    let base = vm.check(&ended, &at, &[Some(""), Some("")]);
+    vm.write_all(10);
+    vm.next_second().await;
+    let proxy = QmpProxy::start(dir.join("proxy.sock"), vm.qmp_socket(), true);
+    let at = vm.point_in_time("killed");
+    let mut cmd = vma_async(["backup"]);
+    cmd.args(vm.backup_args(&proxy.path, &nightly));
+    let backup = Proc::spawn(cmd, true);
+    proxy.held().await;
+    // Committed: the archive and its index are in place.
+    let killed = backup_archive_in(&dump, &[&base]);
+    assert!(vma_writer::sink::index_path(&killed).exists());
+    backup.signal(libc::SIGKILL);
+    let ended = backup.wait(RUN_TIMEOUT).await;
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(ended.status.signal(), Some(libc::SIGKILL));
+    drop(proxy);
+    let names: Vec<String> = vm.disks.iter().map(Disk::name).collect();
+    let drives: Vec<(&str, u64, &Path)> = names
+        .iter()
+        .zip(&vm.disks)
+        .zip(&at.expect)
+        .map(|((n, d), e)| (n.as_str(), d.size(), e.as_path()))
+        .collect();
+    check_archive(&killed, &drives, dir);
+    vm.assert_bitmaps(&[&base, &killed]).await;
+    // The next run: the newest archive is the killed run's, and its
+    // bitmap has every write since.
+    vm.write_all(5);
+    vm.next_second().await;
+    let (ended, at) = vm.backup("after", &nightly).await;
+    assert!(
+        ended.stderr.contains(&format!("base {}", killed.display())),
+        "{}",
+        ended.stderr
+    );
+    let next = vm.check(&ended, &at, &[None, None]);
+    vm.assert_bitmaps(&[&next]).await;
+    vm.daemon.take().unwrap().shutdown().await.unwrap();
+}
+
+/// The one archive in `dump` that is not one of `known`.
+fn backup_archive_in(dump: &Path, known: &[&Path]) -> PathBuf {
+    let found: Vec<PathBuf> = std::fs::read_dir(dump)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "vma"))
+        .filter(|p| !known.contains(&p.as_path()))
+        .collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    found[0].clone()
+}
+
+/// The QMP connection is lost mid-job: vma-writer cannot cancel its jobs
+/// or remove its new bitmaps; the jobs fail when its target goes away and
+/// give the base's bitmap back; the next incremental from the base is
+/// correct and removes the leftover bitmap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_qmp_connection_lost() {
+    if !require_tools(QSD_TOOLS) {
+        return;
+    }
+    support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (mut vm, base) = after_a_full_backup(dir, 7000).await;
+    let proxy = QmpProxy::start(dir.join("proxy.sock"), vm.qmp_socket(), false);
+    let failed = dir.join("lost.vma");
+    let at = vm.point_in_time("lost");
+    let mut args = [out_args(&failed), base_args(&base)].concat();
+    args.extend(["--speed", SLOW]);
+    let mut cmd = vma_async(["backup"]);
+    cmd.args(vm.backup_args(&proxy.path, &args));
+    let mut backup = Proc::spawn(cmd, true);
+    backup
+        .next_event(Duration::from_secs(30), |e| {
+            progress_done(e, "drive-scsi0").is_some_and(|d| d > 0)
+        })
+        .await;
+    proxy.cut();
+    let ended = backup.wait(RUN_TIMEOUT).await;
+    ended.assert_backup_failed(&["lost the QMP connection"]);
+    drop(proxy);
+    next_incremental_is_correct(&mut vm, &base, &failed, at, 1).await;
+    vm.daemon.take().unwrap().shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resized_drive_is_backed_up_in_full() {
+    if !require_tools(QSD_TOOLS) {
+        return;
+    }
+    support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (mut vm, base) = after_a_full_backup(dir, 8000).await;
+    vm.resize(1, 20 * MIB).await;
+    vm.write_all(3);
+    let a1 = dir.join("a1.vma");
+    let (ended, at) = vm.backup("a1", &[out_args(&a1), base_args(&base)].concat()).await;
+    vm.check(
+        &ended,
+        &at,
+        &[None, Some("its size changed (16777216 bytes in the base, 20971520 now)")],
+    );
+    vm.assert_bitmaps(&[&a1]).await;
+    vm.daemon.take().unwrap().shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_base_from_another_vm_gives_full_backups() {
+    if !require_tools(QSD_TOOLS) {
+        return;
+    }
+    support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir_a, dir_b) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir(&dir_a).unwrap();
+    std::fs::create_dir(&dir_b).unwrap();
+    let (mut vm_a, base_a) = after_a_full_backup(&dir_a, 9000).await;
+    let mut vm_b = Vm::new(&dir_b, QCOW2_RAW, 9100).await;
+    let b0 = dir_b.join("b0.vma");
+    let (ended, at) = vm_b
+        .backup("b0", &[out_args(&b0), base_args(&base_a)].concat())
+        .await;
+    let why = Some("has no bitmap");
+    vm_b.check(&ended, &at, &[why, why]);
+    vm_b.assert_bitmaps(&[&b0]).await;
+    // VM A's chain is untouched.
+    vm_a.assert_bitmaps(&[&base_a]).await;
+    vm_a.daemon.take().unwrap().shutdown().await.unwrap();
+    vm_b.daemon.take().unwrap().shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_base_fails_the_backup_and_a_full_one_starts_anew() {
+    if !require_tools(QSD_TOOLS) {
+        return;
+    }
+    support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (mut vm, base) = after_a_full_backup(dir, 10_000).await;
+    // Flip a byte in a data cluster of drive-scsi0 the guest did not
+    // write since: the incremental must copy it from the base.
+    let (cluster, at) = {
+        let ra = RandomArchive::open(base.to_str().unwrap()).unwrap();
+        let dev = ra.header().devices[0].id;
+        (0..ra.header().devices[0].clusters())
+            .filter(|c| !vm.disks[0].dirty.contains(c))
+            .find_map(|c| {
+                let l = ra.index().locate(dev, c).unwrap();
+                (l.mask != 0).then_some((c, l.stream_offset))
+            })
+            .unwrap()
+    };
+    let mut bytes = std::fs::read(&base).unwrap();
+    bytes[at as usize + 7] ^= 0x20;
+    std::fs::write(&base, bytes).unwrap();
+    let failed = dir.join("corrupt.vma");
+    let (ended, pit) = vm
+        .backup("corrupt", &[out_args(&failed), base_args(&base)].concat())
+        .await;
+    ended.assert_backup_failed(&[
+        &format!("drive drive-scsi0: cannot copy from the base archive: device 1 ('drive-scsi0') cluster {cluster}: the data does not match its digest"),
+        "back up without --base and --incremental (a full backup) to start a new chain",
+    ]);
+    assert_no_archive(&failed, false);
+    vm.failed(pit);
+    vm.assert_bitmaps(&[&base]).await;
+    // The full backup the message asks for; it ends the old chain.
+    let full = dir.join("full.vma");
+    let (ended, at) = vm.backup("full", &out_args(&full)).await;
+    vm.check(&ended, &at, &[Some(""), Some("")]);
+    vm.assert_bitmaps(&[&full]).await;
+    vm.daemon.take().unwrap().shutdown().await.unwrap();
+}
+
+/// A base that is a plain stream (`backup -o -` saved to a file, no
+/// index): usable, its clusters are not checked (said), the new archive
+/// has its own index. A zstd stream without seek table cannot be read at
+/// random: every drive is backed up in full, saying why. `--no-bitmap`
+/// leaves the chain as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_without_index_as_the_base() {
+    if !require_tools(QSD_TOOLS) {
+        return;
+    }
+    support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut vm = Vm::new(dir, QCOW2_RAW, 11_000).await;
+    let stream = dir.join("stream.vma");
+    let at = vm.point_in_time("stream");
+    let mut cmd = vm.backup_cmd(&["-o", "-"]);
+    cmd.stdout(std::fs::File::create(&stream).unwrap());
+    let ended = Proc::spawn(cmd, false).wait(RUN_TIMEOUT).await;
+    ended.assert_success();
+    assert!(!vma_writer::sink::index_path(&stream).exists());
+    let names: Vec<String> = vm.disks.iter().map(Disk::name).collect();
+    let drives: Vec<(&str, u64, &Path)> = names
+        .iter()
+        .zip(&at.sizes)
+        .zip(&at.expect)
+        .map(|((n, s), e)| (n.as_str(), *s, e.as_path()))
+        .collect();
+    check_archive(&stream, &drives, dir);
+
+    vm.write_all(10);
+    let a1 = dir.join("a1.vma");
+    let (ended, at) = vm.backup("a1", &[out_args(&a1), base_args(&stream)].concat()).await;
+    vm.check(&ended, &at, &[None, None]);
+    assert!(
+        ended.stderr.contains("has no index: the clusters taken from it are not checked"),
+        "{}",
+        ended.stderr
+    );
+    assert!(RandomArchive::open(a1.to_str().unwrap()).unwrap().has_digests());
+    vm.assert_bitmaps(&[&a1]).await;
+
+    // --no-bitmap: incremental from a1, and a1's bitmap stays the chain's.
+    vm.write_all(5);
+    let copy = dir.join("copy.vma");
+    let (ended, at) = vm
+        .backup("copy", &[out_args(&copy), base_args(&a1), vec!["--no-bitmap"]].concat())
+        .await;
+    vm.check(&ended, &at, &[None, None]);
+    vm.assert_bitmaps(&[&a1]).await;
+    assert!(!list_chain(&copy).contains("BITMAP"), "{}", list_chain(&copy));
+    vm.failed(at); // a1's bitmap still has those clusters
+
+    let zst = dir.join("stream.vma.zst");
+    let plain = std::fs::read(&stream).unwrap();
+    std::fs::write(&zst, zstd::encode_all(&plain[..], 3).unwrap()).unwrap();
+    let a2 = dir.join("a2.vma");
+    let (ended, at) = vm.backup("a2", &[out_args(&a2), base_args(&zst)].concat()).await;
+    let why = Some("cannot be used");
+    vm.check(&ended, &at, &[why, why]);
+    assert!(ended.stderr.contains("vma-writer convert"), "{}", ended.stderr);
+    vm.assert_bitmaps(&[&a2]).await;
+    vm.daemon.take().unwrap().shutdown().await.unwrap();
+}
+
+/// A VM that got a third drive since the base: the two old drives are
+/// incremental (one of them ends mid-cluster), the new one full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_drives_one_new_since_the_base() {
+    if !require_tools(QSD_TOOLS) {
+        return;
+    }
+    support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let two = &[("scsi0", "qcow2", 16 * MIB), ("scsi1", "raw", 8 * MIB + 1536)];
+    let mut vm = Vm::new(dir, two, 12_000).await;
+    let base = dir.join("base.vma");
+    let (ended, at) = vm.backup("base", &out_args(&base)).await;
+    vm.check(&ended, &at, &[Some(""), Some("")]);
+    vm.write_all(10);
+    vm.add_disk("scsi2", 4 * MIB, 12_100).await;
+    vm.write_random(2, 3);
+    let a1 = dir.join("a1.vma");
+    let (ended, at) = vm
+        .backup_during("a1", &[out_args(&a1), base_args(&base)].concat(), 4)
+        .await;
+    vm.check(&ended, &at, &[None, None, Some("new since the base")]);
+    vm.assert_bitmaps(&[&a1]).await;
     vm.daemon.take().unwrap().shutdown().await.unwrap();
 }
