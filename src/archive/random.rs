@@ -12,6 +12,7 @@ use bytes::Bytes;
 
 use super::cache::{DEFAULT_CACHE_BYTES, FrameCache};
 use super::check::{check_cluster, check_extent};
+use super::counted::Mapping;
 use super::error::ArchiveError;
 use super::file::{FileArchive, Layout};
 use super::frame::read_frame;
@@ -63,6 +64,8 @@ pub struct RandomArchive {
     file: FileArchive,
     index: Arc<ArchiveIndex>,
     cache: FrameCache,
+    /// A plain archive mapped into memory ([`RandomArchive::mapped`]).
+    map: Option<Mapping>,
 }
 
 const _: () = {
@@ -101,7 +104,21 @@ impl RandomArchive {
             file,
             index: Arc::new(index),
             cache: FrameCache::new(DEFAULT_CACHE_BYTES),
+            map: None,
         })
+    }
+
+    /// Reads a plain archive through a read-only mapping instead of
+    /// `pread`: what is read is not copied out of the page cache (a reader
+    /// that writes it elsewhere saves one copy of every byte). See
+    /// [`Mapping`] for the one condition: the file must not shrink
+    /// meanwhile. A `.vma.zst` is unchanged (its frames are decompressed
+    /// anyway); so is a plain archive that cannot be mapped.
+    pub fn mapped(mut self) -> Self {
+        if matches!(self.file.layout(), Layout::Plain) {
+            self.map = self.file.file().map().ok();
+        }
+        self
     }
 
     /// Keeps up to `bytes` of decompressed frames (default
@@ -145,6 +162,17 @@ impl RandomArchive {
     /// The bytes of the plain stream from `offset`, `len` long, all inside
     /// extent `x`.
     fn stream_bytes(&self, x: usize, offset: u64, len: usize) -> Result<Bytes, ArchiveError> {
+        if let Some(m) = &self.map {
+            return m.bytes(offset, len).ok_or_else(|| {
+                FormatError::Truncated {
+                    offset,
+                    what: "extent",
+                    need: len as u64,
+                    got: self.file.file().len().saturating_sub(offset),
+                }
+                .into()
+            });
+        }
         match self.file.layout() {
             Layout::Plain => self
                 .file

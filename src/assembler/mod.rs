@@ -618,7 +618,9 @@ mod tests {
         if let Some(base) = base {
             let st = &asm.status()[0];
             assert!(st.awaits_base && st.idle_since.is_none(), "{st:?}");
-            let base = Arc::new(RandomArchive::open(base.to_str().unwrap()).unwrap());
+            // A plain base is read through a mapping, as a backup does.
+            let base = RandomArchive::open(base.to_str().unwrap()).unwrap();
+            let base = Arc::new(base.mapped());
             match asm.fill_from_base(0, &base, DevId(1)).await {
                 Ok(stats) => {
                     let sent: u64 = writes.iter().map(|(_, w)| w.len() as u64).sum();

@@ -44,7 +44,7 @@ impl BaseArchive {
         match RandomArchive::open(&path.to_string_lossy()) {
             Ok(a) => BaseArchive::Open {
                 path: path.to_path_buf(),
-                archive: Arc::new(a.with_cache_size(BASE_CACHE_BYTES)),
+                archive: Arc::new(a.with_cache_size(BASE_CACHE_BYTES).mapped()),
             },
             Err(e) => BaseArchive::Unusable {
                 path: path.to_path_buf(),
