@@ -211,7 +211,10 @@ mod tests {
         let path = dir.path().join("f");
         let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
         std::fs::write(&path, &data).unwrap();
-        let file = Arc::new(CountedFile::new(File::open(&path).unwrap(), data.len() as u64));
+        let file = Arc::new(CountedFile::new(
+            File::open(&path).unwrap(),
+            data.len() as u64,
+        ));
         let map = file.map().unwrap();
         let b = map.bytes(4096, 5000).unwrap();
         assert_eq!(&b[..], &data[4096..9096]);

@@ -20,8 +20,8 @@ use super::source::{Input, open};
 use crate::vma::cluster::{cluster_len, stored_len};
 use crate::vma::consts::VMA_EXTENT_HEADER_SIZE;
 use crate::vma::extent::{ExtentHeader, payload_ranges};
-use crate::vma::reader::ClusterData;
 use crate::vma::index::Digest;
+use crate::vma::reader::ClusterData;
 use crate::vma::{ArchiveIndex, DevId, FormatError, Header};
 
 /// One cluster as stored: its mask and its stored 4 KiB blocks.

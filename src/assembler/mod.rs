@@ -740,7 +740,8 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            e.to_string().contains("cluster 7: the data does not match its digest"),
+            e.to_string()
+                .contains("cluster 7: the data does not match its digest"),
             "{e}"
         );
         assert!(!new.exists() && !crate::sink::partial_path(&new).exists());

@@ -60,7 +60,8 @@ pub fn spawn(
                         if shared.failed() {
                             continue;
                         }
-                        if let Err(e) = writer.write_stored_cluster(dev, cluster, mask, stored, digest)
+                        if let Err(e) =
+                            writer.write_stored_cluster(dev, cluster, mask, stored, digest)
                         {
                             shared.fail_with(e.into(), "writing the archive failed");
                         }

@@ -353,7 +353,11 @@ mod tests {
             "{}",
             modes[3]
         );
-        assert!(modes[4].contains("granularity of 4096 bytes"), "{}", modes[4]);
+        assert!(
+            modes[4].contains("granularity of 4096 bytes"),
+            "{}",
+            modes[4]
+        );
         assert!(modes[5].contains("is inconsistent"), "{}", modes[5]);
         assert!(modes[6].contains("is disabled"), "{}", modes[6]);
         assert!(modes[7].contains("in use"), "{}", modes[7]);

@@ -151,9 +151,7 @@ pub enum Failure {
     /// The base archive failed while its clusters were copied into an
     /// incremental drive: unreadable, or a cluster that does not match its
     /// digest. Nothing of it reaches a committed archive.
-    #[error(
-        "{0}; back up without --base and --incremental (a full backup) to start a new chain"
-    )]
+    #[error("{0}; back up without --base and --incremental (a full backup) to start a new chain")]
     Base(FillError),
     /// The caller's stop future fired (SIGINT or SIGTERM).
     #[error("stopped by signal")]

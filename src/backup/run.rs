@@ -172,14 +172,7 @@ pub async fn run(
     tokio::pin!(stop);
     let copied = backup
         .copy(
-            drives,
-            &plan,
-            &bitmaps,
-            base,
-            &socket,
-            opts.speed,
-            observer,
-            &mut stop,
+            drives, &plan, &bitmaps, base, &socket, opts.speed, observer, &mut stop,
         )
         .await;
     let fills = match copied {

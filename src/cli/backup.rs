@@ -120,8 +120,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             )
         })?;
         let drives = backup::resolve_drives(&qmp, &a.drives, a.all).await?;
-        let ended =
-            backup_with_display(&qmp, &drives, &a.archive, &a.live, output, &opts).await?;
+        let ended = backup_with_display(&qmp, &drives, &a.archive, &a.live, output, &opts).await?;
         Ok(ended.exit_code())
     })
 }

@@ -173,7 +173,10 @@ impl LiveDisplay {
         for p in plan {
             let line = match &p.mode {
                 Mode::Incremental { bitmap, dirty, .. } => {
-                    format!("{}: incremental: {dirty} bytes changed since the base ({bitmap})", p.name)
+                    format!(
+                        "{}: incremental: {dirty} bytes changed since the base ({bitmap})",
+                        p.name
+                    )
                 }
                 Mode::Full { reason: Some(r) } => format!("{}: full backup: {r}", p.name),
                 Mode::Full { reason: None } => format!("{}: full backup", p.name),

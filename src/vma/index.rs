@@ -181,7 +181,9 @@ impl DeviceChain {
     /// `size` bytes, with the rules of `format/INDEX.md` §1.3.
     fn decode(dev: DevId, flags: u8, base_bytes: u64, size: u64) -> Result<Self, IndexError> {
         if flags & !(CHAIN_BITMAP | CHAIN_FROM_BASE) != 0 {
-            return Err(bad(format!("device {dev}: unknown chain flags {flags:#04x}")));
+            return Err(bad(format!(
+                "device {dev}: unknown chain flags {flags:#04x}"
+            )));
         }
         let from_base = flags & CHAIN_FROM_BASE != 0;
         if base_bytes > size || (!from_base && base_bytes != 0) {

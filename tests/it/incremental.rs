@@ -432,7 +432,10 @@ impl Vm {
     async fn assert_job_runs_then_unthrottle(&self) {
         let qmp = self.spare().await;
         let jobs = qmp.query_block_jobs().await.unwrap();
-        let ours: Vec<_> = jobs.iter().filter(|j| j.device.starts_with("vmaw")).collect();
+        let ours: Vec<_> = jobs
+            .iter()
+            .filter(|j| j.device.starts_with("vmaw"))
+            .collect();
         assert!(!ours.is_empty(), "no backup job runs: {jobs:?}");
         for j in ours {
             // A job may end in between.
@@ -522,7 +525,9 @@ async fn five_generations_with_writes_between_and_during() {
             vm.write_all(12);
         }
         vm.next_second().await;
-        let (ended, at) = vm.backup_during(&format!("g{generation}"), &nightly, 6).await;
+        let (ended, at) = vm
+            .backup_during(&format!("g{generation}"), &nightly, 6)
+            .await;
         let archive = if generation == 0 {
             assert!(
                 ended.stderr.contains("no earlier archive of VM 100"),
@@ -541,7 +546,9 @@ async fn five_generations_with_writes_between_and_during() {
         };
         // The raw drive's bitmap lives in QEMU's memory, and it is said.
         assert!(
-            ended.stderr.contains("drive-scsi1: the bitmap lives in QEMU's memory only"),
+            ended
+                .stderr
+                .contains("drive-scsi1: the bitmap lives in QEMU's memory only"),
             "{}",
             ended.stderr
         );
@@ -585,10 +592,14 @@ async fn persistent_bitmap_survives_a_restart_raw_falls_back_to_full() {
     vm.restart().await;
     vm.write_all(10);
     let a1 = dir.join("a1.vma");
-    let (ended, at) = vm.backup("a1", &[out_args(&a1), base_args(&a0)].concat()).await;
+    let (ended, at) = vm
+        .backup("a1", &[out_args(&a1), base_args(&a0)].concat())
+        .await;
     vm.check(&ended, &at, &[None, Some("node scsi1 has no bitmap")]);
     assert!(
-        ended.stderr.contains("QEMU restarted and the bitmap was not persistent"),
+        ended
+            .stderr
+            .contains("QEMU restarted and the bitmap was not persistent"),
         "{}",
         ended.stderr
     );
@@ -623,7 +634,11 @@ async fn next_incremental_is_correct(
     vm.failed(at);
     vm.wait_jobs_gone().await;
     for (d, names) in vm.disks.iter().zip(vm.bitmaps().await) {
-        assert!(names.contains(&archive_bitmap(base)), "{}: {names:?}", d.node);
+        assert!(
+            names.contains(&archive_bitmap(base)),
+            "{}: {names:?}",
+            d.node
+        );
         assert_eq!(names.len(), 1 + leftovers, "{}: {names:?}", d.node);
     }
     vm.write_all(5);
@@ -649,8 +664,14 @@ async fn fault_archive_write_fails_after_the_job_succeeded() {
     let failed = dir.join("efbig.vma");
     let at = vm.point_in_time("efbig");
     // 4 to 8 MiB: more than QEMU's changed clusters, less than the copy.
-    let args = vm.backup_args(&vm.qmp_socket(), &[out_args(&failed), base_args(&base)].concat());
-    let backup = Proc::spawn(vma_async_file_limit(8192, std::iter::once("backup".into()).chain(args)), true);
+    let args = vm.backup_args(
+        &vm.qmp_socket(),
+        &[out_args(&failed), base_args(&base)].concat(),
+    );
+    let backup = Proc::spawn(
+        vma_async_file_limit(8192, std::iter::once("backup".into()).chain(args)),
+        true,
+    );
     let jobs = [0, 1].map(|i| format!("vmaw{}-job{i}", backup.pid()));
     let ended = backup.wait(RUN_TIMEOUT).await;
     ended.assert_backup_failed(&["backup failed: writing the archive failed: File too large"]);
@@ -911,11 +932,16 @@ async fn a_resized_drive_is_backed_up_in_full() {
     vm.resize(1, 20 * MIB).await;
     vm.write_all(3);
     let a1 = dir.join("a1.vma");
-    let (ended, at) = vm.backup("a1", &[out_args(&a1), base_args(&base)].concat()).await;
+    let (ended, at) = vm
+        .backup("a1", &[out_args(&a1), base_args(&base)].concat())
+        .await;
     vm.check(
         &ended,
         &at,
-        &[None, Some("its size changed (16777216 bytes in the base, 20971520 now)")],
+        &[
+            None,
+            Some("its size changed (16777216 bytes in the base, 20971520 now)"),
+        ],
     );
     vm.assert_bitmaps(&[&a1]).await;
     vm.daemon.take().unwrap().shutdown().await.unwrap();
@@ -1022,35 +1048,56 @@ async fn a_stream_without_index_as_the_base() {
 
     vm.write_all(10);
     let a1 = dir.join("a1.vma");
-    let (ended, at) = vm.backup("a1", &[out_args(&a1), base_args(&stream)].concat()).await;
+    let (ended, at) = vm
+        .backup("a1", &[out_args(&a1), base_args(&stream)].concat())
+        .await;
     vm.check(&ended, &at, &[None, None]);
     assert!(
-        ended.stderr.contains("has no index: the clusters taken from it are not checked"),
+        ended
+            .stderr
+            .contains("has no index: the clusters taken from it are not checked"),
         "{}",
         ended.stderr
     );
-    assert!(RandomArchive::open(a1.to_str().unwrap()).unwrap().has_digests());
+    assert!(
+        RandomArchive::open(a1.to_str().unwrap())
+            .unwrap()
+            .has_digests()
+    );
     vm.assert_bitmaps(&[&a1]).await;
 
     // --no-bitmap: incremental from a1, and a1's bitmap stays the chain's.
     vm.write_all(5);
     let copy = dir.join("copy.vma");
     let (ended, at) = vm
-        .backup("copy", &[out_args(&copy), base_args(&a1), vec!["--no-bitmap"]].concat())
+        .backup(
+            "copy",
+            &[out_args(&copy), base_args(&a1), vec!["--no-bitmap"]].concat(),
+        )
         .await;
     vm.check(&ended, &at, &[None, None]);
     vm.assert_bitmaps(&[&a1]).await;
-    assert!(!list_chain(&copy).contains("BITMAP"), "{}", list_chain(&copy));
+    assert!(
+        !list_chain(&copy).contains("BITMAP"),
+        "{}",
+        list_chain(&copy)
+    );
     vm.failed(at); // a1's bitmap still has those clusters
 
     let zst = dir.join("stream.vma.zst");
     let plain = std::fs::read(&stream).unwrap();
     std::fs::write(&zst, zstd::encode_all(&plain[..], 3).unwrap()).unwrap();
     let a2 = dir.join("a2.vma");
-    let (ended, at) = vm.backup("a2", &[out_args(&a2), base_args(&zst)].concat()).await;
+    let (ended, at) = vm
+        .backup("a2", &[out_args(&a2), base_args(&zst)].concat())
+        .await;
     let why = Some("cannot be used");
     vm.check(&ended, &at, &[why, why]);
-    assert!(ended.stderr.contains("vma-writer convert"), "{}", ended.stderr);
+    assert!(
+        ended.stderr.contains("vma-writer convert"),
+        "{}",
+        ended.stderr
+    );
     vm.assert_bitmaps(&[&a2]).await;
     vm.daemon.take().unwrap().shutdown().await.unwrap();
 }
@@ -1065,7 +1112,10 @@ async fn three_drives_one_new_since_the_base() {
     support::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let two = &[("scsi0", "qcow2", 16 * MIB), ("scsi1", "raw", 8 * MIB + 1536)];
+    let two = &[
+        ("scsi0", "qcow2", 16 * MIB),
+        ("scsi1", "raw", 8 * MIB + 1536),
+    ];
     let mut vm = Vm::new(dir, two, 12_000).await;
     let base = dir.join("base.vma");
     let (ended, at) = vm.backup("base", &out_args(&base)).await;
