@@ -249,7 +249,9 @@ impl BitmapAdd {
 /// A dirty bitmap as `query-named-block-nodes` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct DirtyBitmap {
-    /// Its name.
+    /// Its name; empty for an anonymous bitmap (one a job or the
+    /// copy-before-write filter made for itself).
+    #[serde(default)]
     pub name: String,
     /// Bytes per bit.
     pub granularity: u64,
@@ -555,7 +557,10 @@ mod tests {
              "dirty-bitmaps": [{"name": "p1", "recording": false, "persistent": true,
                                 "busy": false, "granularity": 65536, "count": 0,
                                 "inconsistent": true}]},
-            {"node-name": "a-file", "drv": "file", "ro": false, "image": {"virtual-size": 1}}
+            {"node-name": "a-file", "drv": "file", "ro": false, "image": {"virtual-size": 1}},
+            {"node-name": "#block034", "drv": "copy-before-write", "dirty-bitmaps": [
+                {"busy": false, "count": 0, "granularity": 65536, "persistent": false,
+                 "recording": false}]}
         ]))
         .unwrap();
         assert_eq!(nodes[0].driver, "qcow2");
@@ -563,6 +568,7 @@ mod tests {
         assert!(b.inconsistent && b.persistent && !b.recording);
         assert_eq!(b.granularity, 65536);
         assert!(nodes[1].bitmaps.is_empty());
+        assert_eq!(nodes[2].bitmaps[0].name, "");
     }
 
     #[test]
