@@ -4,7 +4,10 @@
 //! non-raw images) and `demo`; knows nothing of QMP.
 //!
 //! The archive is final when every drive is complete and each drive's
-//! clients have flushed or disconnected. The backup fails ([`Failure`]) when
+//! clients have flushed or disconnected. An incremental drive (its
+//! [`DriveSpec::chain`] says `from_base`) is ready once its client has
+//! gone: the caller then copies the rest from the base
+//! ([`BackupTarget::fill_from_base`]). The backup fails ([`Failure`]) when
 //! the archive writer fails, when a drive's last client leaves with clusters
 //! missing and none reconnects within the reconnect timeout, or when the
 //! caller stops it (signals). Starting and finishing report an [`Error`].
@@ -23,10 +26,13 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::assembler::{Assembler, AssemblerConfig, Drive, DriveSpec, DriveStatus, Summary};
+use crate::archive::RandomArchive;
+use crate::assembler::{
+    Assembler, AssemblerConfig, Drive, DriveSpec, DriveStatus, FillError, FillStats, Summary,
+};
 use crate::nbd::{Export, ListenAddr, Listener, Server, ServerConfig};
 use crate::sink::{Sink, SinkOptions, Target};
-use crate::vma::{FormatError, WriterBuilder};
+use crate::vma::{DevId, FormatError, WriterBuilder};
 
 /// Default time a drive may stay incomplete with no client connected (after
 /// one was connected) before the backup fails. QEMU reconnects within its
@@ -186,7 +192,9 @@ pub fn incomplete_drives(status: &[DriveStatus]) -> Vec<IncompleteDrive> {
 /// How [`BackupTarget::wait`] ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WaitOutcome {
-    /// Every drive is complete and settled: call [`BackupTarget::finish`].
+    /// Every drive is complete and settled, or incremental and awaiting
+    /// its base ([`DriveStatus::awaits_base`]): fill those
+    /// ([`BackupTarget::fill_from_base`]), then [`BackupTarget::finish`].
     Settled,
     /// The backup cannot complete.
     Failed(Failure),
@@ -311,7 +319,7 @@ impl BackupTarget {
                 return WaitOutcome::Failed(Failure::Writer(e.to_string()));
             }
             let status = self.assembler.status();
-            if status.iter().all(|s| s.settled) {
+            if status.iter().all(|s| s.settled || s.awaits_base) {
                 return WaitOutcome::Settled;
             }
             let now = Instant::now();
@@ -341,6 +349,17 @@ impl BackupTarget {
         }
     }
 
+    /// Copies every cluster drive `i` lacks from device `base_dev` of
+    /// `base` (see [`Assembler::fill_from_base`]).
+    pub async fn fill_from_base(
+        &self,
+        i: usize,
+        base: &Arc<RandomArchive>,
+        base_dev: DevId,
+    ) -> Result<FillStats, FillError> {
+        self.assembler.fill_from_base(i, base, base_dev).await
+    }
+
     async fn stop_server(&mut self) {
         self.cancel.cancel();
         match (&mut self.server).await {
@@ -357,8 +376,8 @@ impl BackupTarget {
         // waiting for one.
         let started = self.assembler.first_connect().unwrap_or(self.started);
         let summary = self.assembler.finish().await.map_err(Error::Finish)?;
-        let bytes = summary.drives.iter().map(|d| d.1).sum();
-        let zero_bytes = summary.drives.iter().map(|d| d.2).sum();
+        let bytes = summary.drives.iter().map(|d| d.size).sum();
+        let zero_bytes = summary.drives.iter().map(|d| d.zero_bytes).sum();
         Ok(Report {
             summary,
             bytes,
@@ -394,6 +413,8 @@ mod tests {
             ever_connected: true,
             idle_since: None,
             settled: false,
+            base_bytes: 0,
+            awaits_base: false,
         }
     }
 

@@ -1,12 +1,15 @@
-//! The archive file, read with `pread` from any number of threads, and a
-//! count of every byte read from it (what single-drive restore promises
-//! to keep small; tests and benchmarks read it).
+//! The archive file, read with `pread` from any number of threads (or
+//! through a read-only mapping, [`Mapping`]), and a count of every byte
+//! read from it (what single-drive restore promises to keep small; tests
+//! and benchmarks read it).
 
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
 
 /// A file and the bytes read from it; see the module docs.
 #[derive(Debug)]
@@ -39,6 +42,35 @@ impl CountedFile {
     /// Bytes read so far.
     pub fn bytes_read(&self) -> u64 {
         self.read.load(Ordering::Relaxed)
+    }
+
+    /// Maps the whole file read-only, to read it without copying
+    /// ([`Mapping::bytes`]).
+    pub fn map(self: &Arc<Self>) -> io::Result<Mapping> {
+        let len = usize::try_from(self.len).map_err(io::Error::other)?;
+        if len == 0 {
+            return Err(io::Error::other("an empty file cannot be mapped"));
+        }
+        // SAFETY: a fresh read-only shared mapping of our own file
+        // descriptor, not aliased by any Rust reference; it lives until
+        // `Region::drop` unmaps it.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ,
+                rustix::mm::MapFlags::SHARED,
+                &self.file,
+                0,
+            )
+        }?;
+        Ok(Mapping {
+            region: Arc::new(Region {
+                ptr: ptr.cast(),
+                len,
+            }),
+            file: self.clone(),
+        })
     }
 
     /// Reads at `offset` until `buf` is full or the file ends; returns the
@@ -107,5 +139,101 @@ impl CountedFile {
     /// The file back.
     pub fn into_file(self) -> File {
         self.file
+    }
+}
+
+/// A read-only mapping of a [`CountedFile`]: [`bytes`](Self::bytes) hands
+/// out ranges of it as [`Bytes`] without copying (the bytes are read from
+/// the page cache when touched, and counted as read).
+///
+/// The file must not shrink while it is mapped: touching a page past its
+/// new end raises SIGBUS. Archives are never changed in place once
+/// committed (readers take this risk only for a base archive, which the
+/// run reads once, front to back).
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    region: Arc<Region>,
+    file: Arc<CountedFile>,
+}
+
+#[derive(Debug)]
+struct Region {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the region is read-only memory owned by `Region` alone; reading
+// it from several threads at once is fine.
+unsafe impl Send for Region {}
+// SAFETY: as above: shared access is read-only.
+unsafe impl Sync for Region {}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `CountedFile::map`, unmapped once;
+        // no `Bytes` of it outlive it (each holds an `Arc<Region>`).
+        let _ = unsafe { rustix::mm::munmap(self.ptr as *mut _, self.len) };
+    }
+}
+
+/// A range of a region, as the owner of a [`Bytes`].
+struct Range {
+    region: Arc<Region>,
+    start: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for Range {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `start..end` lies inside the region (checked in
+        // `Mapping::bytes`), which stays mapped while `self.region` lives.
+        unsafe {
+            std::slice::from_raw_parts(self.region.ptr.add(self.start), self.end - self.start)
+        }
+    }
+}
+
+impl Mapping {
+    /// `len` bytes at `offset`, without a copy; `None` when the file ends
+    /// before them.
+    pub fn bytes(&self, offset: u64, len: usize) -> Option<Bytes> {
+        let start = usize::try_from(offset).ok()?;
+        let end = start.checked_add(len)?;
+        if end > self.region.len {
+            return None;
+        }
+        self.file.read.fetch_add(len as u64, Ordering::Relaxed);
+        Some(Bytes::from_owner(Range {
+            region: self.region.clone(),
+            start,
+            end,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mapping_hands_out_ranges_and_counts_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = Arc::new(CountedFile::new(
+            File::open(&path).unwrap(),
+            data.len() as u64,
+        ));
+        let map = file.map().unwrap();
+        let b = map.bytes(4096, 5000).unwrap();
+        assert_eq!(&b[..], &data[4096..9096]);
+        assert_eq!(file.bytes_read(), 5000);
+        assert!(map.bytes(9000, 1001).is_none());
+        assert!(map.bytes(u64::MAX, 1).is_none());
+        // The bytes outlive the mapping handle and the file handle.
+        drop(map);
+        drop(file);
+        assert_eq!(b[0], data[4096]);
     }
 }

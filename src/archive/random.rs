@@ -13,6 +13,7 @@ use bytes::Bytes;
 
 use super::cache::{DEFAULT_CACHE_BYTES, FrameCache};
 use super::check::{check_cluster, check_extent};
+use super::counted::Mapping;
 use super::error::ArchiveError;
 use super::file::{FileArchive, Layout};
 use super::frame::read_frame;
@@ -20,7 +21,7 @@ use super::source::{Input, open};
 use crate::vma::cluster::{cluster_len, clusters_of, stored_len, valid_mask};
 use crate::vma::consts::{VMA_CLUSTER_SIZE, VMA_EXTENT_HEADER_SIZE};
 use crate::vma::extent::{ExtentHeader, payload_ranges};
-use crate::vma::index::Location;
+use crate::vma::index::{Digest, Location};
 use crate::vma::reader::ClusterData;
 use crate::vma::{ArchiveIndex, DevId, FormatError, Header};
 
@@ -37,6 +38,9 @@ pub struct Cluster {
     pub len: usize,
     /// The stored blocks, in ascending block order.
     pub stored: Bytes,
+    /// The digest it was checked against (`None`: all zero, or the index
+    /// has no digests).
+    pub digest: Option<Digest>,
 }
 
 impl Cluster {
@@ -61,6 +65,8 @@ pub struct RandomArchive {
     file: FileArchive,
     index: Arc<ArchiveIndex>,
     cache: FrameCache,
+    /// A plain archive mapped into memory ([`RandomArchive::mapped`]).
+    map: Option<Mapping>,
 }
 
 const _: () = {
@@ -99,7 +105,21 @@ impl RandomArchive {
             file,
             index: Arc::new(index),
             cache: FrameCache::new(DEFAULT_CACHE_BYTES),
+            map: None,
         })
+    }
+
+    /// Reads a plain archive through a read-only mapping instead of
+    /// `pread`: what is read is not copied out of the page cache (a reader
+    /// that writes it elsewhere saves one copy of every byte). See
+    /// [`Mapping`] for the one condition: the file must not shrink
+    /// meanwhile. A `.vma.zst` is unchanged (its frames are decompressed
+    /// anyway); so is a plain archive that cannot be mapped.
+    pub fn mapped(mut self) -> Self {
+        if matches!(self.file.layout(), Layout::Plain) {
+            self.map = self.file.file().map().ok();
+        }
+        self
     }
 
     /// Keeps up to `bytes` of decompressed frames (default
@@ -143,6 +163,17 @@ impl RandomArchive {
     /// The bytes of the plain stream from `offset`, `len` long, all inside
     /// extent `x`.
     fn stream_bytes(&self, x: usize, offset: u64, len: usize) -> Result<Bytes, ArchiveError> {
+        if let Some(m) = &self.map {
+            return m.bytes(offset, len).ok_or_else(|| {
+                FormatError::Truncated {
+                    offset,
+                    what: "extent",
+                    need: len as u64,
+                    got: self.file.file().len().saturating_sub(offset),
+                }
+                .into()
+            });
+        }
         match self.file.layout() {
             Layout::Plain => self
                 .file
@@ -208,6 +239,7 @@ impl RandomArchive {
             mask: loc.mask,
             len: cluster_len(size, cluster),
             stored,
+            digest: loc.digest,
         };
         if let Some(want) = &loc.digest {
             check_cluster(self.header(), &c.data(), want)?;
@@ -446,6 +478,16 @@ impl RandomArchive {
         x: usize,
         want: impl Fn(DevId) -> bool,
     ) -> Result<Vec<Cluster>, ArchiveError> {
+        self.read_extent_clusters(x, |dev, _| want(dev))
+    }
+
+    /// [`read_extent`](Self::read_extent) for the clusters `want` accepts
+    /// by device and cluster number: only those are checked and returned.
+    pub fn read_extent_clusters(
+        &self,
+        x: usize,
+        want: impl Fn(DevId, u64) -> bool,
+    ) -> Result<Vec<Cluster>, ArchiveError> {
         let rec = &self.index.extents[x];
         let bytes = self.stream_bytes(x, rec.stream_offset, rec.len() as usize)?;
         let head: &[u8; VMA_EXTENT_HEADER_SIZE] = bytes[..VMA_EXTENT_HEADER_SIZE]
@@ -462,7 +504,7 @@ impl RandomArchive {
             let digest = (e.mask != 0).then(|| digests.get(data)).flatten();
             data += usize::from(e.mask != 0);
             let dev = DevId(e.dev);
-            if !want(dev) {
+            if !want(dev, u64::from(e.cluster)) {
                 continue;
             }
             let size = self.header().device(dev).map_or(0, |d| d.size);
@@ -472,6 +514,7 @@ impl RandomArchive {
                 mask: e.mask,
                 len: cluster_len(size, u64::from(e.cluster)),
                 stored: payload.slice(range),
+                digest: digest.copied(),
             };
             if let Some(d) = digest {
                 check_cluster(self.header(), &c.data(), d)?;

@@ -21,7 +21,8 @@ use super::shared::{Msg, NoRoom, Payload, Shared, lock};
 use crate::nbd::{Backend, BackendCaps, BlockStatus, split_range};
 use crate::vma::cluster::{self, clusters_of};
 use crate::vma::consts::VMA_CLUSTER_SIZE;
-use crate::vma::{ClusterBitmap, DevId};
+use crate::vma::index::Digest;
+use crate::vma::{ClusterBitmap, DevId, DeviceChain};
 
 /// Most clusters one BLOCK_STATUS answer looks at (4 GiB); the client asks
 /// again for the rest.
@@ -71,6 +72,8 @@ struct DriveState {
     digests: Vec<u32>,
     partial: HashMap<u64, Partial>,
     bytes_done: u64,
+    /// Of `bytes_done`, the bytes copied from a base archive.
+    base_bytes: u64,
     connections: u32,
     ever_connected: bool,
     /// Set when the last connection closed while clusters were missing.
@@ -91,6 +94,7 @@ impl DriveState {
             },
             partial: HashMap::new(),
             bytes_done: 0,
+            base_bytes: 0,
             connections: 0,
             ever_connected: false,
             idle_since: None,
@@ -134,6 +138,9 @@ pub struct Drive {
     dev: DevId,
     name: String,
     size: u64,
+    /// Its place in a backup chain; with `from_base` the client sends only
+    /// the clusters that changed and the rest is filled from the base.
+    chain: DeviceChain,
     state: Mutex<DriveState>,
     shared: Arc<Shared>,
     /// The archive file to read archived clusters from, when it is one.
@@ -159,6 +166,11 @@ pub struct DriveStatus {
     pub idle_since: Option<Instant>,
     /// Complete, and its clients have flushed or disconnected.
     pub settled: bool,
+    /// Of `done`, the bytes copied from a base archive.
+    pub base_bytes: u64,
+    /// An incremental drive whose client has come and gone: the clusters
+    /// still missing are to be copied from the base.
+    pub awaits_base: bool,
 }
 
 impl Drive {
@@ -167,6 +179,7 @@ impl Drive {
         dev: DevId,
         name: String,
         size: u64,
+        chain: DeviceChain,
         shared: Arc<Shared>,
         readback: Option<Arc<ReadBack>>,
     ) -> Self {
@@ -176,6 +189,7 @@ impl Drive {
             dev,
             name,
             size,
+            chain,
             state: Mutex::new(state),
             shared,
             readback,
@@ -191,10 +205,29 @@ impl Drive {
         &self.name
     }
 
+    /// The device id in the archive.
+    pub fn dev(&self) -> DevId {
+        self.dev
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Its chain facts, with the bytes copied from the base so far.
+    pub fn chain(&self) -> DeviceChain {
+        DeviceChain {
+            base_bytes: lock(&self.state).base_bytes,
+            ..self.chain
+        }
+    }
+
     /// Current status.
     pub fn status(&self) -> DriveStatus {
         let s = lock(&self.state);
         let complete = s.complete();
+        let gone = s.ever_connected && s.connections == 0;
         DriveStatus {
             name: self.name.clone(),
             size: self.size,
@@ -204,7 +237,51 @@ impl Drive {
             ever_connected: s.ever_connected,
             idle_since: s.idle_since,
             settled: complete && s.ever_connected && (s.connections == 0 || s.flushed_complete),
+            base_bytes: s.base_bytes,
+            awaits_base: self.chain.from_base && !complete && gone,
         }
+    }
+
+    /// Which clusters are archived now.
+    pub(super) fn archived(&self) -> ClusterBitmap {
+        lock(&self.state).archived.clone()
+    }
+
+    /// Archives cluster `c` as the base archive stores it (`mask`,
+    /// `stored`, `digest`), unless a client archived it meanwhile (then
+    /// the client's copy, the newer, stays).
+    pub(super) async fn put_from_base(
+        &self,
+        c: u64,
+        mask: u16,
+        stored: Bytes,
+        digest: Option<Digest>,
+    ) -> io::Result<()> {
+        let len = self.cluster_len(c) as u64;
+        // As in full_cluster: room in the channel before the state changes.
+        let slot = self.shared.reserve().await?;
+        let complete = {
+            let mut s = lock(&self.state);
+            if s.archived.get(c) {
+                return Ok(());
+            }
+            s.partial.remove(&c);
+            s.set_archived(c, mask == 0, None, len);
+            s.base_bytes += len;
+            s.complete()
+        };
+        slot.send(Msg::StoredCluster {
+            dev: self.dev,
+            cluster: c,
+            mask,
+            stored,
+            digest,
+        });
+        if complete {
+            tracing::info!(drive = %self.name, "all clusters archived (filled from the base)");
+            self.shared.notify();
+        }
+        Ok(())
     }
 
     /// Whether `data` is all zeros, and its digest when digests are kept.
@@ -605,7 +682,9 @@ impl Backend for Drive {
     fn disconnected(&self, clean: bool) {
         let mut s = lock(&self.state);
         s.connections = s.connections.saturating_sub(1);
-        if s.connections == 0 && !s.complete() {
+        // An incremental drive is incomplete by design when its client
+        // leaves: the base fills the rest, so no reconnect is awaited.
+        if s.connections == 0 && !s.complete() && !self.chain.from_base {
             s.idle_since = Some(Instant::now());
         }
         drop(s);

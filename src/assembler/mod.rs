@@ -44,6 +44,8 @@
 //! - `shared`: what the drives and the writer thread share: the channel and
 //!   its messages, the first failure, the partial-buffer pool, counters.
 //! - `writer_thread`: the one thread that owns the [`Writer`].
+//! - `fill`: an incremental drive's missing clusters copied from its base
+//!   archive ([`Assembler::fill_from_base`]).
 //! - `readback`: where archived clusters lie in an uncompressed archive
 //!   file, and reading them back.
 //! - `coverage`: which bytes of a partial cluster have been written.
@@ -53,6 +55,7 @@
 
 mod coverage;
 mod drive;
+mod fill;
 mod readback;
 mod shared;
 mod writer_thread;
@@ -66,11 +69,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 pub use self::drive::{Drive, DriveStatus};
+pub use self::fill::{FILL_READ_AHEAD, FillError, FillStats};
 use self::readback::ReadBack;
 use self::shared::Shared;
+use crate::archive::RandomArchive;
 use crate::sink::Sink;
 use crate::vma::consts::VMA_CLUSTER_SIZE;
-use crate::vma::{Writer, WriterBuilder};
+use crate::vma::{DevId, DeviceChain, Writer, WriterBuilder};
 
 /// Clusters the channel to the writer thread holds (16 MiB of data, as much
 /// as QEMU keeps in flight): enough to absorb the pause of one 3.7 MB extent
@@ -114,6 +119,37 @@ pub struct DriveSpec {
     pub name: String,
     /// Exact size in bytes (the source's size).
     pub size: u64,
+    /// Its place in a backup chain, recorded in the index. With
+    /// `from_base`, the client sends only the clusters that changed and
+    /// [`Assembler::fill_from_base`] copies the rest (`base_bytes` is
+    /// counted then; give 0).
+    pub chain: DeviceChain,
+}
+
+impl DriveSpec {
+    /// A drive outside any backup chain.
+    pub fn new(name: impl Into<String>, size: u64) -> DriveSpec {
+        DriveSpec {
+            name: name.into(),
+            size,
+            chain: DeviceChain::default(),
+        }
+    }
+}
+
+/// One drive of a finished archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveSummary {
+    /// Its name.
+    pub name: String,
+    /// Its size.
+    pub size: u64,
+    /// In-device bytes of its zero blocks (not stored).
+    pub zero_bytes: u64,
+    /// Bytes a client sent (the rest came from the base).
+    pub received_bytes: u64,
+    /// Bytes copied from a base archive.
+    pub base_bytes: u64,
 }
 
 /// Totals of a finished archive.
@@ -123,8 +159,8 @@ pub struct Summary {
     pub path: Option<PathBuf>,
     /// Bytes written to the output (before compression).
     pub archive_bytes: u64,
-    /// Per drive: name, size, bytes in zero blocks.
-    pub drives: Vec<(String, u64, u64)>,
+    /// Per drive, in archive order.
+    pub drives: Vec<DriveSummary>,
     /// Bytes copied into partial-cluster buffers.
     pub copied_bytes: u64,
 }
@@ -181,6 +217,7 @@ impl Assembler {
                     dev.id,
                     d.name.clone(),
                     d.size,
+                    d.chain,
                     shared.clone(),
                     readback.clone(),
                 ))
@@ -217,6 +254,18 @@ impl Assembler {
     /// When the first client connected, if one has.
     pub fn first_connect(&self) -> Option<Instant> {
         self.shared.first_connect()
+    }
+
+    /// Copies every cluster drive `i` lacks from device `base_dev` of
+    /// `base`, through the writer channel (see the `fill` module). Call it
+    /// once the drive's client has gone ([`DriveStatus::awaits_base`]).
+    pub async fn fill_from_base(
+        &self,
+        i: usize,
+        base: &Arc<RandomArchive>,
+        base_dev: DevId,
+    ) -> Result<FillStats, FillError> {
+        fill::fill(&self.drives[i], base, base_dev).await
     }
 
     /// A receiver that changes whenever a drive connects, disconnects,
@@ -265,10 +314,14 @@ impl Assembler {
         }
         let mut this = self;
         tokio::task::spawn_blocking(move || {
-            let writer = this.stop_thread();
+            let mut writer = this.stop_thread();
             let shared = this.shared.clone();
             if let Some(e) = shared.failure() {
                 return Err(e);
+            }
+            let chains: Vec<DeviceChain> = this.drives.iter().map(|d| d.chain()).collect();
+            for (d, chain) in this.drives.iter().zip(&chains) {
+                writer.set_device_chain(d.dev(), *chain);
             }
             let stats = writer.stats();
             let (sink, index) = writer.finish_indexed().map_err(io::Error::from)?;
@@ -280,7 +333,14 @@ impl Assembler {
                 archive_bytes,
                 drives: stats
                     .into_iter()
-                    .map(|s| (s.name, s.size, s.zero_bytes))
+                    .zip(chains)
+                    .map(|(s, chain)| DriveSummary {
+                        name: s.name,
+                        size: s.size,
+                        zero_bytes: s.zero_bytes,
+                        received_bytes: s.size - chain.base_bytes,
+                        base_bytes: chain.base_bytes,
+                    })
                     .collect(),
                 copied_bytes: shared.copied_bytes(),
             })
@@ -337,10 +397,7 @@ mod tests {
         let specs: Vec<DriveSpec> = sizes
             .iter()
             .enumerate()
-            .map(|(i, &size)| DriveSpec {
-                name: format!("drive-scsi{i}"),
-                size,
-            })
+            .map(|(i, &size)| DriveSpec::new(format!("drive-scsi{i}"), size))
             .collect();
         for d in &specs {
             b.add_device(&d.name, d.size).unwrap();
@@ -525,6 +582,169 @@ mod tests {
         d.write(0, Bytes::from(vec![1u8; 65536])).await.unwrap();
         d.write(65536 + 10, Bytes::from_static(b"y")).await.unwrap();
         asm.abort().await;
+    }
+
+    /// Writes a one-drive archive at `path` through an assembler whose
+    /// drive has `chain`: `writes` are (cluster, content) pairs written
+    /// whole by a client that then disconnects; with a base, the rest is
+    /// filled from device 1 of it. Returns the summary.
+    async fn chain_archive(
+        path: &std::path::Path,
+        size: u64,
+        chain: crate::vma::DeviceChain,
+        writes: &[(u64, Vec<u8>)],
+        base: Option<&std::path::Path>,
+        zstd: bool,
+    ) -> Result<Summary, FillError> {
+        let mut b = WriterBuilder::new();
+        let spec = DriveSpec {
+            chain,
+            ..DriveSpec::new("drive-scsi0", size)
+        };
+        b.add_device(&spec.name, size).unwrap();
+        let opts = SinkOptions {
+            zstd_level: zstd.then_some(1),
+            threads: 1,
+            ..Default::default()
+        };
+        let sink = Sink::create(&Target::File(path.to_path_buf()), &opts).unwrap();
+        let asm = Assembler::start(b, &[spec], sink, &AssemblerConfig::default()).unwrap();
+        let d = asm.drives()[0].clone();
+        d.connected();
+        for (c, data) in writes {
+            d.write(c * 65536, Bytes::from(data.clone())).await.unwrap();
+        }
+        d.disconnected(true);
+        if let Some(base) = base {
+            let st = &asm.status()[0];
+            assert!(st.awaits_base && st.idle_since.is_none(), "{st:?}");
+            // A plain base is read through a mapping, as a backup does.
+            let base = RandomArchive::open(base.to_str().unwrap()).unwrap();
+            let base = Arc::new(base.mapped());
+            match asm.fill_from_base(0, &base, DevId(1)).await {
+                Ok(stats) => {
+                    let sent: u64 = writes.iter().map(|(_, w)| w.len() as u64).sum();
+                    assert_eq!(stats.bytes, size - sent);
+                }
+                Err(e) => {
+                    asm.abort().await;
+                    return Err(e);
+                }
+            }
+        }
+        assert!(asm.status()[0].complete);
+        Ok(asm.finish().await.unwrap())
+    }
+
+    /// Clusters of a 130-cluster drive with a 1000-byte tail: data, some
+    /// all zero, one with only its last block set.
+    fn generation(size: u64, seed: u8) -> Vec<(u64, Vec<u8>)> {
+        (0..crate::vma::cluster::clusters_of(size))
+            .map(|c| {
+                let len = crate::vma::cluster::cluster_len(size, c);
+                let data = match c % 5 {
+                    0 => vec![0; len],
+                    1 => {
+                        let mut v = vec![0; len];
+                        v[len - 1] = seed;
+                        v
+                    }
+                    _ => pattern(len, seed.wrapping_add(c as u8)),
+                };
+                (c, data)
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_incremental_drive_is_filled_from_its_base() {
+        use crate::vma::DeviceChain;
+        let size = 130 * 65536 + 1000;
+        for zstd in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let base = dir
+                .path()
+                .join(if zstd { "base.vma.zst" } else { "base.vma" });
+            let old = generation(size, 1);
+            let full = DeviceChain {
+                bitmap: true,
+                ..Default::default()
+            };
+            chain_archive(&base, size, full, &old, None, zstd)
+                .await
+                .unwrap();
+            // QEMU sends three changed clusters, the tail among them.
+            let mut expect = old.clone();
+            let changed = [3u64, 50, 130];
+            let sent: Vec<(u64, Vec<u8>)> = changed
+                .iter()
+                .map(|&c| (c, pattern(expect[c as usize].1.len(), 99)))
+                .collect();
+            for (c, data) in &sent {
+                expect[*c as usize].1 = data.clone();
+            }
+            let new = dir.path().join("new.vma");
+            let incremental = DeviceChain {
+                bitmap: true,
+                from_base: true,
+                base_bytes: 0,
+            };
+            let summary = chain_archive(&new, size, incremental, &sent, Some(&base), false)
+                .await
+                .unwrap();
+            let received = 2 * 65536 + 1000;
+            assert_eq!(summary.drives[0].received_bytes, received);
+            assert_eq!(summary.drives[0].base_bytes, size - received);
+            let disk: Vec<u8> = expect.into_iter().flat_map(|(_, d)| d).collect();
+            assert_eq!(read_back(&new)[0], disk);
+            // The index records the chain and has every digest.
+            let ra = RandomArchive::open(new.to_str().unwrap()).unwrap();
+            assert!(ra.has_digests());
+            let chain = ra.index().device(DevId(1)).unwrap().chain;
+            assert_eq!(
+                chain,
+                DeviceChain {
+                    base_bytes: size - received,
+                    ..incremental
+                }
+            );
+            for c in 0..131 {
+                ra.read_cluster(DevId(1), c).unwrap();
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_corrupt_base_cluster_fails_the_fill() {
+        let size = 130 * 65536 + 1000;
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.vma");
+        let chain = crate::vma::DeviceChain::default();
+        chain_archive(&base, size, chain, &generation(size, 1), None, false)
+            .await
+            .unwrap();
+        // Flip a byte of cluster 7's payload.
+        let at = {
+            let ra = RandomArchive::open(base.to_str().unwrap()).unwrap();
+            ra.index().locate(DevId(1), 7).unwrap().stream_offset
+        };
+        let mut bytes = std::fs::read(&base).unwrap();
+        bytes[at as usize + 100] ^= 1;
+        std::fs::write(&base, bytes).unwrap();
+        let new = dir.path().join("new.vma");
+        let incremental = crate::vma::DeviceChain {
+            from_base: true,
+            ..Default::default()
+        };
+        let e = chain_archive(&new, size, incremental, &[], Some(&base), false)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("cluster 7: the data does not match its digest"),
+            "{e}"
+        );
+        assert!(!new.exists() && !crate::sink::partial_path(&new).exists());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

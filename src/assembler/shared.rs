@@ -12,6 +12,7 @@ use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 use crate::vma::DevId;
+use crate::vma::index::Digest;
 
 /// A cluster's content on its way to the archive.
 #[derive(Debug)]
@@ -34,6 +35,20 @@ pub enum Msg {
         cluster: u64,
         /// Its content.
         payload: Payload,
+    },
+    /// Archive one cluster as another archive stores it (an incremental
+    /// drive's cluster copied from its base).
+    StoredCluster {
+        /// Device.
+        dev: DevId,
+        /// Cluster number.
+        cluster: u64,
+        /// Its stored-block mask.
+        mask: u16,
+        /// Its stored blocks.
+        stored: Bytes,
+        /// The digest of its restored bytes, when the base has one.
+        digest: Option<Digest>,
     },
     /// Write out the pending extent; with `sync`, also fdatasync.
     Flush {

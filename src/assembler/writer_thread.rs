@@ -50,6 +50,22 @@ pub fn spawn(
                             shared.fail_with(e.into(), "writing the archive failed");
                         }
                     }
+                    Msg::StoredCluster {
+                        dev,
+                        cluster,
+                        mask,
+                        stored,
+                        digest,
+                    } => {
+                        if shared.failed() {
+                            continue;
+                        }
+                        if let Err(e) =
+                            writer.write_stored_cluster(dev, cluster, mask, stored, digest)
+                        {
+                            shared.fail_with(e.into(), "writing the archive failed");
+                        }
+                    }
                     Msg::Flush { sync, reply } => {
                         let res = match shared.failure() {
                             Some(e) => Err(e),

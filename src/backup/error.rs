@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use crate::assembler::FillError;
 use crate::nbd::ListenAddr;
 use crate::qmp;
 use crate::target::{self, IncompleteDrive, WaitOutcome};
@@ -22,6 +23,9 @@ pub enum Error {
     /// Picking the drives for `--all` failed (the block graph query).
     #[error("cannot list QEMU's drives")]
     ListDrives(#[source] qmp::Error),
+    /// The dirty bitmaps of the drives cannot be listed or probed.
+    #[error("cannot prepare QEMU's dirty bitmaps")]
+    Bitmaps(#[source] qmp::Error),
     /// `--drive NODE` names neither a node nor a drive.
     #[error("QEMU has no block node or drive named '{node}'")]
     NoSuchNode {
@@ -144,6 +148,11 @@ pub enum Failure {
         /// The drives still incomplete then.
         incomplete: Vec<IncompleteDrive>,
     },
+    /// The base archive failed while its clusters were copied into an
+    /// incremental drive: unreadable, or a cluster that does not match its
+    /// digest. Nothing of it reaches a committed archive.
+    #[error("{0}; back up without --base and --incremental (a full backup) to start a new chain")]
+    Base(FillError),
     /// The caller's stop future fired (SIGINT or SIGTERM).
     #[error("stopped by signal")]
     Stopped,

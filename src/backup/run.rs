@@ -1,11 +1,17 @@
-//! Running one live backup: serve the drives on a private Unix socket,
+//! Running one live backup: decide per drive between full and incremental
+//! ([`super::chain`]), serve the drives on a private Unix socket,
 //! `blockdev-add` one NBD node per drive, start every `blockdev-backup` in
-//! one transaction (one point in time), wait for the jobs, `blockdev-del`
-//! the targets (QEMU then flushes and disconnects) and finish the archive.
+//! one transaction (one point in time) that also adds the new archive's
+//! dirty bitmap to each drive, wait for the jobs, `blockdev-del` the
+//! targets (QEMU then flushes and disconnects), copy what the incremental
+//! drives lack from the base, and commit the archive. Only then are the
+//! base's bitmap and other stale bitmaps of ours removed.
 //!
 //! Every step returns a [`Failure`] with `?`; a failed backup is cleaned up
 //! in one place (`Backup::clean_up`): cancel the jobs that still run, wait
-//! for them, remove the targets still added, abandon the archive.
+//! for them, remove the targets still added and the bitmaps this run
+//! added, abandon the archive. The base's bitmap stays: it still records
+//! every write since the base.
 //!
 //! Leaves to others: which drives ([`super::drives`]), the QMP commands
 //! ([`crate::qmp`]), the NBD exports and the archive ([`crate::target`]),
@@ -16,14 +22,24 @@ use std::future::{Future, pending};
 use std::path::Path;
 use std::time::Duration;
 
-use tracing::{info, warn};
+use std::sync::Arc;
 
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use super::base::BaseArchive;
+use super::chain::{
+    BITMAP_GRANULARITY, BITMAP_PREFIX, DrivePlan, Mode, PERSISTENT_DRIVER, bitmap_name, plan,
+    stale_bitmaps,
+};
 use super::drives::BackupDrive;
 use super::error::{Error, Failure};
-use crate::assembler::{DriveSpec, DriveStatus};
+use crate::archive::RandomArchive;
+use crate::assembler::{DriveSpec, DriveStatus, FillError, FillStats};
 use crate::nbd::ListenAddr;
-use crate::qmp::{self, BackupJob, Event, EventStream, JobEvent, Qmp};
-use crate::target::{BackupTarget, Report, TargetConfig, WaitOutcome, incomplete_drives};
+use crate::qmp::{self, BackupJob, BitmapAdd, Event, EventStream, JobEvent, NodeBitmaps, Qmp};
+use crate::target::{self, BackupTarget, Report, TargetConfig, WaitOutcome, incomplete_drives};
+use crate::vma::DeviceChain;
 
 /// How long cancelled jobs get to report their end before we go on.
 pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,8 +53,15 @@ pub const TICK: Duration = Duration::from_millis(500);
 
 /// Receives progress; the CLI draws bars or prints JSON.
 pub trait Observer {
-    /// Called every [`TICK`] while the jobs run.
+    /// Called every [`TICK`] while the jobs run and the base is read.
     fn progress(&mut self, status: &[DriveStatus]);
+
+    /// Called once each drive's mode is decided, before anything starts.
+    fn planned(&mut self, _plan: &[DrivePlan]) {}
+
+    /// A remark for the user, one line: a bitmap that cannot persist, a
+    /// base without digests, a stale bitmap that could not be removed.
+    fn note(&mut self, _line: &str) {}
 }
 
 impl<F: FnMut(&[DriveStatus])> Observer for F {
@@ -61,26 +84,80 @@ fn job_id(i: usize) -> String {
     qemu_name("job", i)
 }
 
+/// How a backup runs, beyond its drives and target.
+#[derive(Default)]
+pub struct RunOptions {
+    /// Rate limit of the jobs in bytes per second; `None` is unlimited.
+    pub speed: Option<u64>,
+    /// The base archive: the drives whose bitmap for it QEMU has are
+    /// backed up incrementally ([`super::chain::plan`]).
+    pub base: Option<BaseArchive>,
+    /// Add the new archive's dirty bitmap to each drive in the jobs'
+    /// transaction, and once the archive is committed remove the other
+    /// bitmaps of ours from those drives. Without it no bitmap is added or
+    /// removed (a base's bitmap is only read).
+    pub bitmap: bool,
+}
+
+/// What a finished backup reports.
+#[derive(Debug)]
+pub struct Finished {
+    /// The archive's totals.
+    pub report: Report,
+    /// Each drive's mode, in drive order.
+    pub plan: Vec<DrivePlan>,
+    /// For each incremental drive, what its fill from the base copied.
+    pub fills: Vec<Option<FillStats>>,
+}
+
 /// Runs the backup. `cfg.listen` must be a Unix socket QEMU can reach;
-/// `cfg.drives` is filled from `drives`. `stop` resolves on SIGINT/SIGTERM
-/// (or never). Returns the report of the finished archive; a backup
-/// abandoned after it started is [`Error::Failed`].
+/// `cfg.drives` is filled from `drives`, `cfg.uuid` chosen if unset (the
+/// new bitmap is named from it). `stop` resolves on SIGINT/SIGTERM (or
+/// never). Returns the finished archive's report; a backup abandoned
+/// after it started is [`Error::Failed`].
 pub async fn run(
     qmp: &Qmp,
     drives: &[BackupDrive],
     mut cfg: TargetConfig,
-    speed: Option<u64>,
+    opts: &RunOptions,
     observer: &mut dyn Observer,
     stop: impl Future<Output = ()>,
-) -> Result<Report, Error> {
+) -> Result<Finished, Error> {
     let ListenAddr::Unix(socket) = cfg.listen.clone() else {
         return Err(Error::NotUnixSocket { listen: cfg.listen });
     };
+    let uuid = *cfg.uuid.get_or_insert_with(Uuid::new_v4);
+    let nodes = if opts.bitmap || opts.base.is_some() {
+        qmp.query_dirty_bitmaps().await.map_err(Error::Bitmaps)?
+    } else {
+        Vec::new()
+    };
+    let plan = plan(drives, opts.base.as_ref(), &nodes);
+    observer.planned(&plan);
+    let base = opts.base.as_ref().and_then(BaseArchive::archive);
+    if let Some(b) = base.filter(|b| !b.has_digests())
+        && plan.iter().any(|p| p.mode.is_incremental())
+    {
+        observer.note(&format!(
+            "the base {} has no index: the clusters taken from it are not checked against digests",
+            b.file().path().display()
+        ));
+    }
+    let new_bitmap = opts.bitmap.then(|| bitmap_name(&uuid));
+    let bitmaps = match &new_bitmap {
+        Some(name) => bitmap_adds(qmp, &plan, &nodes, name, observer).await?,
+        None => Vec::new(),
+    };
     cfg.drives = drives
         .iter()
-        .map(|d| DriveSpec {
-            name: d.name.clone(),
-            size: d.size,
+        .zip(&plan)
+        .map(|(d, p)| DriveSpec {
+            chain: DeviceChain {
+                bitmap: new_bitmap.is_some(),
+                from_base: p.mode.is_incremental(),
+                base_bytes: 0,
+            },
+            ..DriveSpec::new(d.name.clone(), d.size)
         })
         .collect();
     let target = BackupTarget::start(cfg).await?;
@@ -90,17 +167,128 @@ pub async fn run(
         target,
         added: Vec::new(),
         running: HashSet::new(),
+        bitmaps: Vec::new(),
     };
     tokio::pin!(stop);
-    match backup
-        .copy(drives, &socket, speed, observer, &mut stop)
-        .await
-    {
-        Ok(()) => {
-            observer.progress(&backup.target.status());
-            Ok(backup.target.finish().await?)
+    let copied = backup
+        .copy(
+            drives, &plan, &bitmaps, base, &socket, opts.speed, observer, &mut stop,
+        )
+        .await;
+    let fills = match copied {
+        Ok(fills) => fills,
+        Err(reason) => return Err(backup.clean_up(reason).await),
+    };
+    observer.progress(&backup.target.status());
+    let report = match backup.target.finish().await {
+        Ok(r) => r,
+        Err(e) => {
+            remove_bitmaps(qmp, &backup.bitmaps).await;
+            return Err(e.into());
         }
-        Err(reason) => Err(backup.clean_up(reason).await),
+    };
+    // Committed: the new bitmap now belongs to an archive on disk, and the
+    // base's (and any leftover of ours) is no longer needed.
+    if let Some(keep) = &new_bitmap {
+        remove_stale(qmp, &plan, keep, observer).await;
+    }
+    Ok(Finished {
+        report,
+        plan,
+        fills,
+    })
+}
+
+/// The bitmaps to add for the new archive, one per drive, named `name`:
+/// persistent where the node can store it (qcow2 v3, found by adding and
+/// removing a probe bitmap), else in QEMU's memory only, which is said.
+async fn bitmap_adds(
+    qmp: &Qmp,
+    plan: &[DrivePlan],
+    nodes: &[NodeBitmaps],
+    name: &str,
+    observer: &mut dyn Observer,
+) -> Result<Vec<BitmapAdd>, Error> {
+    let mut adds = Vec::new();
+    for p in plan {
+        let driver = nodes
+            .iter()
+            .find(|n| n.node_name == p.node)
+            .map_or("unknown", |n| n.driver.as_str());
+        let persistent = if driver == PERSISTENT_DRIVER {
+            let probe = BitmapAdd {
+                node: p.node.clone(),
+                name: format!("{BITMAP_PREFIX}probe-{}", std::process::id()),
+                granularity: BITMAP_GRANULARITY,
+                persistent: true,
+            };
+            match qmp.block_dirty_bitmap_add(&probe).await {
+                Ok(()) => {
+                    qmp.block_dirty_bitmap_remove(&probe.node, &probe.name)
+                        .await
+                        .map_err(Error::Bitmaps)?;
+                    true
+                }
+                Err(qmp::Error::Command { desc, .. }) => {
+                    observer.note(&format!(
+                        "{}: the bitmap lives in QEMU's memory only ({desc}): after QEMU \
+                         restarts, the next backup of this drive is full",
+                        p.name
+                    ));
+                    false
+                }
+                Err(e) => return Err(Error::Bitmaps(e)),
+            }
+        } else {
+            observer.note(&format!(
+                "{}: the bitmap lives in QEMU's memory only (a {driver} node cannot store it): \
+                         after QEMU restarts, the next backup of this drive is full",
+                p.name
+            ));
+            false
+        };
+        adds.push(BitmapAdd {
+            node: p.node.clone(),
+            name: name.to_string(),
+            granularity: BITMAP_GRANULARITY,
+            persistent,
+        });
+    }
+    Ok(adds)
+}
+
+/// Removes `bitmaps` (those this run added), logging what fails.
+async fn remove_bitmaps(qmp: &Qmp, bitmaps: &[BitmapAdd]) {
+    for b in bitmaps {
+        if let Err(e) = qmp.block_dirty_bitmap_remove(&b.node, &b.name).await {
+            warn!(node = %b.node, bitmap = %b.name, "cannot remove the new bitmap: {e}");
+        }
+    }
+}
+
+/// After the commit: removes every bitmap of ours but `keep` from the
+/// drives' nodes (the base's, and leftovers of interrupted runs). What
+/// fails is said; the next backup tries again.
+async fn remove_stale(qmp: &Qmp, plan: &[DrivePlan], keep: &str, observer: &mut dyn Observer) {
+    let nodes = match qmp.query_dirty_bitmaps().await {
+        Ok(n) => n,
+        Err(e) => {
+            observer.note(&format!(
+                "cannot list the bitmaps to remove the base's ({e}); the next backup removes them"
+            ));
+            return;
+        }
+    };
+    for p in plan {
+        for name in stale_bitmaps(&nodes, &p.node, &[keep]) {
+            match qmp.block_dirty_bitmap_remove(&p.node, name).await {
+                Ok(()) => info!(node = %p.node, bitmap = %name, "stale bitmap removed"),
+                Err(e) => observer.note(&format!(
+                    "{}: cannot remove bitmap {name} ({e}); the next backup removes it",
+                    p.name
+                )),
+            }
+        }
     }
 }
 
@@ -114,18 +302,25 @@ struct Backup<'a> {
     added: Vec<String>,
     /// Jobs started that have not reported their end.
     running: HashSet<String>,
+    /// Bitmaps this run added (in the jobs' transaction).
+    bitmaps: Vec<BitmapAdd>,
 }
 
 impl Backup<'_> {
-    /// Everything up to a settled archive.
+    /// Everything up to a complete, settled archive; returns what each
+    /// incremental drive's fill copied.
+    #[allow(clippy::too_many_arguments)]
     async fn copy(
         &mut self,
         drives: &[BackupDrive],
+        plan: &[DrivePlan],
+        bitmaps: &[BitmapAdd],
+        base: Option<&Arc<RandomArchive>>,
         socket: &Path,
         speed: Option<u64>,
         observer: &mut dyn Observer,
         stop: &mut (impl Future<Output = ()> + Unpin),
-    ) -> Result<(), Failure> {
+    ) -> Result<Vec<Option<FillStats>>, Failure> {
         // Targets first: QEMU connects and negotiates in blockdev-add.
         for (i, d) in drives.iter().enumerate() {
             self.qmp
@@ -139,25 +334,66 @@ impl Backup<'_> {
         }
         let jobs: Vec<BackupJob> = drives
             .iter()
+            .zip(plan)
             .enumerate()
-            .map(|(i, d)| BackupJob {
+            .map(|(i, (d, p))| BackupJob {
                 job_id: job_id(i),
                 device: d.node.clone(),
                 target: target_node(i),
                 speed,
                 filter_node_name: Some(qemu_name("cbw", i)),
+                bitmap: match &p.mode {
+                    Mode::Incremental { bitmap, .. } => Some(bitmap.clone()),
+                    Mode::Full { .. } => None,
+                },
             })
             .collect();
         self.qmp
-            .blockdev_backup_transaction(&jobs)
+            .backup_transaction(bitmaps, &jobs)
             .await
             .map_err(Failure::JobsRefused)?;
+        self.bitmaps = bitmaps.to_vec();
         self.running.extend(jobs.into_iter().map(|j| j.job_id));
         self.wait_jobs(observer, stop).await?;
         // Every job completed: removing the targets makes QEMU flush and
-        // disconnect, which settles the drives.
+        // disconnect, which settles the drives (full ones complete,
+        // incremental ones awaiting their base).
         self.remove_targets().await?;
-        self.settle(stop).await
+        self.settle(stop).await?;
+        self.fill(plan, base, observer, stop).await
+    }
+
+    /// Copies what each incremental drive lacks from the base, one drive
+    /// after the other, reporting progress.
+    async fn fill(
+        &self,
+        plan: &[DrivePlan],
+        base: Option<&Arc<RandomArchive>>,
+        observer: &mut dyn Observer,
+        stop: &mut (impl Future<Output = ()> + Unpin),
+    ) -> Result<Vec<Option<FillStats>>, Failure> {
+        let mut fills = vec![None; plan.len()];
+        for (i, p) in plan.iter().enumerate() {
+            let (Mode::Incremental { base_dev, .. }, Some(base)) = (&p.mode, base) else {
+                continue;
+            };
+            let fill = self.target.fill_from_base(i, base, *base_dev);
+            tokio::pin!(fill);
+            let mut tick = tokio::time::interval(TICK);
+            let filled = loop {
+                tokio::select! {
+                    _ = &mut *stop => return Err(Failure::Stopped),
+                    r = &mut fill => break r,
+                    _ = tick.tick() => observer.progress(&self.target.status()),
+                }
+            };
+            fills[i] = Some(filled.map_err(|e| match e {
+                FillError::Archive(e) => Failure::Target(target::Failure::Writer(e.to_string())),
+                e => Failure::Base(e),
+            })?);
+            info!(drive = %p.name, "filled from the base");
+        }
+        Ok(fills)
     }
 
     /// Waits until every job has completed, watching the target and the
@@ -235,6 +471,9 @@ impl Backup<'_> {
                 warn!(node = %n, "cannot remove backup target: {e}");
             }
         }
+        // The jobs have ended (a bitmap-mode `never` job has given its
+        // bitmap back): the base's bitmap stays, ours go.
+        remove_bitmaps(self.qmp, &self.bitmaps).await;
         let incomplete = self.target.abort().await;
         Error::Failed { reason, incomplete }
     }

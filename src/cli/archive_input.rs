@@ -19,8 +19,13 @@ pub fn open(path: &str) -> anyhow::Result<Input> {
 /// The header of `path`, reading no more than it needs: a plain file's
 /// header bytes, a seekable `.vma.zst`'s frame 0, a stream's first bytes.
 pub fn header(path: &str) -> anyhow::Result<Header> {
+    header_of(path, open(path)?)
+}
+
+/// The header of `input`, opened from `path`.
+pub fn header_of(path: &str, input: Input) -> anyhow::Result<Header> {
     let not_valid = || format!("{path}: not a valid VMA archive");
-    match open(path)? {
+    match input {
         Input::File(f) => Ok(f.header().clone()),
         Input::Stream(s) => Ok(Reader::new(s).with_context(not_valid)?.header().clone()),
     }

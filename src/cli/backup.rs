@@ -1,5 +1,7 @@
 //! `vma-writer backup --qmp PATH ...`: back up a running QEMU's drives into
-//! one archive, all drives at one point in time.
+//! one archive, all drives at one point in time; with `--base ARCHIVE` or
+//! `--incremental`, only what changed since the base comes from QEMU
+//! (`docs/incremental.md`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +11,7 @@ use anyhow::{Context, bail};
 use super::live::backup_with_display;
 use super::options::{ArchiveOpts, LiveOpts, output_target};
 use super::values::Size;
-use crate::backup;
+use crate::backup::{self, BaseArchive, RunOptions, newest_archive, vzdump_name};
 use crate::qmp::Qmp;
 
 /// Arguments of `backup`.
@@ -45,6 +47,21 @@ pub struct Args {
     /// Rate limit of the backup jobs in bytes per second (K/M/G suffixes).
     #[arg(long, value_name = "BYTES_PER_SEC")]
     pub speed: Option<Size>,
+    /// Back up incrementally from this archive (a .vma or seekable
+    /// .vma.zst of an earlier backup of this VM): QEMU sends only what
+    /// changed since, the rest is copied from ARCHIVE. The new archive is
+    /// complete on its own. A drive whose bitmap for ARCHIVE is missing
+    /// is backed up in full, with the reason.
+    #[arg(long, value_name = "ARCHIVE", conflicts_with = "incremental")]
+    pub base: Option<PathBuf>,
+    /// With --output-dir and --vmid: back up incrementally from the
+    /// newest archive of the VM in DIR (in full when there is none).
+    #[arg(long, requires = "output_dir")]
+    pub incremental: bool,
+    /// Add no dirty bitmap for this archive and remove none (a one-off
+    /// copy that leaves the VM's chain of backups as it is).
+    #[arg(long)]
+    pub no_bitmap: bool,
     /// How the archive is written.
     #[command(flatten)]
     pub archive: ArchiveOpts,
@@ -53,14 +70,24 @@ pub struct Args {
     pub live: LiveOpts,
 }
 
-/// Proxmox's archive name: `vzdump-qemu-<vmid>-YYYY_MM_DD-HH_MM_SS.vma`,
-/// local time, `.zst` added when compressed.
-pub fn vzdump_name(vmid: u32, zstd: bool) -> String {
-    let now = chrono::Local::now().format("%Y_%m_%d-%H_%M_%S");
-    format!(
-        "vzdump-qemu-{vmid}-{now}.vma{}",
-        if zstd { ".zst" } else { "" }
-    )
+/// The base archive `a` asks for, found before the new archive exists:
+/// `--base`, or the newest archive of the VM with `--incremental`.
+fn base_path(a: &Args) -> anyhow::Result<Option<PathBuf>> {
+    if let Some(b) = &a.base {
+        return Ok(Some(b.clone()));
+    }
+    let (true, Some(dir), Some(vmid)) = (a.incremental, &a.output_dir, a.vmid) else {
+        return Ok(None);
+    };
+    let found = newest_archive(dir, vmid)
+        .with_context(|| format!("cannot list {} for the newest archive", dir.display()))?;
+    if found.is_none() {
+        eprintln!(
+            "vma-writer: no earlier archive of VM {vmid} in {}: a full backup",
+            dir.display()
+        );
+    }
+    Ok(found)
 }
 
 /// Runs `backup`.
@@ -74,6 +101,15 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         _ => bail!("give --output ARCHIVE or --output-dir DIR --vmid N"),
     };
     let output = output_target(&output)?;
+    let base = base_path(&a)?.map(|p| BaseArchive::open(&p));
+    if let Some(b) = &base {
+        eprintln!("vma-writer: base {}", b.path().display());
+    }
+    let opts = RunOptions {
+        speed: a.speed.map(|s| s.0),
+        base,
+        bitmap: !a.no_bitmap,
+    };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let qmp = Qmp::connect(&a.qmp).await.with_context(|| {
@@ -84,15 +120,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             )
         })?;
         let drives = backup::resolve_drives(&qmp, &a.drives, a.all).await?;
-        let ended = backup_with_display(
-            &qmp,
-            &drives,
-            &a.archive,
-            &a.live,
-            output,
-            a.speed.map(|s| s.0),
-        )
-        .await?;
+        let ended = backup_with_display(&qmp, &drives, &a.archive, &a.live, output, &opts).await?;
         Ok(ended.exit_code())
     })
 }

@@ -22,7 +22,7 @@ use super::options::{ArchiveOpts, LiveOpts, output_target};
 use super::progress::CreateProgress;
 use super::signals::{Leftovers, partial_of};
 use super::values::{DriveImage, SECTOR_SIZE};
-use crate::backup::BackupDrive;
+use crate::backup::{BackupDrive, RunOptions};
 use crate::pool::BufferPool;
 use crate::qemu::{DaemonOptions, Image, StorageDaemon};
 use crate::sink::Sink;
@@ -290,7 +290,10 @@ fn create_via_qemu(a: &Args) -> anyhow::Result<ExitCode> {
                     size,
                 });
             }
-            backup_with_display(&qmp, &drives, &a.archive_opts, &live, output, None).await
+            // No bitmap: the images are not a VM's, and a persistent
+            // bitmap would be stored in the user's qcow2.
+            let run = RunOptions::default();
+            backup_with_display(&qmp, &drives, &a.archive_opts, &live, output, &run).await
         }
         .await;
         if let Err(e) = daemon.shutdown().await {
@@ -298,8 +301,8 @@ fn create_via_qemu(a: &Args) -> anyhow::Result<ExitCode> {
         }
         let ended = res.map_err(|e| anyhow::anyhow!(explain(super::describe(&*e))))?;
         if let (Ended::Done(report), true) = (&ended, a.verbose) {
-            for (name, size, zero) in &report.summary.drives {
-                print_image_totals(name, *size, *zero);
+            for d in &report.summary.drives {
+                print_image_totals(&d.name, d.size, d.zero_bytes);
             }
         }
         Ok(ended.exit_code())

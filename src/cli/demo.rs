@@ -14,12 +14,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use super::backup::vzdump_name;
 use super::live::{Ended, backup_with_display};
 use super::options::{ArchiveOpts, LiveOpts};
 use super::signals::Leftovers;
 use super::values::Size;
-use crate::backup::BackupDrive;
+use crate::backup::{BackupDrive, RunOptions, vzdump_name};
 use crate::qemu::{DaemonOptions, Image, StorageDaemon};
 use crate::sink::Target;
 use crate::vma::Reader;
@@ -226,7 +225,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 a.speed.0 / MIB
             );
             let writer = tokio::spawn(guest_write(live));
-            let ended = backup_with_display(&qmp, &drives, &opts, &live_opts, Target::File(archive.clone()), Some(a.speed.0)).await?;
+            let run = RunOptions { speed: Some(a.speed.0), ..RunOptions::default() };
+            let ended = backup_with_display(&qmp, &drives, &opts, &live_opts, Target::File(archive.clone()), &run).await?;
             match writer.await {
                 Ok(Ok(())) => say!(a.json,
                     "  the guest wrote 1 MiB at offset {} MiB of drive-scsi0 while the backup ran",

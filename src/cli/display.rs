@@ -10,7 +10,8 @@ use std::time::Duration;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use crate::assembler::DriveStatus;
+use crate::assembler::{DriveStatus, FillStats};
+use crate::backup::{DrivePlan, Finished, Mode};
 use crate::target::{IncompleteDrive, Report};
 
 /// How often the live commands refresh progress.
@@ -47,6 +48,24 @@ impl StatusOut {
             }
         }
     }
+}
+
+/// `v` with `mode` (`full` or `incremental`), and the `reason` of a full
+/// backup or the `bitmap` of an incremental one.
+fn mode_json(mode: &Mode, mut v: serde_json::Value) -> serde_json::Value {
+    match mode {
+        Mode::Incremental { bitmap, .. } => {
+            v["mode"] = json!("incremental");
+            v["bitmap"] = json!(bitmap);
+        }
+        Mode::Full { reason } => {
+            v["mode"] = json!("full");
+            if let Some(r) = reason {
+                v["reason"] = json!(r.to_string());
+            }
+        }
+    }
+    v
 }
 
 /// One live display; see the module docs.
@@ -124,10 +143,68 @@ impl LiveDisplay {
         }
     }
 
+    /// A remark, one line on stderr (above the bars while they show).
+    pub fn note(&mut self, line: &str) {
+        let line = format!("vma-writer: {line}");
+        match &self.bars {
+            Some((mp, _)) => {
+                let _ = mp.println(&line);
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+
+    /// Shows each drive's mode when a base was given: one line per drive,
+    /// saying why a drive is backed up in full; with `--json` also a
+    /// `plan` event.
+    pub fn planned(&mut self, plan: &[DrivePlan]) {
+        let chained = plan
+            .iter()
+            .any(|p| !matches!(p.mode, Mode::Full { reason: None }));
+        if !chained {
+            return;
+        }
+        if self.json {
+            self.out.json_line(json!({
+                "event": "plan",
+                "drives": plan.iter().map(|p| mode_json(&p.mode, json!({"name": p.name}))).collect::<Vec<_>>(),
+            }));
+        }
+        for p in plan {
+            let line = match &p.mode {
+                Mode::Incremental { bitmap, dirty, .. } => {
+                    format!(
+                        "{}: incremental: {dirty} bytes changed since the base ({bitmap})",
+                        p.name
+                    )
+                }
+                Mode::Full { reason: Some(r) } => format!("{}: full backup: {r}", p.name),
+                Mode::Full { reason: None } => format!("{}: full backup", p.name),
+            };
+            self.note(&line);
+        }
+    }
+
+    /// Reports a backup's success, with each drive's mode and where its
+    /// bytes came from when a base was given.
+    pub fn finished_backup(&mut self, f: &Finished) {
+        self.finished_with(&f.report, &f.plan, &f.fills);
+    }
+
     /// Reports success.
     pub fn finished(&mut self, r: &Report) {
+        self.finished_with(r, &[], &[]);
+    }
+
+    fn finished_with(&mut self, r: &Report, plan: &[DrivePlan], fills: &[Option<FillStats>]) {
         self.clear();
         let path = r.summary.path.as_ref().map(|p| p.display().to_string());
+        let full = Mode::Full { reason: None };
+        let drives = r.summary.drives.iter().enumerate().map(|(i, d)| {
+            let mode = plan.get(i).map_or(&full, |p| &p.mode);
+            let fill = fills.get(i).copied().flatten();
+            (d, mode, fill)
+        });
         if self.json {
             self.out.json_line(json!({
                 "event": "finished",
@@ -138,7 +215,16 @@ impl LiveDisplay {
                 "copied_bytes": r.summary.copied_bytes,
                 "duration_s": r.duration.as_secs_f64(),
                 "mb_per_s": r.mb_per_s(),
-                "drives": r.summary.drives.iter().map(|(n, size, zero)| json!({"name": n, "size": size, "zero_bytes": zero})).collect::<Vec<_>>(),
+                "drives": drives.map(|(d, mode, fill)| {
+                    let mut v = json!({
+                        "name": d.name, "size": d.size, "zero_bytes": d.zero_bytes,
+                        "received_bytes": d.received_bytes, "base_bytes": d.base_bytes,
+                    });
+                    if let Some(f) = fill {
+                        v["fill_s"] = json!(f.elapsed.as_secs_f64());
+                    }
+                    mode_json(mode, v)
+                }).collect::<Vec<_>>(),
             }));
         } else {
             eprintln!(
@@ -151,6 +237,22 @@ impl LiveDisplay {
                 r.duration.as_secs_f64(),
                 r.mb_per_s()
             );
+            let chained = plan
+                .iter()
+                .any(|p| !matches!(p.mode, Mode::Full { reason: None }));
+            for (d, mode, fill) in drives.filter(|_| chained) {
+                match (mode, fill) {
+                    (Mode::Incremental { .. }, Some(f)) => eprintln!(
+                        "  {}: incremental, {} bytes from QEMU, {} from the base ({:.1} s, {:.0} MB/s)",
+                        d.name,
+                        d.received_bytes,
+                        d.base_bytes,
+                        f.elapsed.as_secs_f64(),
+                        f.bytes as f64 / 1e6 / f.elapsed.as_secs_f64().max(1e-9)
+                    ),
+                    _ => eprintln!("  {}: full, {} bytes from QEMU", d.name, d.received_bytes),
+                }
+            }
         }
     }
 

@@ -11,7 +11,7 @@ use super::display::{LiveDisplay, StatusOut, TICK};
 use super::options::{ArchiveOpts, LiveOpts};
 use super::signals::{Signal, stop_signal};
 use crate::assembler::DriveStatus;
-use crate::backup::{self, BackupDrive};
+use crate::backup::{self, BackupDrive, DrivePlan, Observer, RunOptions};
 use crate::nbd::ListenAddr;
 use crate::qmp::Qmp;
 use crate::sink::Target;
@@ -87,15 +87,32 @@ pub async fn serve_to_end(target: BackupTarget, display: &mut LiveDisplay) -> En
     }
 }
 
+/// A backup's [`Observer`]: everything goes to the display.
+struct Shown<'a>(&'a mut LiveDisplay);
+
+impl Observer for Shown<'_> {
+    fn progress(&mut self, status: &[DriveStatus]) {
+        self.0.update(status);
+    }
+
+    fn planned(&mut self, plan: &[DrivePlan]) {
+        self.0.planned(plan);
+    }
+
+    fn note(&mut self, line: &str) {
+        self.0.note(line);
+    }
+}
+
 /// Backs up `drives` of the QEMU behind `qmp` into `output`, showing
-/// progress; `speed` limits the jobs (bytes per second).
+/// progress; `opts` has the jobs' speed limit and the backup chain.
 pub async fn backup_with_display(
     qmp: &Qmp,
     drives: &[BackupDrive],
     archive: &ArchiveOpts,
     live: &LiveOpts,
     output: Target,
-    speed: Option<u64>,
+    opts: &RunOptions,
 ) -> anyhow::Result<Ended> {
     let dir = tempfile::Builder::new()
         .prefix("vma-writer-")
@@ -115,6 +132,8 @@ pub async fn backup_with_display(
             ever_connected: false,
             idle_since: None,
             settled: false,
+            base_bytes: 0,
+            awaits_base: false,
         })
         .collect();
     let mut display = LiveDisplay::new(live.json, status_out, &initial);
@@ -122,16 +141,16 @@ pub async fn backup_with_display(
     tokio::pin!(stop);
     let mut signal = None;
     let res = {
-        let mut observer = |s: &[DriveStatus]| display.update(s);
+        let mut observer = Shown(&mut display);
         let stop = async {
             signal = Some((&mut stop).await);
         };
-        backup::run(qmp, drives, cfg, speed, &mut observer, stop).await
+        backup::run(qmp, drives, cfg, opts, &mut observer, stop).await
     };
     Ok(match res {
-        Ok(r) => {
-            display.finished(&r);
-            Ended::Done(r)
+        Ok(f) => {
+            display.finished_backup(&f);
+            Ended::Done(f.report)
         }
         Err(e) => {
             let (reason, incomplete) = match e {

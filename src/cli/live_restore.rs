@@ -182,6 +182,8 @@ fn statuses(progress: &[Progress], export: &ArchiveExport) -> Vec<DriveStatus> {
             ever_connected: true,
             idle_since: None,
             settled: p.complete,
+            base_bytes: 0,
+            awaits_base: false,
         })
         .collect()
 }

@@ -40,10 +40,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let drives = a
         .drives
         .iter()
-        .map(|d| DriveSpec {
-            name: d.name.clone(),
-            size: d.size,
-        })
+        .map(|d| DriveSpec::new(d.name.clone(), d.size))
         .collect();
     let output = output_target(&a.output)?;
     let status_out = StatusOut::for_output(&output);

@@ -1,10 +1,11 @@
 //! Typed QMP commands for a live backup, a live restore and their tests:
 //! the block-node queries (`query-named-block-nodes`, `query-block`,
 //! `x-debug-query-block-graph`), `blockdev-add` of an NBD client node or a
-//! qcow2 image file, a `transaction` of `blockdev-backup`s,
-//! `block-stream`, `block-job-cancel`, `block-job-set-speed`,
-//! `query-block-jobs`, `blockdev-del`, `nbd-server-start`,
-//! `block-export-add` and `quit`.
+//! qcow2 image file, a `transaction` of `blockdev-backup`s (with dirty
+//! bitmaps added in it), the dirty bitmaps of each node,
+//! `block-dirty-bitmap-add` and `-remove`, `block-stream`,
+//! `block-job-cancel`, `block-job-set-speed`, `query-block-jobs`,
+//! `blockdev-del`, `nbd-server-start`, `block-export-add` and `quit`.
 //!
 //! Each turns Rust arguments into the QAPI JSON QEMU expects and its reply
 //! into Rust types; no policy. Which nodes a backup picks is the backup's
@@ -204,8 +205,8 @@ pub struct BlockGraphEdge {
     pub child: u64,
 }
 
-/// One `blockdev-backup` of a [`Qmp::blockdev_backup_transaction`], always
-/// `sync: full`.
+/// One `blockdev-backup` of a [`Qmp::blockdev_backup_transaction`]:
+/// `sync: full`, or `sync: bitmap` with a [`bitmap`](Self::bitmap).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupJob {
     /// Job id; events name the job by it (their `device` field).
@@ -219,6 +220,76 @@ pub struct BackupJob {
     /// Name of the copy-before-write filter the job inserts over `device`,
     /// so that it can be addressed while the job runs.
     pub filter_node_name: Option<String>,
+    /// With a dirty bitmap of `device`: copy only the clusters it marks
+    /// (`sync: bitmap`), and leave the bitmap as it is afterwards
+    /// (`bitmap-mode: never`: it goes on recording, whatever the job's
+    /// outcome). `None`: copy everything (`sync: full`).
+    pub bitmap: Option<String>,
+}
+
+/// A `block-dirty-bitmap-add`, alone or as a transaction action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapAdd {
+    /// The node to track.
+    pub node: String,
+    /// The bitmap's name (unique per node).
+    pub name: String,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Stored in the image and loaded again when QEMU restarts (qcow2
+    /// only; QEMU refuses it elsewhere).
+    pub persistent: bool,
+}
+
+impl BitmapAdd {
+    fn args(&self) -> Value {
+        json!({
+            "node": self.node,
+            "name": self.name,
+            "granularity": self.granularity,
+            "persistent": self.persistent,
+        })
+    }
+}
+
+/// A dirty bitmap as `query-named-block-nodes` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct DirtyBitmap {
+    /// Its name; empty for an anonymous bitmap (one a job or the
+    /// copy-before-write filter made for itself).
+    #[serde(default)]
+    pub name: String,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// It records writes now (false: disabled, or inconsistent).
+    #[serde(default)]
+    pub recording: bool,
+    /// It is stored in the image.
+    #[serde(default)]
+    pub persistent: bool,
+    /// An operation (a backup job) uses it.
+    #[serde(default)]
+    pub busy: bool,
+    /// A persistent bitmap QEMU did not store cleanly (it crashed): it
+    /// may miss writes and can only be removed.
+    #[serde(default)]
+    pub inconsistent: bool,
+    /// Bytes it marks dirty.
+    pub count: u64,
+}
+
+/// The dirty bitmaps of one named node.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct NodeBitmaps {
+    /// The node.
+    #[serde(rename = "node-name")]
+    pub node_name: String,
+    /// Its block driver (`qcow2`, `raw`, ...).
+    #[serde(rename = "drv")]
+    pub driver: String,
+    /// Its bitmaps.
+    #[serde(rename = "dirty-bitmaps", default)]
+    pub bitmaps: Vec<DirtyBitmap>,
 }
 
 /// One block job as `query-block-jobs` reports it.
@@ -322,17 +393,55 @@ impl Qmp {
         self.execute("block-stream", Some(args)).await.map(drop)
     }
 
-    /// Starts every job in one `transaction` of `blockdev-backup`s with
-    /// `sync: full`, so all drives are copied from the same point in time.
-    /// Either all jobs start or none does.
+    /// Starts every job in one `transaction` of `blockdev-backup`s, so
+    /// all drives are copied from the same point in time. Either all jobs
+    /// start or none does.
     pub async fn blockdev_backup_transaction(&self, jobs: &[BackupJob]) -> Result<(), Error> {
-        let actions: Vec<Value> = jobs
+        self.backup_transaction(&[], jobs).await
+    }
+
+    /// One `transaction`: first every bitmap of `bitmaps` is added, then
+    /// every job starts; all at one point in time, so each new bitmap
+    /// records exactly the writes after the jobs' image. Either everything
+    /// happens or nothing does.
+    pub async fn backup_transaction(
+        &self,
+        bitmaps: &[BitmapAdd],
+        jobs: &[BackupJob],
+    ) -> Result<(), Error> {
+        let actions: Vec<Value> = bitmaps
             .iter()
-            .map(|j| json!({"type": "blockdev-backup", "data": backup_args(j)}))
+            .map(|b| json!({"type": "block-dirty-bitmap-add", "data": b.args()}))
+            .chain(
+                jobs.iter()
+                    .map(|j| json!({"type": "blockdev-backup", "data": backup_args(j)})),
+            )
             .collect();
         self.execute("transaction", Some(json!({ "actions": actions })))
             .await
             .map(drop)
+    }
+
+    /// The dirty bitmaps of every named node (`query-named-block-nodes`).
+    pub async fn query_dirty_bitmaps(&self) -> Result<Vec<NodeBitmaps>, Error> {
+        call(self, "query-named-block-nodes", Some(json!({"flat": true}))).await
+    }
+
+    /// Adds a dirty bitmap, enabled: it records every write from now on.
+    pub async fn block_dirty_bitmap_add(&self, bitmap: &BitmapAdd) -> Result<(), Error> {
+        self.execute("block-dirty-bitmap-add", Some(bitmap.args()))
+            .await
+            .map(drop)
+    }
+
+    /// Removes a dirty bitmap (from the image too when it is persistent).
+    pub async fn block_dirty_bitmap_remove(&self, node: &str, name: &str) -> Result<(), Error> {
+        self.execute(
+            "block-dirty-bitmap-remove",
+            Some(json!({"node": node, "name": name})),
+        )
+        .await
+        .map(drop)
     }
 
     /// Cancels a block job; a `BLOCK_JOB_CANCELLED` event follows. `force`
@@ -412,6 +521,11 @@ fn backup_args(j: &BackupJob) -> Value {
         "target": j.target,
         "sync": "full",
     });
+    if let Some(b) = &j.bitmap {
+        data["sync"] = json!("bitmap");
+        data["bitmap"] = json!(b);
+        data["bitmap-mode"] = json!("never");
+    }
     if let Some(speed) = j.speed {
         data["speed"] = json!(speed);
     }
@@ -442,6 +556,7 @@ mod tests {
             target: "nbd-a".into(),
             speed: Some(4096),
             filter_node_name: Some("cbw-a".into()),
+            bitmap: None,
         };
         assert_eq!(
             backup_args(&j),
@@ -456,6 +571,38 @@ mod tests {
             backup_args(&j),
             json!({"job-id": "backup-a", "device": "a", "target": "nbd-a", "sync": "full"})
         );
+        let j = BackupJob {
+            bitmap: Some("vma-writer-x".into()),
+            ..j
+        };
+        assert_eq!(
+            backup_args(&j),
+            json!({"job-id": "backup-a", "device": "a", "target": "nbd-a", "sync": "bitmap",
+                   "bitmap": "vma-writer-x", "bitmap-mode": "never"})
+        );
+    }
+
+    #[test]
+    fn dirty_bitmaps_reply() {
+        // As qemu-storage-daemon 10.0 answers after a crash left a
+        // persistent bitmap inconsistent.
+        let nodes: Vec<NodeBitmaps> = Deserialize::deserialize(&json!([
+            {"node-name": "a", "drv": "qcow2", "ro": false, "image": {"virtual-size": 1},
+             "dirty-bitmaps": [{"name": "p1", "recording": false, "persistent": true,
+                                "busy": false, "granularity": 65536, "count": 0,
+                                "inconsistent": true}]},
+            {"node-name": "a-file", "drv": "file", "ro": false, "image": {"virtual-size": 1}},
+            {"node-name": "#block034", "drv": "copy-before-write", "dirty-bitmaps": [
+                {"busy": false, "count": 0, "granularity": 65536, "persistent": false,
+                 "recording": false}]}
+        ]))
+        .unwrap();
+        assert_eq!(nodes[0].driver, "qcow2");
+        let b = &nodes[0].bitmaps[0];
+        assert!(b.inconsistent && b.persistent && !b.recording);
+        assert_eq!(b.granularity, 65536);
+        assert!(nodes[1].bitmaps.is_empty());
+        assert_eq!(nodes[2].bitmaps[0].name, "");
     }
 
     #[test]

@@ -25,8 +25,8 @@ pub use client::{
     wait_event,
 };
 pub use commands::{
-    BackupJob, BlockGraph, BlockGraphEdge, BlockGraphNode, BlockInfo, BlockNode, JobInfo,
-    SocketAddress,
+    BackupJob, BitmapAdd, BlockGraph, BlockGraphEdge, BlockGraphNode, BlockInfo, BlockNode,
+    DirtyBitmap, JobInfo, NodeBitmaps, SocketAddress,
 };
 pub use protocol::{
     BlockJobEnd, BlockJobError, DecodeError, ErrorClass, Event, JobEvent, JobOutcome, JobStatus,

@@ -88,6 +88,25 @@ impl ClusterBitmap {
         // below it when the set is not full.
         Some(w as u64 * WORD_BITS + u64::from(word.trailing_ones()))
     }
+
+    /// The clusters not in the set, ascending; a word at a time, so a
+    /// nearly full set is walked quickly.
+    pub fn clear(&self) -> impl Iterator<Item = u64> + '_ {
+        let len = self.len;
+        self.words.iter().enumerate().flat_map(move |(w, &word)| {
+            let base = w as u64 * WORD_BITS;
+            let mut free = !word;
+            std::iter::from_fn(move || {
+                if free == 0 {
+                    return None;
+                }
+                let bit = u64::from(free.trailing_zeros());
+                free &= free - 1;
+                Some(base + bit)
+            })
+            .take_while(move |&c| c < len)
+        })
+    }
 }
 
 #[cfg(test)]
@@ -155,6 +174,9 @@ mod tests {
             }
             proptest::prop_assert_eq!(b.count(), model.iter().filter(|&&m| m).count() as u64);
             proptest::prop_assert_eq!(b.first_clear(), model.iter().position(|&m| !m).map(|c| c as u64));
+            let clear: Vec<u64> = b.clear().collect();
+            let want: Vec<u64> = (0..len).filter(|&c| !model[c as usize]).collect();
+            proptest::prop_assert_eq!(clear, want);
         }
     }
 }

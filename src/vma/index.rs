@@ -76,6 +76,11 @@ pub fn cluster_digest(restored: &[u8]) -> Digest {
 /// `stored`, as in its extent) and its in-device length `len`, without
 /// expanding it.
 pub fn stored_digest(mask: u16, stored: &[u8], len: usize) -> Digest {
+    if stored.len() == len {
+        // Every block stored, none past the end: the stored bytes are the
+        // restored ones (one-shot hashing is faster than streaming).
+        return cluster_digest(stored);
+    }
     static ZEROS: [u8; super::consts::VMA_BLOCK_SIZE] = [0; super::consts::VMA_BLOCK_SIZE];
     let mut h = XxHash3_128::new();
     let mut at = 0;
@@ -144,6 +149,54 @@ fn bad(what: impl Into<String>) -> IndexError {
     IndexError::Inconsistent(what.into())
 }
 
+/// Flag of a device record's chain byte: a dirty bitmap named for the
+/// archive was added to the drive at the archive's point in time.
+pub const CHAIN_BITMAP: u8 = 1;
+/// Flag of a device record's chain byte: the clusters QEMU did not send
+/// were copied from a base archive (an incremental backup).
+pub const CHAIN_FROM_BASE: u8 = 2;
+
+/// How a device's clusters came to be in a chain of backups
+/// (`format/INDEX.md` §1.2, device record). All false and 0 for an archive
+/// written without a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceChain {
+    /// A dirty bitmap `vma-writer-<uuid>` was added to the drive at this
+    /// archive's point in time: the next incremental backup uses it.
+    pub bitmap: bool,
+    /// The clusters QEMU did not send were copied from a base archive.
+    pub from_base: bool,
+    /// In-device bytes copied from the base (0 unless `from_base`).
+    pub base_bytes: u64,
+}
+
+impl DeviceChain {
+    /// The chain byte of a device record.
+    fn flags(&self) -> u8 {
+        (if self.bitmap { CHAIN_BITMAP } else { 0 })
+            | (if self.from_base { CHAIN_FROM_BASE } else { 0 })
+    }
+
+    /// Decodes the chain byte and base_bytes of the device `dev` of
+    /// `size` bytes, with the rules of `format/INDEX.md` §1.3.
+    fn decode(dev: DevId, flags: u8, base_bytes: u64, size: u64) -> Result<Self, IndexError> {
+        if flags & !(CHAIN_BITMAP | CHAIN_FROM_BASE) != 0 {
+            return Err(bad(format!(
+                "device {dev}: unknown chain flags {flags:#04x}"
+            )));
+        }
+        let from_base = flags & CHAIN_FROM_BASE != 0;
+        if base_bytes > size || (!from_base && base_bytes != 0) {
+            return Err(bad(format!("device {dev}: {base_bytes} bytes from a base")));
+        }
+        Ok(DeviceChain {
+            bitmap: flags & CHAIN_BITMAP != 0,
+            from_base,
+            base_bytes,
+        })
+    }
+}
+
 /// Totals of one device, as the index records them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DeviceTotals {
@@ -159,6 +212,8 @@ pub struct DeviceTotals {
     pub stored_bytes: u64,
     /// In-device bytes of zero blocks (not stored).
     pub zero_bytes: u64,
+    /// Its place in a chain of backups.
+    pub chain: DeviceChain,
 }
 
 impl DeviceTotals {
@@ -309,18 +364,26 @@ impl IndexBuilder {
         self.stream_len
     }
 
+    /// Records the chain facts of device `dev` (any time before
+    /// [`finish`](Self::finish)); unknown devices are ignored.
+    pub fn set_chain(&mut self, dev: DevId, chain: DeviceChain) {
+        if let Some(d) = self.devices.iter_mut().find(|d| d.dev == dev) {
+            d.chain = chain;
+        }
+    }
+
     /// Encodes the index: head and compressed body.
     pub fn finish(mut self) -> std::io::Result<Vec<u8>> {
         let mut tail = Vec::with_capacity(self.devices.len() * DEVICE_RECORD_LEN + TRAILER_LEN);
         for d in &self.devices {
-            tail.extend_from_slice(&[d.dev.0, 0, 0, 0, 0, 0, 0, 0]);
+            tail.extend_from_slice(&[d.dev.0, d.chain.flags(), 0, 0, 0, 0, 0, 0]);
             for v in [
                 d.size,
                 d.data_clusters,
                 d.zero_clusters,
                 d.stored_bytes,
                 d.zero_bytes,
-                0,
+                d.chain.base_bytes,
             ] {
                 tail.extend_from_slice(&v.to_le_bytes());
             }
@@ -609,16 +672,18 @@ impl ArchiveIndex {
         let devices: Vec<DeviceTotals> = (0..device_count)
             .map(|i| {
                 let r = &raw[dev_start + i * DEVICE_RECORD_LEN..][..DEVICE_RECORD_LEN];
-                DeviceTotals {
-                    dev: DevId(r[0]),
-                    size: le_u64(r, 8),
+                let (dev, size) = (DevId(r[0]), le_u64(r, 8));
+                Ok(DeviceTotals {
+                    dev,
+                    size,
                     data_clusters: le_u64(r, 16),
                     zero_clusters: le_u64(r, 24),
                     stored_bytes: le_u64(r, 32),
                     zero_bytes: le_u64(r, 40),
-                }
+                    chain: DeviceChain::decode(dev, r[1], le_u64(r, 48), size)?,
+                })
             })
-            .collect();
+            .collect::<Result<_, IndexError>>()?;
         let mut mapper = Mapper::new(&devices, header_len, head.framed, true)?;
         if extent_count > dev_start / EXTENT_RECORD_LEN {
             return Err(bad(format!("{extent_count} extents do not fit")));
@@ -862,6 +927,12 @@ mod tests {
             .unwrap();
         let len = b.stream_len();
         assert_eq!(len, next + 512 + 4096);
+        let chain = DeviceChain {
+            bitmap: true,
+            from_base: true,
+            base_bytes: 65536,
+        };
+        b.set_chain(DevId(1), chain);
         (b.finish().unwrap(), d)
     }
 
@@ -893,6 +964,29 @@ mod tests {
         );
         assert_eq!(t.zero_bytes, 65536 + 15 * 4096);
         assert_eq!(idx.device(DevId(2)).unwrap().zero_bytes, 0);
+        assert_eq!(
+            t.chain,
+            DeviceChain {
+                bitmap: true,
+                from_base: true,
+                base_bytes: 65536
+            }
+        );
+        assert_eq!(idx.device(DevId(2)).unwrap().chain, DeviceChain::default());
+    }
+
+    #[test]
+    fn chain_fields_follow_their_rules() {
+        let ok = DeviceChain::decode(DevId(1), CHAIN_BITMAP, 0, 100).unwrap();
+        assert!(ok.bitmap && !ok.from_base);
+        for (flags, base, why) in [
+            (4, 0, "unknown chain flags"),
+            (CHAIN_BITMAP, 10, "10 bytes from a base"),
+            (CHAIN_FROM_BASE, 101, "101 bytes from a base"),
+        ] {
+            let e = DeviceChain::decode(DevId(1), flags, base, 100).unwrap_err();
+            assert!(e.to_string().contains(why), "{e}");
+        }
     }
 
     #[test]

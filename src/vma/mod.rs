@@ -35,7 +35,7 @@ pub mod zero;
 pub use bitmap::ClusterBitmap;
 pub use error::{FormatError, MissingClusters};
 pub use header::{Config, Device, Header};
-pub use index::{ArchiveIndex, IndexBuilder, IndexError};
+pub use index::{ArchiveIndex, DeviceChain, IndexBuilder, IndexError};
 pub use reader::{ClusterData, Extent, ReadStats, Reader};
 pub use restore_stats::RestoreStats;
 pub use writer::{ArchiveOut, DeviceStats, Writer, WriterBuilder};

@@ -19,11 +19,11 @@ use std::io::{self, IoSlice, Write};
 use bytes::Bytes;
 use uuid::Uuid;
 
-use super::cluster::{stored_len, stored_runs};
+use super::cluster::{stored_len, stored_runs, valid_mask};
 use super::consts::*;
 use super::extent::{BlockInfo, ExtentHeader};
 use super::header::{Config, Device, Header, check_name};
-use super::index::{Digest, IndexBuilder, NO_FRAME, cluster_digest};
+use super::index::{DeviceChain, Digest, IndexBuilder, NO_FRAME, cluster_digest, stored_digest};
 use super::zero::block_mask;
 use super::{ClusterBitmap, DevId, FormatError, MissingClusters};
 
@@ -237,10 +237,19 @@ struct DevState {
 
 struct Pending {
     info: BlockInfo,
-    /// The cluster's in-device bytes; `None` for an all-zero cluster.
-    data: Option<Bytes>,
+    /// The cluster's bytes; `None` for an all-zero cluster.
+    data: Option<Data>,
     /// Its digest, for the index.
     digest: Option<Digest>,
+}
+
+/// A pending cluster's bytes, in the form the caller had them.
+enum Data {
+    /// Its in-device bytes: the stored blocks are sliced out when the
+    /// extent is written.
+    InDevice(Bytes),
+    /// Its stored blocks, as an extent holds them.
+    Stored(Bytes),
 }
 
 /// Called after each extent is written with its archive offset and entries.
@@ -370,12 +379,62 @@ impl<W: ArchiveOut> Writer<W> {
             idx,
             cluster,
             mask,
-            (mask != 0).then_some(data),
+            (mask != 0).then_some(Data::InDevice(data)),
             digest,
             expected as u64,
             zero,
         )?;
         Ok(mask)
+    }
+
+    /// Archives one cluster given as stored: its `mask` and its stored
+    /// 4 KiB blocks, as an extent holds them (e.g. read from another
+    /// archive), with the digest of its restored bytes when the caller
+    /// knows it. Nothing is zero-scanned, and the digest is computed (from
+    /// the stored blocks) only when the index needs one and none is given.
+    pub fn write_stored_cluster(
+        &mut self,
+        dev: DevId,
+        cluster: u64,
+        mask: u16,
+        stored: Bytes,
+        digest: Option<Digest>,
+    ) -> Result<(), FormatError> {
+        let idx = self.check(dev, cluster)?;
+        let d = &self.devs[idx].dev;
+        let len = d.cluster_len(cluster);
+        if mask & !valid_mask(len) != 0 {
+            return Err(FormatError::MaskPastEnd {
+                offset: 0,
+                dev,
+                cluster,
+                mask,
+                size: d.size,
+            });
+        }
+        if stored.len() != stored_len(mask) {
+            return Err(FormatError::ClusterLength {
+                dev,
+                cluster,
+                expected: stored_len(mask),
+                got: stored.len(),
+            });
+        }
+        let zero = (len as u64).saturating_sub(stored_len(mask) as u64);
+        let digest = (mask != 0 && self.index.is_some())
+            .then(|| digest.unwrap_or_else(|| stored_digest(mask, &stored, len)));
+        let data = (mask != 0).then_some(Data::Stored(stored));
+        self.push(idx, cluster, mask, data, digest, len as u64, zero)
+    }
+
+    /// Records how device `dev`'s clusters came to be in a backup chain,
+    /// for the index (`format/INDEX.md` §1.2); any time before
+    /// [`finish_indexed`](Self::finish_indexed). Without an index it is
+    /// not recorded anywhere.
+    pub fn set_device_chain(&mut self, dev: DevId, chain: DeviceChain) {
+        if let Some(ix) = self.index.as_mut() {
+            ix.set_chain(dev, chain);
+        }
     }
 
     /// Archives one all-zero cluster (mask 0, no payload).
@@ -391,7 +450,7 @@ impl<W: ArchiveOut> Writer<W> {
         idx: usize,
         cluster: u64,
         mask: u16,
-        data: Option<Bytes>,
+        data: Option<Data>,
         digest: Option<Digest>,
         len: u64,
         zero: u64,
@@ -440,8 +499,13 @@ impl<W: ArchiveOut> Writer<W> {
         parts.push(Bytes::copy_from_slice(&head));
         let mut len = head.len();
         for p in &self.pending {
-            if let Some(d) = &p.data {
-                len += push_stored(&mut parts, d, p.info.mask);
+            match &p.data {
+                Some(Data::InDevice(d)) => len += push_stored(&mut parts, d, p.info.mask),
+                Some(Data::Stored(d)) => {
+                    parts.push(d.clone());
+                    len += d.len();
+                }
+                None => {}
             }
         }
         let at = self.pos;
@@ -627,6 +691,55 @@ mod tests {
             panic!("finish must refuse an incomplete archive")
         };
         assert_eq!((m[0].missing, m[0].first), (1, 0));
+    }
+
+    #[test]
+    fn stored_clusters_make_the_same_archive_and_index() {
+        // The last cluster straddles a block: 4096 + 100 bytes.
+        let size = 2 * 65536 + 4096 + 100;
+        let mut a = vec![0u8; 65536];
+        a[5000] = 1;
+        let b = vec![0u8; 65536];
+        let mut c = vec![7u8; 4196];
+        c[..4096].fill(0);
+        let clusters = [a, b, c];
+        let archive = |stored: bool| {
+            let mut builder = WriterBuilder::new().uuid(Uuid::nil()).ctime(0).index(true);
+            let d = builder.add_device("d", size).unwrap();
+            let mut w = builder.start(Vec::new()).unwrap();
+            for (i, data) in clusters.iter().enumerate() {
+                let data = Bytes::from(data.clone());
+                if stored {
+                    let mask = block_mask(&data);
+                    let mut parts = Vec::new();
+                    push_stored(&mut parts, &data, mask);
+                    let blocks: Vec<u8> = parts.iter().flat_map(|p| p.to_vec()).collect();
+                    // The digest is computed when not given.
+                    let digest = (i == 0).then(|| cluster_digest(&data));
+                    w.write_stored_cluster(d, i as u64, mask, Bytes::from(blocks), digest)
+                        .unwrap();
+                } else {
+                    w.write_cluster(d, i as u64, data).unwrap();
+                }
+            }
+            w.finish_indexed().unwrap()
+        };
+        let (plain, plain_index) = archive(false);
+        let (stored, stored_index) = archive(true);
+        assert_eq!(plain, stored);
+        assert_eq!(plain_index, stored_index);
+        // Refusals: blocks past the end, a wrong payload length.
+        let mut builder = WriterBuilder::new();
+        let d = builder.add_device("d", size).unwrap();
+        let mut w = builder.start(Vec::new()).unwrap();
+        assert!(matches!(
+            w.write_stored_cluster(d, 2, 0b100, Bytes::from(vec![0; 4096]), None),
+            Err(FormatError::MaskPastEnd { .. })
+        ));
+        assert!(matches!(
+            w.write_stored_cluster(d, 0, 0b11, Bytes::from(vec![0; 4096]), None),
+            Err(FormatError::ClusterLength { .. })
+        ));
     }
 
     #[test]

@@ -432,6 +432,7 @@ async fn qemu_reconnects_mid_backup() {
         target: "tgt".into(),
         speed: Some(4 * MIB),
         filter_node_name: None,
+        bitmap: None,
     }])
     .await
     .unwrap();

@@ -174,6 +174,7 @@ async fn serve_source_daemon_killed() {
         target: "tgt0".into(),
         speed: Some(2 * MIB),
         filter_node_name: None,
+        bitmap: None,
     }])
     .await
     .unwrap();
@@ -244,6 +245,7 @@ async fn qemu_refuses_export_of_wrong_size() {
             target: "tgt0".into(),
             speed: None,
             filter_node_name: None,
+            bitmap: None,
         }])
         .await;
     match refused {
@@ -769,6 +771,7 @@ async fn serve_output_failure_fails_qemu_job(how: OutputFailure) {
         target: "tgt0".into(),
         speed: None,
         filter_node_name: None,
+        bitmap: None,
     }])
     .await
     .unwrap();

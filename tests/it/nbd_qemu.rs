@@ -198,6 +198,7 @@ fn live_backup(size: u64, islands: &[(u64, u64)]) {
             target: "tgt0".into(),
             speed: None,
             filter_node_name: None,
+            bitmap: None,
         }])
         .await
         .unwrap();

@@ -198,6 +198,7 @@ async fn backup_into_nbdkit_completes() {
             target: tgt,
             speed: None,
             filter_node_name: Some(format!("cbw-{}", node.node)),
+            bitmap: None,
         });
     }
 
@@ -261,6 +262,7 @@ async fn throttled_job_can_be_cancelled() {
         target: "nbd-qcow0".into(),
         speed: Some(speed),
         filter_node_name: None,
+        bitmap: None,
     }])
     .await
     .unwrap();
@@ -455,6 +457,7 @@ async fn writes_through_export_during_backup_keep_point_in_time() {
         target: "nbd-raw0".into(),
         speed: Some(1 << 20),
         filter_node_name: Some("cbw-raw0".into()),
+        bitmap: None,
     }])
     .await
     .unwrap();
