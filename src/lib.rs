@@ -44,6 +44,8 @@
 //!   overlays over the export, `block-stream` jobs driven over QMP.
 //! - [`qemu_img`]: `qemu-img` as a child process: converting an export
 //!   into any image format, creating the overlays of a live restore.
+//! - [`fault`]: fault injection for the fault tests (feature
+//!   `fault-injection`; a no-op without it).
 //! - [`cli`]: one module per subcommand of the `vma-writer` binary.
 
 pub mod archive;
@@ -51,6 +53,7 @@ pub mod assembler;
 pub mod backup;
 pub mod cli;
 pub mod export;
+pub mod fault;
 pub mod live_restore;
 pub mod nbd;
 pub mod pool;

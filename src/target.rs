@@ -21,6 +21,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
@@ -119,6 +120,10 @@ pub enum Error {
     /// The last extent, fsync or rename failed, or a drive is incomplete.
     #[error("cannot finish the archive")]
     Finish(#[source] io::Error),
+    /// A stop request arrived while the archive was being finished, before
+    /// it was made final: it was abandoned.
+    #[error("stopped while the archive was being finished; it was not made final")]
+    Stopped,
 }
 
 /// Why a target's backup cannot complete any more ([`WaitOutcome::Failed`]).
@@ -369,13 +374,30 @@ impl BackupTarget {
         }
     }
 
-    /// Stops serving and completes the archive (last extent, fsync, rename).
-    pub async fn finish(mut self) -> Result<Report, Error> {
+    /// Stops serving and completes the archive (last extent, fsync,
+    /// rename). When `stop` completes before the archive is sealed (a
+    /// signal during the commit), the archive is abandoned instead:
+    /// [`Error::Stopped`], nothing at the final name.
+    pub async fn finish(mut self, stop: impl Future<Output = ()>) -> Result<Report, Error> {
         self.stop_server().await;
         // Throughput counts from the first client, not from when we started
         // waiting for one.
         let started = self.assembler.first_connect().unwrap_or(self.started);
-        let summary = self.assembler.finish().await.map_err(Error::Finish)?;
+        let interrupt = Arc::new(AtomicBool::new(false));
+        let finish = self.assembler.finish(interrupt.clone());
+        tokio::pin!(finish);
+        tokio::pin!(stop);
+        let finished = tokio::select! {
+            r = &mut finish => r,
+            () = &mut stop => {
+                interrupt.store(true, Ordering::SeqCst);
+                finish.await
+            }
+        };
+        let summary = finished.map_err(|e| match e.kind() {
+            io::ErrorKind::Interrupted => Error::Stopped,
+            _ => Error::Finish(e),
+        })?;
         let bytes = summary.drives.iter().map(|d| d.size).sum();
         let zero_bytes = summary.drives.iter().map(|d| d.zero_bytes).sum();
         Ok(Report {

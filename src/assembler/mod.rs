@@ -63,6 +63,7 @@ mod writer_thread;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -287,7 +288,11 @@ impl Assembler {
     /// Completes the archive: every drive must be complete. Writes the last
     /// extent, fsyncs, renames `ARCHIVE.partial` to `ARCHIVE`, fsyncs the
     /// directory.
-    pub async fn finish(self) -> io::Result<Summary> {
+    ///
+    /// Setting `interrupt` before the archive is sealed abandons it
+    /// instead: the result is an [`io::ErrorKind::Interrupted`] error and
+    /// nothing appears at the final name.
+    pub async fn finish(self, interrupt: Arc<AtomicBool>) -> io::Result<Summary> {
         if let Some(e) = self.failure() {
             self.abort().await;
             return Err(e);
@@ -327,7 +332,15 @@ impl Assembler {
             let (sink, index) = writer.finish_indexed().map_err(io::Error::from)?;
             // Counted after the last extent, before compression.
             let archive_bytes = sink.written();
-            let path = sink.commit(index.as_deref())?;
+            let sealed = sink.seal(index.as_deref())?;
+            if interrupt.load(Ordering::SeqCst) {
+                // Dropping the sealed archive removes its partial files.
+                return Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "stopped before the archive was made final",
+                ));
+            }
+            let path = sealed.publish()?;
             Ok(Summary {
                 path,
                 archive_bytes,
@@ -523,7 +536,7 @@ mod tests {
         );
         d1.trim(0, 3 * 65536).await.unwrap();
         assert!(asm.status().iter().all(|s| s.complete));
-        let summary = asm.finish().await.unwrap();
+        let summary = asm.finish(Arc::default()).await.unwrap();
         assert_eq!(summary.path.as_deref(), Some(path.as_path()));
         let disks = read_back(&path);
         assert_eq!(disks[0], expect0);
@@ -554,7 +567,7 @@ mod tests {
     async fn finish_refuses_incomplete_drives() {
         let dir = tempfile::tempdir().unwrap();
         let (asm, path) = one_of_four_written(dir.path()).await;
-        let err = asm.finish().await.unwrap_err();
+        let err = asm.finish(Arc::default()).await.unwrap_err();
         assert!(
             err.to_string()
                 .contains("drive-scsi0 (196608 of 262144 bytes missing)"),
@@ -633,7 +646,7 @@ mod tests {
             }
         }
         assert!(asm.status()[0].complete);
-        Ok(asm.finish().await.unwrap())
+        Ok(asm.finish(Arc::default()).await.unwrap())
     }
 
     /// Clusters of a 130-cluster drive with a 1000-byte tail: data, some
@@ -767,7 +780,7 @@ mod tests {
         assert!(d.write(65536, data.clone()).await.is_err());
         assert!(d.read(0, 10).await.is_err());
         assert_eq!(&d.read(65536, 10).await.unwrap()[..], &[0u8; 10]);
-        asm.finish().await.unwrap();
+        asm.finish(Arc::default()).await.unwrap();
         let plain = zstd::decode_all(File::open(&path).unwrap()).unwrap();
         let unpacked = dir.path().join("plain.vma");
         std::fs::write(&unpacked, plain).unwrap();

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use super::base::BaseArchive;
@@ -180,7 +180,7 @@ pub async fn run(
         Err(reason) => return Err(backup.clean_up(reason).await),
     };
     observer.progress(&backup.target.status());
-    let report = match backup.target.finish().await {
+    let report = match backup.target.finish(&mut stop).await {
         Ok(r) => r,
         Err(e) => {
             remove_bitmaps(qmp, &backup.bitmaps).await;
@@ -354,7 +354,8 @@ impl Backup<'_> {
             .map_err(Failure::JobsRefused)?;
         self.bitmaps = bitmaps.to_vec();
         self.running.extend(jobs.into_iter().map(|j| j.job_id));
-        self.wait_jobs(observer, stop).await?;
+        self.wait_jobs(plan, speed.is_some(), observer, stop)
+            .await?;
         // Every job completed: removing the targets makes QEMU flush and
         // disconnect, which settles the drives (full ones complete,
         // incremental ones awaiting their base).
@@ -397,9 +398,12 @@ impl Backup<'_> {
     }
 
     /// Waits until every job has completed, watching the target and the
-    /// stop request.
+    /// stop request. With a rate limit (`throttled`), a job whose data is
+    /// all in gets its limit lifted (see [`lift_limits`]).
     async fn wait_jobs(
         &mut self,
+        plan: &[DrivePlan],
+        throttled: bool,
         observer: &mut dyn Observer,
         stop: &mut (impl Future<Output = ()> + Unpin),
     ) -> Result<(), Failure> {
@@ -413,6 +417,7 @@ impl Backup<'_> {
         let target_wait = target.wait(pending());
         tokio::pin!(target_wait);
         let mut tick = tokio::time::interval(TICK);
+        let mut lifted = HashSet::new();
         while !running.is_empty() {
             tokio::select! {
                 _ = &mut *stop => return Err(Failure::Stopped),
@@ -420,7 +425,13 @@ impl Backup<'_> {
                     WaitOutcome::Failed(f) => Failure::Target(f),
                     outcome => Failure::TargetEndedEarly { outcome },
                 }),
-                _ = tick.tick() => observer.progress(&target.status()),
+                _ = tick.tick() => {
+                    let status = target.status();
+                    observer.progress(&status);
+                    if throttled {
+                        lift_limits(qmp, plan, &status, running, &mut lifted, observer).await;
+                    }
+                }
                 ev = events.recv() => on_event(qmp, running, ev).await?,
             }
         }
@@ -477,6 +488,62 @@ impl Backup<'_> {
         let incomplete = self.target.abort().await;
         Error::Failed { reason, incomplete }
     }
+}
+
+/// Lifts the rate limit of every running job whose data is all in: its
+/// drive is complete in the archive (a full drive), or QEMU counts every
+/// byte of the job as copied. QEMU's rate limiter also charges the
+/// copy-before-write traffic of guest writes, so under guest writes a
+/// throttled job can keep sleeping long after the last cluster was copied
+/// (a 256 MiB drive at 5 MB/s rewritten by its guest: every cluster
+/// archived after 5 s, the job complete after 37 s). Nothing is left to
+/// throttle then, so the limit goes and the job ends at once. Failures are
+/// logged only: the job still ends, later.
+async fn lift_limits(
+    qmp: &Qmp,
+    plan: &[DrivePlan],
+    status: &[DriveStatus],
+    running: &HashSet<String>,
+    lifted: &mut HashSet<String>,
+    observer: &mut dyn Observer,
+) {
+    let pending = |i: usize| {
+        let job = job_id(i);
+        (running.contains(&job) && !lifted.contains(&job)).then_some(job)
+    };
+    if !(0..plan.len()).any(|i| pending(i).is_some()) {
+        return;
+    }
+    let jobs = match qmp.query_block_jobs().await {
+        Ok(j) => j,
+        Err(e) => {
+            debug!("cannot query the jobs to lift their rate limits: {e}");
+            return;
+        }
+    };
+    let mut done = Vec::new();
+    for (i, p) in plan.iter().enumerate() {
+        let Some(job) = pending(i) else { continue };
+        let Some(info) = jobs.iter().find(|j| j.device == job) else {
+            continue;
+        };
+        let archived = !p.mode.is_incremental() && status.get(i).is_some_and(|s| s.complete);
+        let copied = info.len > 0 && info.offset >= info.len;
+        if info.speed == 0 || !(archived || copied) {
+            continue;
+        }
+        match qmp.block_job_set_speed(&job, 0).await {
+            Ok(()) => {
+                observer.note(&format!(
+                    "{}: every cluster is in; rate limit lifted so the job ends now",
+                    p.name
+                ));
+                done.push(job);
+            }
+            Err(e) => debug!(job = %job, "cannot lift the rate limit: {e}"),
+        }
+    }
+    lifted.extend(done);
 }
 
 /// Applies one event (or the event stream's error) to the running jobs.

@@ -94,8 +94,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .map(IndexBuilder::finish)
         .transpose()
         .context(written)?;
+    let sealed = sink
+        .seal(index.as_deref())
+        .with_context(|| format!("cannot commit archive {}", a.output))?;
     leftovers
-        .commit(|| sink.commit(index.as_deref()))
+        .commit(|| sealed.publish())
         .with_context(|| format!("cannot commit archive {}", a.output))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -343,8 +343,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     progress.finish();
     let stats = w.stats();
     let (sink, index) = w.finish_indexed().context("cannot finish the archive")?;
+    // Sealing (the last frames, the index, fsync) can take a while and
+    // stays interruptible; only the renames are held off against signals.
+    let sealed = sink
+        .seal(index.as_deref())
+        .with_context(|| format!("cannot commit archive {}", a.archive))?;
     leftovers
-        .commit(|| sink.commit(index.as_deref()))
+        .commit(|| sealed.publish())
         .with_context(|| format!("cannot commit archive {}", a.archive))?;
     if a.verbose {
         for s in stats {

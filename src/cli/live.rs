@@ -60,16 +60,34 @@ pub async fn serve_to_end(target: BackupTarget, display: &mut LiveDisplay) -> En
     };
     display.update(&target.status());
     match outcome {
-        WaitOutcome::Settled => match target.finish().await {
-            Ok(r) => {
-                display.finished(&r);
-                Ended::Done(r)
+        WaitOutcome::Settled => {
+            let finished = target
+                .finish(async {
+                    signal = Some((&mut stop).await);
+                })
+                .await;
+            match finished {
+                Ok(r) => {
+                    display.finished(&r);
+                    Ended::Done(r)
+                }
+                Err(crate::target::Error::Stopped) => {
+                    let signal = signal.unwrap_or(Signal::Terminate);
+                    display.failed(
+                        &format!(
+                            "stopped by {signal} while the archive was being finished; it was \
+                             not made final"
+                        ),
+                        &[],
+                    );
+                    Ended::Stopped(signal)
+                }
+                Err(e) => {
+                    display.failed(&super::describe(&e), &[]);
+                    Ended::Failed
+                }
             }
-            Err(e) => {
-                display.failed(&super::describe(&e), &[]);
-                Ended::Failed
-            }
-        },
+        }
         WaitOutcome::Failed(reason) => {
             let missing = target.abort().await;
             display.failed(&reason.to_string(), &missing);
@@ -153,13 +171,21 @@ pub async fn backup_with_display(
             Ended::Done(f.report)
         }
         Err(e) => {
+            let finishing = matches!(e, backup::Error::Target(crate::target::Error::Stopped));
             let (reason, incomplete) = match e {
                 backup::Error::Failed { reason, incomplete } => (reason.to_string(), incomplete),
                 e => (super::describe(&e), Vec::new()),
             };
             match signal {
                 Some(s) => {
-                    let reason = format!("stopped by {s} before the archive was complete");
+                    let reason = if finishing {
+                        format!(
+                            "stopped by {s} while the archive was being finished; it was not \
+                             made final"
+                        )
+                    } else {
+                        format!("stopped by {s} before the archive was complete")
+                    };
                     display.failed(&reason, &incomplete);
                     Ended::Stopped(s)
                 }

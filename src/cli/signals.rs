@@ -10,7 +10,7 @@
 //!   half-written (unless `--keep-partial`), says so in one line, and exits.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -171,7 +171,7 @@ impl Leftovers {
 
 /// The partial file a sink writes, for [`Leftovers::create`].
 pub fn partial_of(sink: &crate::sink::Sink) -> Vec<PathBuf> {
-    sink.partial().map(Path::to_path_buf).into_iter().collect()
+    sink.partials()
 }
 
 impl State {
@@ -192,7 +192,11 @@ impl State {
                 .join(", ")
         };
         if self.keep {
-            return format!("; kept {} (--keep-partial)", list(&self.paths));
+            let kept: Vec<PathBuf> = self.paths.iter().filter(|p| p.exists()).cloned().collect();
+            if kept.is_empty() {
+                return String::new();
+            }
+            return format!("; kept {} (--keep-partial)", list(&kept));
         }
         let mut removed = Vec::new();
         let mut failed = Vec::new();

@@ -322,7 +322,8 @@ impl Qmp {
             Ok(r) => r,
             Err(_) => Err(Error::Timeout {
                 what: format!(
-                    "connect and greeting on {} (is another client using this monitor?)",
+                    "connect and greeting on {} (QEMU greets one client per monitor at a time: is \
+                     another client using it? Give vma-writer a -qmp socket of its own)",
                     path.display()
                 ),
                 timeout,

@@ -2,9 +2,11 @@
 //! with its index, and how it is committed.
 //!
 //! A file target is written as `ARCHIVE.partial`, created exclusively, and
-//! only [`Sink::commit`] makes it `ARCHIVE`: finish the frames, write the
-//! index (inside a `.vma.zst`, as `ARCHIVE.index` beside a `.vma`), fsync,
-//! rename, fsync the directory. Dropping an uncommitted sink removes the
+//! only [`Sink::commit`] makes it `ARCHIVE`, in two steps: [`Sink::seal`]
+//! finishes the frames, writes the index (inside a `.vma.zst`, as
+//! `ARCHIVE.index` beside a `.vma`) and fsyncs; [`Sealed::publish`]
+//! renames and fsyncs the directory. Between the two, a caller may still
+//! abandon the archive (a signal during the commit). Dropping an uncommitted sink removes the
 //! partial files (unless told to keep them), so a failed run never leaves a
 //! file that looks like a complete archive. Standard output and an
 //! existing FIFO have no commit point; a consumer learns of failure from the
@@ -185,6 +187,19 @@ impl Sink {
         self.paths.as_ref().map(|(p, _)| p.as_path())
     }
 
+    /// Every partial file the sink may make before its commit: the
+    /// archive's and, beside a plain one, the index's
+    /// (`ARCHIVE.index.partial`).
+    pub fn partials(&self) -> Vec<PathBuf> {
+        match (&self.paths, &self.out) {
+            (Some((partial, path)), Some(Out::Plain(_))) => {
+                vec![partial.clone(), partial_path(&index_path(path))]
+            }
+            (Some((partial, _)), _) => vec![partial.clone()],
+            (None, _) => Vec::new(),
+        }
+    }
+
     /// True when the archive bytes land uncompressed in a regular file, so
     /// they can be read back by offset while writing.
     pub fn is_plain_file(&self) -> bool {
@@ -226,31 +241,85 @@ impl Sink {
         Ok(())
     }
 
-    /// Finishes the archive: writes the remaining frames, the index (see
-    /// the module docs) and the seek table, fsyncs, renames
-    /// `ARCHIVE.partial` to `ARCHIVE` (and the index into place) and
-    /// fsyncs the directory. For stdout, flushes. Returns the final path,
-    /// if any.
-    pub fn commit(mut self, index: Option<&[u8]>) -> io::Result<Option<PathBuf>> {
+    /// Finishes the archive: [`Sink::seal`], then [`Sealed::publish`].
+    /// Returns the final path, if any.
+    pub fn commit(self, index: Option<&[u8]>) -> io::Result<Option<PathBuf>> {
+        self.seal(index)?.publish()
+    }
+
+    /// The first half of the commit, nothing final yet: writes the
+    /// remaining frames, the index (see the module docs) and the seek
+    /// table, and makes the partial files durable (fsync). For stdout,
+    /// flushes. Whoever holds the [`Sealed`] archive decides whether it is
+    /// published; dropping it removes the partial files like an
+    /// uncommitted sink. A failed fsync fails the seal: after one, the
+    /// kernel may have dropped the unwritten pages, and an archive that is
+    /// not safely on disk is no archive.
+    pub fn seal(mut self, index: Option<&[u8]>) -> io::Result<Sealed> {
+        crate::fault::at(crate::fault::Point::CommitStart)?;
         let (file, sidecar) = match self.out.take().expect("sink used after commit") {
             Out::Plain(f) => (f, index),
             Out::Framed(w) => (w.finish(index)?, None),
         };
         let Some((partial, path)) = self.paths.take() else {
             (&file).flush()?;
+            return Ok(Sealed {
+                paths: None,
+                index_files: None,
+                keep_partial: false,
+            });
+        };
+        let mut sealed = Sealed {
+            paths: Some((partial, path)),
+            index_files: None,
+            keep_partial: self.keep_partial,
+        };
+        let (partial, path) = sealed.paths.as_ref().expect("set above");
+        crate::fault::at(crate::fault::Point::CommitSync)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot fsync {}: {e}; the archive is not safely on disk",
+                        partial.display()
+                    ),
+                )
+            })?;
+        drop(file);
+        if let Some(bytes) = sidecar {
+            sealed.index_files = Some(write_sidecar(path, bytes)?);
+        }
+        Ok(sealed)
+    }
+}
+
+/// An archive whose bytes are all written and durable under their
+/// partial names ([`Sink::seal`]); [`Sealed::publish`] makes it final.
+/// Dropped unpublished, it removes its partial files (unless told to keep
+/// them).
+pub struct Sealed {
+    /// `(partial, final)` for file targets; `None` once published.
+    paths: Option<(PathBuf, PathBuf)>,
+    /// The index's `(partial, final)` names beside a plain archive.
+    index_files: Option<(PathBuf, PathBuf)>,
+    keep_partial: bool,
+}
+
+impl Sealed {
+    /// The second half of the commit: renames `ARCHIVE.partial` to
+    /// `ARCHIVE` (never over an existing file), then the index into place,
+    /// and fsyncs the directory. A rename that fails keeps the finished
+    /// partial file and says where it is. Returns the final path, if any.
+    pub fn publish(mut self) -> io::Result<Option<PathBuf>> {
+        let Some((partial, path)) = self.paths.take() else {
             return Ok(None);
         };
+        let index_files = self.index_files.take();
+        // The archive is renamed before its index, so a crash in between
+        // leaves a complete archive without an index (readers fall back),
+        // never an index without its archive.
         let res = (|| {
-            file.sync_all()?;
-            drop(file);
-            // The index goes beside the archive under a partial name first;
-            // the archive is renamed before it, so a crash in between
-            // leaves a complete archive without an index (readers fall
-            // back), never an index without its archive.
-            let index_files = match sidecar {
-                Some(bytes) => Some(write_sidecar(&path, bytes)?),
-                None => None,
-            };
             rename_noreplace(&partial, &path).map_err(|e| {
                 io::Error::new(
                     e.kind(),
@@ -261,8 +330,8 @@ impl Sink {
                     ),
                 )
             })?;
-            if let Some((tmp, dest)) = index_files {
-                rename_noreplace(&tmp, &dest).map_err(|e| {
+            if let Some((tmp, dest)) = &index_files {
+                rename_noreplace(tmp, dest).map_err(|e| {
                     io::Error::new(
                         e.kind(),
                         format!("cannot rename {} to {}: {e}", tmp.display(), dest.display()),
@@ -283,14 +352,37 @@ impl Sink {
                     format!("{e} (the archive {} is complete)", path.display()),
                 ));
             }
-            // The bytes are complete; keep them where they are rather than
-            // delete a finished backup, and say where.
+            // The bytes are complete and durable; keep them where they are
+            // rather than delete a finished backup, and say where.
             let msg = format!("{e}; the finished archive is left at {}", partial.display());
             self.keep_partial = true;
             self.paths = Some((partial, path));
+            self.index_files = index_files;
             return Err(io::Error::new(e.kind(), msg));
         }
         Ok(Some(path))
+    }
+}
+
+impl Drop for Sealed {
+    fn drop(&mut self) {
+        if let Some((partial, _)) = self.paths.take() {
+            remove_partial(&partial, self.index_files.take(), self.keep_partial);
+        }
+    }
+}
+
+/// Removes an unfinished archive's partial files: the index's always (it
+/// is only ever written whole, just before the publish), the archive's
+/// unless `keep`.
+fn remove_partial(partial: &Path, index_tmp: Option<(PathBuf, PathBuf)>, keep: bool) {
+    if let Some((tmp, _)) = index_tmp {
+        let _ = std::fs::remove_file(tmp);
+    }
+    if keep {
+        tracing::warn!(path = %partial.display(), "incomplete archive kept");
+    } else if let Err(e) = std::fs::remove_file(partial) {
+        tracing::warn!(path = %partial.display(), "cannot remove incomplete archive: {e}");
     }
 }
 
@@ -362,12 +454,12 @@ impl Drop for Sink {
     fn drop(&mut self) {
         if let Some((partial, path)) = self.paths.take() {
             drop(self.out.take());
-            let _ = std::fs::remove_file(partial_path(&index_path(&path)));
-            if self.keep_partial {
-                tracing::warn!(path = %partial.display(), "incomplete archive kept");
-            } else if let Err(e) = std::fs::remove_file(&partial) {
-                tracing::warn!(path = %partial.display(), "cannot remove incomplete archive: {e}");
-            }
+            let index = index_path(&path);
+            remove_partial(
+                &partial,
+                Some((partial_path(&index), index)),
+                self.keep_partial,
+            );
         }
     }
 }

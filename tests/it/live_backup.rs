@@ -246,6 +246,62 @@ async fn writes_during_backup_of_qcow2() {
     writes_during_backup(dir, &src, "qcow2", size, &snapshot, "16M", &writes).await;
 }
 
+/// A throttled backup whose guest rewrites the whole drive in two goes:
+/// QEMU's rate limiter charges the first half's copy-before-write traffic
+/// to the job, which then sleeps that debt off (about 16 s at 1 MB/s);
+/// meanwhile the second half's copy-before-write archives every remaining
+/// cluster. `backup` sees every cluster in, lifts the job's limit (which
+/// wakes it: it finds nothing left and ends), says so, and the archive
+/// holds the image from before the writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_job_ends_once_its_data_is_in() {
+    if !require_tools(QSD_TOOLS) {
+        return;
+    }
+    support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let size = 32 * MIB;
+    let src = dense_random(&dir.join("scsi0.raw"), size, 91);
+    let snapshot = dir.join("snapshot.raw");
+    std::fs::copy(&src, &snapshot).unwrap();
+    let mut daemon = start_daemon(dir, &[("scsi0", &src, "raw")]).await;
+    let sock = daemon.export_nbd("scsi0", "live", true).await.unwrap();
+    let uri = format!("nbd+unix:///live?socket={}", sock.display());
+
+    let archive = dir.join("throttled.vma");
+    let mut cmd = vma_async(["backup", "--qmp"]);
+    cmd.arg(daemon.qmp_socket())
+        .args(["--drive", "scsi0", "--speed", "1M", "--json", "-o"])
+        .arg(&archive);
+    let mut backup = Proc::spawn(cmd, true);
+    backup
+        .next_event(Duration::from_secs(30), |e| {
+            support::progress_done(e, "drive-scsi0").is_some_and(|d| d > 0)
+        })
+        .await;
+    qemu_io(&uri, "raw", &[format!("write -P 0x5a 0 {}", size / 2)]);
+    // Long enough for the job to wake from its current chunk's delay and
+    // start sleeping off the first half's debt.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    qemu_io(
+        &uri,
+        "raw",
+        &[format!("write -P 0x5b {} {}", size / 2, size / 2)],
+    );
+    let ended = backup.wait(RUN_TIMEOUT).await;
+    ended.assert_success();
+    assert!(
+        ended
+            .stderr
+            .contains("drive-scsi0: every cluster is in; rate limit lifted"),
+        "no note of the lifted limit; stderr:\n{}",
+        ended.stderr
+    );
+    check_archive(&archive, &[("drive-scsi0", size, &snapshot)], dir);
+    daemon.shutdown().await.unwrap();
+}
+
 /// `backup --json -o -`: the archive streams to stdout (here into a
 /// file), the JSON status goes elsewhere, and the stream restores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
