@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use super::display::{LiveDisplay, StatusOut};
 use super::live::serve_to_end;
-use super::options::{ArchiveOpts, LiveOpts, output_target};
+use super::options::{ArchiveOpts, LiveOpts, TlsOpts, output_target};
 use super::values::DriveSize;
 use crate::assembler::DriveSpec;
 use crate::nbd::ListenAddr;
@@ -33,6 +33,9 @@ pub struct Args {
     /// Limits and reporting.
     #[command(flatten)]
     pub live: LiveOpts,
+    /// TLS for the clients.
+    #[command(flatten)]
+    pub tls: TlsOpts,
 }
 
 /// Runs `serve`.
@@ -47,7 +50,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .collect();
     let output = output_target(&a.output)?;
     let status_out = StatusOut::for_output(&output);
-    let cfg = a.archive.target_config(&a.live, a.listen, drives, output)?;
+    let tls = a.tls.load()?;
+    let mut cfg = a.archive.target_config(&a.live, a.listen, drives, output)?;
+    cfg.tls = tls;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let target = BackupTarget::start(cfg).await?;

@@ -17,16 +17,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::backend::{Backend, Export};
-use super::handshake;
+use super::handshake::{self, Outcome, TlsPhase};
 use super::session::{Negotiated, Session};
+use super::tls::Tls;
 use super::transmission::{self, READ_BUFFER};
 use super::wire::ProtocolError;
 
@@ -289,11 +291,13 @@ fn bind_unix(path: &Path) -> io::Result<Listener> {
 struct Shared<B> {
     exports: Vec<Export<B>>,
     config: ServerConfig,
+    /// STARTTLS offered (or required), when set.
+    tls: Option<Tls>,
 }
 
-/// An NBD server: exports, limits, and the accept loop.
+/// An NBD server: exports, limits, TLS, and the accept loop.
 pub struct Server<B: Backend> {
-    shared: Arc<Shared<B>>,
+    shared: Shared<B>,
 }
 
 impl<B: Backend> fmt::Debug for Server<B> {
@@ -309,6 +313,7 @@ impl<B: Backend> fmt::Debug for Server<B> {
                     .collect::<Vec<_>>(),
             )
             .field("config", &self.shared.config)
+            .field("tls", &self.shared.tls)
             .finish()
     }
 }
@@ -322,8 +327,18 @@ impl<B: Backend> Server<B> {
             }
         }
         Self {
-            shared: Arc::new(Shared { exports, config }),
+            shared: Shared {
+                exports,
+                config,
+                tls: None,
+            },
         }
+    }
+
+    /// Offers STARTTLS with `tls` (nothing changes with `None`).
+    pub fn with_tls(mut self, tls: Option<Tls>) -> Self {
+        self.shared.tls = tls;
+        self
     }
 
     /// Serves until `shutdown` fires. Then it stops accepting, lets each
@@ -339,8 +354,14 @@ impl<B: Backend> Server<B> {
     pub async fn run(self, listener: Listener, shutdown: CancellationToken) -> io::Result<()> {
         ignore_sigpipe();
         let addr = listener.local_addr()?;
-        info!(%addr, exports = self.shared.exports.len(), "NBD server listening");
-        let slots = Arc::new(Semaphore::new(self.shared.config.max_connections.max(1)));
+        let tls = match &self.shared.tls {
+            None => "off",
+            Some(t) if t.required() => "required",
+            Some(_) => "on",
+        };
+        info!(%addr, exports = self.shared.exports.len(), tls, "NBD server listening");
+        let shared = Arc::new(self.shared);
+        let slots = Arc::new(Semaphore::new(shared.config.max_connections.max(1)));
         let tracker = TaskTracker::new();
         let mut backoff = Duration::from_millis(1);
         let mut conn_id: u64 = 0;
@@ -369,21 +390,15 @@ impl<B: Backend> Server<B> {
                 }
             };
             conn_id += 1;
-            let shared = Arc::clone(&self.shared);
+            let shared = Arc::clone(&shared);
             let shutdown = shutdown.clone();
             let span = info_span!("nbd_conn", id = conn_id, peer = %peer);
             tracker.spawn(
                 async move {
                     debug!("connected");
                     match stream {
-                        Stream::Unix(s) => {
-                            let (r, w) = s.into_split();
-                            serve_connection(&shared, r, w, &shutdown).await;
-                        }
-                        Stream::Tcp(s) => {
-                            let (r, w) = s.into_split();
-                            serve_connection(&shared, r, w, &shutdown).await;
-                        }
+                        Stream::Unix(s) => serve_connection(&shared, s, &shutdown).await,
+                        Stream::Tcp(s) => serve_connection(&shared, s, &shutdown).await,
                     }
                     debug!("connection closed");
                     drop(permit);
@@ -400,20 +415,58 @@ impl<B: Backend> Server<B> {
     }
 }
 
-/// Handshake, then transmission, on one connection.
-async fn serve_connection<B, R, W>(shared: &Shared<B>, r: R, mut w: W, shutdown: &CancellationToken)
-where
-    B: Backend,
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let mut reader = BufReader::with_capacity(READ_BUFFER, r);
+/// A plain socket that splits into owned halves (no lock between the
+/// reader and the reply writer) and can be put together again for
+/// STARTTLS.
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
+    type R: AsyncRead + Unpin + Send + 'static;
+    type W: AsyncWrite + Unpin + Send + 'static;
+    fn into_halves(self) -> (Self::R, Self::W);
+    fn reunite(r: Self::R, w: Self::W) -> io::Result<Self>;
+}
+
+impl Socket for TcpStream {
+    type R = tokio::net::tcp::OwnedReadHalf;
+    type W = tokio::net::tcp::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::R, Self::W) {
+        self.into_split()
+    }
+    fn reunite(r: Self::R, w: Self::W) -> io::Result<Self> {
+        r.reunite(w).map_err(io::Error::other)
+    }
+}
+
+impl Socket for UnixStream {
+    type R = tokio::net::unix::OwnedReadHalf;
+    type W = tokio::net::unix::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::R, Self::W) {
+        self.into_split()
+    }
+    fn reunite(r: Self::R, w: Self::W) -> io::Result<Self> {
+        r.reunite(w).map_err(io::Error::other)
+    }
+}
+
+/// A connection at the end of its handshake, over plain text or TLS.
+enum Ready<S: Socket> {
+    Plain(BufReader<S::R>, S::W, Negotiated, Vec<u8>),
+    Tls(
+        BufReader<ReadHalf<TlsStream<S>>>,
+        WriteHalf<TlsStream<S>>,
+        Negotiated,
+        Vec<u8>,
+    ),
+}
+
+/// Handshake (with STARTTLS when offered), then transmission, on one
+/// connection.
+async fn serve_connection<B: Backend, S: Socket>(
+    shared: &Shared<B>,
+    stream: S,
+    shutdown: &CancellationToken,
+) {
     let timeout = shared.config.handshake_timeout;
-    let (negotiated, final_reply): (Negotiated, Vec<u8>) = match tokio::time::timeout(
-        timeout,
-        handshake::negotiate(&mut reader, &mut w, &shared.exports, shutdown),
-    )
-    .await
+    let ready = match tokio::time::timeout(timeout, handshake_phase(shared, stream, shutdown)).await
     {
         Err(_) => {
             let e = ProtocolError::HandshakeTimeout {
@@ -431,8 +484,97 @@ where
             return;
         }
         Ok(Ok(None)) => return,
-        Ok(Ok(Some(n))) => n,
+        Ok(Ok(Some(ready))) => ready,
     };
+    match ready {
+        Ready::Plain(r, w, n, reply) => transmit(shared, r, w, n, reply, false, shutdown).await,
+        Ready::Tls(r, w, n, reply) => transmit(shared, r, w, n, reply, true, shutdown).await,
+    }
+}
+
+/// The option phase, with the TLS upgrade in the middle when the client
+/// asks for it. `None` when the connection ended without an export.
+async fn handshake_phase<B: Backend, S: Socket>(
+    shared: &Shared<B>,
+    stream: S,
+    shutdown: &CancellationToken,
+) -> Result<Option<Ready<S>>, ProtocolError> {
+    let (r, mut w) = stream.into_halves();
+    let mut reader = BufReader::with_capacity(READ_BUFFER, r);
+    let Some(mut carry) = handshake::greet(&mut reader, &mut w, shutdown).await? else {
+        return Ok(None);
+    };
+    let phase = match &shared.tls {
+        None => TlsPhase::Unavailable,
+        Some(t) => TlsPhase::Offered {
+            required: t.required(),
+        },
+    };
+    let outcome = handshake::negotiate(
+        &mut reader,
+        &mut w,
+        &shared.exports,
+        shutdown,
+        phase,
+        &mut carry,
+    )
+    .await?;
+    match outcome {
+        Outcome::Closed => Ok(None),
+        Outcome::Transmission(n, reply) => Ok(Some(Ready::Plain(reader, w, n, reply))),
+        Outcome::StartTls => {
+            let tls = shared
+                .tls
+                .as_ref()
+                .expect("STARTTLS is only accepted with TLS");
+            // negotiate checked that nothing is buffered past STARTTLS.
+            let stream = S::reunite(reader.into_inner(), w)?;
+            let stream = match tls.acceptor().accept(stream).await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "TLS handshake failed");
+                    return Ok(None);
+                }
+            };
+            debug!("TLS established");
+            let (r, mut w) = tokio::io::split(stream);
+            let mut reader = BufReader::with_capacity(READ_BUFFER, r);
+            let outcome = handshake::negotiate(
+                &mut reader,
+                &mut w,
+                &shared.exports,
+                shutdown,
+                TlsPhase::Active,
+                &mut carry,
+            )
+            .await?;
+            match outcome {
+                Outcome::Transmission(n, reply) => Ok(Some(Ready::Tls(reader, w, n, reply))),
+                Outcome::Closed => {
+                    // Send TLS close_notify before the socket closes.
+                    let _ = w.shutdown().await;
+                    Ok(None)
+                }
+                Outcome::StartTls => unreachable!("a second STARTTLS is refused"),
+            }
+        }
+    }
+}
+
+/// Sends the final handshake reply and runs the transmission phase.
+async fn transmit<B, R, W>(
+    shared: &Shared<B>,
+    reader: BufReader<R>,
+    mut w: W,
+    negotiated: Negotiated,
+    final_reply: Vec<u8>,
+    tls: bool,
+    shutdown: &CancellationToken,
+) where
+    B: Backend,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let export = &shared.exports[negotiated.export];
     // Tell the backend before the client sees the final reply, so by the
     // time the client's open returns the backend knows of it.
@@ -447,7 +589,7 @@ where
         export.backend.disconnected(false);
         return;
     }
-    info!(export = %export.name, mode = ?negotiated.mode, flags = negotiated.flags, "client entered transmission");
+    info!(export = %export.name, mode = ?negotiated.mode, flags = negotiated.flags, tls, "client entered transmission");
     let session = Session {
         backend: Arc::clone(&export.backend),
         export: Arc::from(export.name.as_str()),
