@@ -16,7 +16,8 @@ use crate::target::BackupTarget;
 /// Arguments of `serve`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// unix:PATH or tcp:HOST:PORT (HOST defaults to 127.0.0.1).
+    /// unix:PATH, tcp:HOST:PORT (HOST defaults to 127.0.0.1), or systemd:
+    /// the socket passed by systemd socket activation (LISTEN_FDS=1).
     #[arg(long, value_name = "ADDR")]
     pub listen: ListenAddr,
     /// A drive export: NAME=SIZE, SIZE in bytes or with a K/M/G/T suffix

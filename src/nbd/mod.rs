@@ -15,6 +15,8 @@
 //!   tasks write out in turn, combining replies into one `writev`.
 //! - `server`: [`Listener`] (Unix/TCP), [`Server`] with its connection limit
 //!   and graceful shutdown; the STARTTLS upgrade of a connection.
+//! - [`systemd`]: socket activation, the listening socket systemd passes
+//!   (`--listen systemd`).
 //! - `tls`: [`Tls`], the rustls configuration a server offers STARTTLS
 //!   with, loaded from PEM files.
 //! - `backend`: [`Backend`], what an export implements, and [`Export`],
@@ -38,6 +40,7 @@ mod null;
 mod replies;
 mod server;
 mod session;
+pub mod systemd;
 mod tls;
 mod transmission;
 pub mod wire;

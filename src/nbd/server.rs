@@ -77,21 +77,26 @@ impl Default for ServerConfig {
 
 /// Where a [`Listener`] listens.
 ///
-/// Parsed from `unix:PATH` or `tcp:HOST:PORT`. HOST is an IP literal
-/// (`[::1]` for IPv6) or `localhost`; an empty HOST (`tcp::10809`) or a bare
-/// port (`tcp:10809`) means 127.0.0.1, so nothing is exposed beyond the
-/// machine unless asked for. Displayed in the same syntax.
+/// Parsed from `unix:PATH`, `tcp:HOST:PORT` or `systemd`. HOST is an IP
+/// literal (`[::1]` for IPv6) or `localhost`; an empty HOST (`tcp::10809`)
+/// or a bare port (`tcp:10809`) means 127.0.0.1, so nothing is exposed
+/// beyond the machine unless asked for. Displayed in the same syntax.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
     /// A Unix domain socket at this path.
     Unix(PathBuf),
     /// A TCP address.
     Tcp(SocketAddr),
+    /// The listening socket systemd passes (socket activation, see
+    /// `nbd::systemd`): Unix or TCP, whatever the socket unit says.
+    Systemd,
 }
 
 /// Why a [`ListenAddr`] did not parse.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid listen address {input:?}: {reason} (expected unix:PATH or tcp:HOST:PORT)")]
+#[error(
+    "invalid listen address {input:?}: {reason} (expected unix:PATH, tcp:HOST:PORT or systemd)"
+)]
 pub struct ListenAddrError {
     input: String,
     reason: &'static str,
@@ -105,6 +110,9 @@ impl FromStr for ListenAddr {
             input: s.to_owned(),
             reason,
         };
+        if s == "systemd" {
+            return Ok(ListenAddr::Systemd);
+        }
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
                 return Err(err("empty socket path"));
@@ -135,6 +143,7 @@ impl fmt::Display for ListenAddr {
         match self {
             ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
             ListenAddr::Tcp(a) => write!(f, "tcp:{a}"),
+            ListenAddr::Systemd => f.write_str("systemd"),
         }
     }
 }
@@ -159,8 +168,9 @@ enum Inner {
         listener: UnixListener,
         path: PathBuf,
         /// (device, inode) of the socket file we created, so drop only
-        /// removes our own file.
-        id: (u64, u64),
+        /// removes our own file; `None` for a socket systemd passed (its
+        /// file is systemd's).
+        id: Option<(u64, u64)>,
     },
     Tcp(TcpListener),
 }
@@ -172,9 +182,12 @@ enum Stream {
 }
 
 impl Listener {
-    /// Binds `addr`. Must be called from within a tokio runtime.
+    /// Binds `addr` (for [`ListenAddr::Systemd`]: takes the socket
+    /// systemd passed, see [`Listener::from_systemd`]). Must be called
+    /// from within a tokio runtime.
     pub fn bind(addr: &ListenAddr) -> io::Result<Listener> {
         match addr {
+            ListenAddr::Systemd => Listener::from_systemd(),
             ListenAddr::Unix(path) => bind_unix(path),
             ListenAddr::Tcp(a) => {
                 let l = std::net::TcpListener::bind(a)?;
@@ -183,6 +196,44 @@ impl Listener {
                     inner: Inner::Tcp(TcpListener::from_std(l)?),
                 })
             }
+        }
+    }
+
+    /// The listening socket systemd passed to this process (descriptor 3,
+    /// `LISTEN_PID` and `LISTEN_FDS=1`): Unix or TCP by its address
+    /// family. Its file (for Unix) stays systemd's and is not removed on
+    /// drop. Must be called from within a tokio runtime; works once per
+    /// process.
+    pub fn from_systemd() -> io::Result<Listener> {
+        let fd = super::systemd::take_listen_fd()?;
+        match super::systemd::socket_family(&fd)? {
+            libc::AF_UNIX => {
+                let l = std::os::unix::net::UnixListener::from(fd);
+                l.set_nonblocking(true)?;
+                let listener = UnixListener::from_std(l)?;
+                let path = listener
+                    .local_addr()?
+                    .as_pathname()
+                    .map_or_else(|| PathBuf::from("(unnamed)"), Path::to_path_buf);
+                Ok(Listener {
+                    inner: Inner::Unix {
+                        listener,
+                        path,
+                        id: None,
+                    },
+                })
+            }
+            libc::AF_INET | libc::AF_INET6 => {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true)?;
+                Ok(Listener {
+                    inner: Inner::Tcp(TcpListener::from_std(l)?),
+                })
+            }
+            family => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the socket from systemd has address family {family}, not Unix or TCP"),
+            )),
         }
     }
 
@@ -215,7 +266,9 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Inner::Unix { path, id, .. } = &self.inner
+        if let Inner::Unix {
+            path, id: Some(id), ..
+        } = &self.inner
             && let Ok(m) = std::fs::symlink_metadata(path)
             && (m.dev(), m.ino()) == *id
         {
@@ -277,7 +330,7 @@ fn bind_unix(path: &Path) -> io::Result<Listener> {
             inner: Inner::Unix {
                 listener,
                 path: path.to_owned(),
-                id,
+                id: Some(id),
             },
         }),
         Err(e) => {
@@ -654,10 +707,15 @@ mod tests {
             "tcp:host:1",
             "tcp:1.2.3.4:99999",
             "udp:1",
+            "systemd:",
         ] {
             assert!(bad.parse::<ListenAddr>().is_err(), "{bad}");
         }
-        for s in ["unix:/a/b", "tcp:127.0.0.1:80", "tcp:[::1]:5"] {
+        assert_eq!(
+            "systemd".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Systemd
+        );
+        for s in ["unix:/a/b", "tcp:127.0.0.1:80", "tcp:[::1]:5", "systemd"] {
             assert_eq!(s.parse::<ListenAddr>().unwrap().to_string(), s);
         }
     }
