@@ -151,6 +151,15 @@ pub struct TlsOpts {
 }
 
 impl TlsOpts {
+    /// `off`, `on` or `require`, as typed.
+    pub fn mode_name(&self) -> &'static str {
+        match self.tls {
+            TlsMode::Off => "off",
+            TlsMode::On => "on",
+            TlsMode::Require => "require",
+        }
+    }
+
     /// Loads the certificate, key and CA, once at startup; errors name the
     /// file. `None` with `--tls off`.
     pub fn load(&self) -> anyhow::Result<Option<Tls>> {

@@ -52,6 +52,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let output = output_target(&a.output)?;
     let status_out = StatusOut::for_output(&output);
     let tls = a.tls.load()?;
+    let tls_mode = a.tls.mode_name();
     let mut cfg = a.archive.target_config(&a.live, a.listen, drives, output)?;
     cfg.tls = tls;
     let rt = tokio::runtime::Runtime::new()?;
@@ -63,10 +64,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 "event": "listening",
                 "address": target.addr().to_string(),
                 "exports": status.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+                "tls": tls_mode,
             }));
         } else {
             eprintln!(
-                "vma-writer: serving {} drive(s) on {}",
+                "vma-writer: serving {} drive(s) on {} (TLS {tls_mode})",
                 status.len(),
                 target.addr()
             );

@@ -228,6 +228,7 @@ async fn nbdinfo_and_qemu_img_with_client_certificates() {
         .args(pki.serve_args("require", true))
         .start()
         .await;
+    assert_eq!(at.event.as_ref().unwrap()["tls"], "require");
     let port = port(&at);
     let uri = |export: &str, client: &str| {
         format!(
