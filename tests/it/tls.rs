@@ -202,6 +202,13 @@ async fn starttls_drops_negotiated_state() {
     t.flush().unwrap();
     let ended = serve.wait(RUN_TIMEOUT).await;
     ended.assert_success();
+    // The injected bytes were caught before the TLS handshake, not merely
+    // taken for a bad ClientHello.
+    assert!(
+        ended.stderr.contains("16 byte(s) sent after STARTTLS"),
+        "{}",
+        ended.stderr
+    );
     let expected = dir.join("expected.raw");
     std::fs::write(&expected, &data).unwrap();
     check_archive(&archive, &[("drive-a", MIB, &expected)], dir);
