@@ -139,6 +139,9 @@ pub fn overlay_backing(addr: &ListenAddr, export: &str, reconnect_delay: u64) ->
             host: a.ip().to_string(),
             port: a.port().to_string(),
         },
+        ListenAddr::Systemd => {
+            unreachable!("an export's address is its bound listener's, never `systemd`")
+        }
     };
     let v = json!({
         "driver": "raw",

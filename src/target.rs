@@ -31,7 +31,7 @@ use crate::archive::RandomArchive;
 use crate::assembler::{
     Assembler, AssemblerConfig, Drive, DriveSpec, DriveStatus, FillError, FillStats, Summary,
 };
-use crate::nbd::{Export, ListenAddr, Listener, Server, ServerConfig};
+use crate::nbd::{Export, ListenAddr, Listener, Server, ServerConfig, Tls};
 use crate::sink::{Sink, SinkOptions, Target};
 use crate::vma::{DevId, FormatError, WriterBuilder};
 
@@ -71,6 +71,8 @@ pub struct TargetConfig {
     pub reconnect_timeout: Duration,
     /// NBD server limits.
     pub server: ServerConfig,
+    /// STARTTLS offered or required, when set.
+    pub tls: Option<Tls>,
 }
 
 /// Why a target could not start or finish its archive.
@@ -286,7 +288,7 @@ impl BackupTarget {
                 backend: d.clone(),
             })
             .collect();
-        let server = Server::new(exports, cfg.server.clone());
+        let server = Server::new(exports, cfg.server.clone()).with_tls(cfg.tls.clone());
         let cancel = CancellationToken::new();
         let server = tokio::spawn(server.run(listener, cancel.clone()));
         Ok(BackupTarget {

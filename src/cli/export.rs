@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::archive_input;
 use super::display::StatusOut;
+use super::options::TlsOpts;
 use super::signals::stop_signal;
 use super::values::Size;
 use crate::export::{ArchiveExport, DriveStats, ExportConfig};
@@ -38,6 +39,8 @@ pub struct Args {
     /// Print the exports and the final totals as JSON lines on stdout.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub tls: TlsOpts,
 }
 
 /// A drive's figures as JSON.
@@ -54,6 +57,7 @@ fn drive_json(d: &DriveStats, uri: Option<String>) -> serde_json::Value {
 
 /// Runs `export`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let tls = a.tls.load()?;
     let opened = Instant::now();
     let archive = archive_input::random(&a.archive)?
         .with_cache_size(usize::try_from(a.cache_size.0).unwrap_or(usize::MAX));
@@ -64,6 +68,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         let stop = stop_signal();
         let cfg = ExportConfig {
             drives: a.drives.clone(),
+            tls,
             ..ExportConfig::new(a.listen.clone())
         };
         let export = ArchiveExport::start(archive, cfg)
@@ -73,6 +78,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             StatusOut::Stdout.json_line(json!({
                 "event": "listening",
                 "address": export.addr().to_string(),
+                "tls": a.tls.mode_name(),
                 "archive": a.archive,
                 "digests": digests,
                 "open_ms": open_ms,
@@ -80,10 +86,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             }));
         } else {
             eprintln!(
-                "vma-writer: exporting {} drive(s) of {} read-only on {}{}",
+                "vma-writer: exporting {} drive(s) of {} read-only on {} (TLS {}){}",
                 drives.len(),
                 a.archive,
                 export.addr(),
+                a.tls.mode_name(),
                 if digests {
                     ""
                 } else {

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 
 use super::values::{Size, ZstdLevel};
 use crate::assembler::{AssemblerConfig, DEFAULT_PARTIAL_LIMIT, DriveSpec};
-use crate::nbd::{ListenAddr, ServerConfig};
+use crate::nbd::{ListenAddr, ServerConfig, Tls, TlsFiles};
 use crate::sink::{SinkOptions, Target};
 use crate::target::{DEFAULT_RECONNECT_TIMEOUT, TARGET_BYTES_IN_FLIGHT, TargetConfig};
 use crate::vma::WriterBuilder;
@@ -108,6 +108,77 @@ impl Default for LiveOpts {
             reconnect_timeout: DEFAULT_RECONNECT_TIMEOUT.as_secs(),
             json: false,
         }
+    }
+}
+
+/// `--tls`: whether the NBD server offers STARTTLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsMode {
+    /// No TLS (STARTTLS is answered ERR_UNSUP).
+    #[default]
+    Off,
+    /// TLS offered; plain-text clients may proceed too.
+    On,
+    /// TLS required: before STARTTLS every option is refused with
+    /// ERR_TLS_REQD (EXPORT_NAME closes the connection).
+    Require,
+}
+
+/// TLS of the NBD server (`serve`): declared once, flattened into each
+/// command that listens for clients.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsOpts {
+    /// TLS for NBD clients (STARTTLS, X.509): off, on (optional) or
+    /// require. rustls has no TLS-PSK.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = TlsMode::Off)]
+    pub tls: TlsMode,
+    /// The server certificate chain (PEM), with --tls on|require.
+    #[arg(long, value_name = "FILE",
+          required_if_eq_any = [("tls", "on"), ("tls", "require")])]
+    pub tls_cert: Option<PathBuf>,
+    /// The server's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE",
+          required_if_eq_any = [("tls", "on"), ("tls", "require")])]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates must chain to (with
+    /// --tls-verify-client).
+    #[arg(long, value_name = "FILE", requires = "tls_verify_client")]
+    pub tls_ca: Option<PathBuf>,
+    /// Require a client certificate signed by --tls-ca: clients without
+    /// one fail in the TLS handshake.
+    #[arg(long, requires = "tls_ca")]
+    pub tls_verify_client: bool,
+}
+
+impl TlsOpts {
+    /// `off`, `on` or `require`, as typed.
+    pub fn mode_name(&self) -> &'static str {
+        match self.tls {
+            TlsMode::Off => "off",
+            TlsMode::On => "on",
+            TlsMode::Require => "require",
+        }
+    }
+
+    /// Loads the certificate, key and CA, once at startup; errors name the
+    /// file. `None` with `--tls off`.
+    pub fn load(&self) -> anyhow::Result<Option<Tls>> {
+        let (cert, key) = match (self.tls, &self.tls_cert, &self.tls_key) {
+            (TlsMode::Off, None, None) if self.tls_ca.is_none() => return Ok(None),
+            (TlsMode::Off, ..) => {
+                bail!("--tls-cert, --tls-key and --tls-ca need --tls on or --tls require")
+            }
+            (_, Some(cert), Some(key)) => (cert.clone(), key.clone()),
+            _ => bail!("--tls on|require needs --tls-cert and --tls-key"),
+        };
+        let files = TlsFiles {
+            cert,
+            key,
+            client_ca: self.tls_ca.clone(),
+        };
+        let tls =
+            Tls::from_files(&files, self.tls == TlsMode::Require).context("cannot set up TLS")?;
+        Ok(Some(tls))
     }
 }
 
@@ -220,6 +291,7 @@ impl ArchiveOpts {
                 max_bytes_in_flight: TARGET_BYTES_IN_FLIGHT,
                 ..ServerConfig::default()
             },
+            tls: None,
         })
     }
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use super::display::{LiveDisplay, StatusOut};
 use super::live::serve_to_end;
-use super::options::{ArchiveOpts, LiveOpts, output_target};
+use super::options::{ArchiveOpts, LiveOpts, TlsOpts, output_target};
 use super::values::DriveSize;
 use crate::assembler::DriveSpec;
 use crate::nbd::ListenAddr;
@@ -16,7 +16,8 @@ use crate::target::BackupTarget;
 /// Arguments of `serve`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// unix:PATH or tcp:HOST:PORT (HOST defaults to 127.0.0.1).
+    /// unix:PATH, tcp:HOST:PORT (HOST defaults to 127.0.0.1), or systemd:
+    /// the socket passed by systemd socket activation (LISTEN_FDS=1).
     #[arg(long, value_name = "ADDR")]
     pub listen: ListenAddr,
     /// A drive export: NAME=SIZE, SIZE in bytes or with a K/M/G/T suffix
@@ -33,6 +34,9 @@ pub struct Args {
     /// Limits and reporting.
     #[command(flatten)]
     pub live: LiveOpts,
+    /// TLS for the clients.
+    #[command(flatten)]
+    pub tls: TlsOpts,
 }
 
 /// Runs `serve`.
@@ -44,7 +48,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .collect();
     let output = output_target(&a.output)?;
     let status_out = StatusOut::for_output(&output);
-    let cfg = a.archive.target_config(&a.live, a.listen, drives, output)?;
+    let tls = a.tls.load()?;
+    let tls_mode = a.tls.mode_name();
+    let mut cfg = a.archive.target_config(&a.live, a.listen, drives, output)?;
+    cfg.tls = tls;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let target = BackupTarget::start(cfg).await?;
@@ -54,10 +61,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 "event": "listening",
                 "address": target.addr().to_string(),
                 "exports": status.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+                "tls": tls_mode,
             }));
         } else {
             eprintln!(
-                "vma-writer: serving {} drive(s) on {}",
+                "vma-writer: serving {} drive(s) on {} (TLS {tls_mode})",
                 status.len(),
                 target.addr()
             );

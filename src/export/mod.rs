@@ -62,6 +62,8 @@ pub struct ExportConfig {
     pub read_budget: usize,
     /// NBD server limits.
     pub server: ServerConfig,
+    /// STARTTLS, when offered (`None`: plain text only).
+    pub tls: Option<crate::nbd::Tls>,
 }
 
 impl ExportConfig {
@@ -76,6 +78,7 @@ impl ExportConfig {
                 max_bytes_in_flight: EXPORT_BYTES_IN_FLIGHT,
                 ..ServerConfig::default()
             },
+            tls: None,
         }
     }
 }
@@ -172,7 +175,11 @@ impl ArchiveExport {
             })
             .collect();
         let cancel = CancellationToken::new();
-        let server = tokio::spawn(Server::new(exports, cfg.server).run(listener, cancel.clone()));
+        let server = tokio::spawn(
+            Server::new(exports, cfg.server)
+                .with_tls(cfg.tls)
+                .run(listener, cancel.clone()),
+        );
         Ok(ArchiveExport {
             addr,
             drives,
@@ -219,5 +226,8 @@ pub fn nbd_uri(addr: &ListenAddr, name: &str) -> String {
     match addr {
         ListenAddr::Unix(p) => format!("nbd+unix:///{name}?socket={}", p.display()),
         ListenAddr::Tcp(a) => format!("nbd://{a}/{name}"),
+        // `Export::addr` is the bound listener's address, so a socket
+        // from systemd shows as the Unix or TCP address it has.
+        ListenAddr::Systemd => format!("nbd:///{name} (on the socket from systemd)"),
     }
 }

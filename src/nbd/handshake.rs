@@ -9,6 +9,14 @@
 //! deadline and calls `Backend::connected`; data requests are left to
 //! `nbd::transmission`. The read helpers and the [`Negotiated`] result
 //! live in `nbd::session`, which both phases share.
+//!
+//! STARTTLS: [`negotiate`] returns [`Outcome::StartTls`] after its ACK; the
+//! server then runs the TLS handshake and calls [`negotiate`] again on the
+//! TLS stream with a fresh option state (structured replies, extended
+//! headers and meta contexts negotiated in plain text are forgotten), so
+//! only [`Carry`] (client flags, option budget) survives the upgrade. With
+//! TLS required, every option but STARTTLS and ABORT is refused with
+//! `ERR_TLS_REQD` before the upgrade.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
@@ -64,34 +72,63 @@ pub fn transmission_flags(caps: BackendCaps, mode: ReplyMode) -> u16 {
     f
 }
 
-/// Per-connection negotiation state.
-struct State {
-    mode: ReplyMode,
-    /// Export whose `base:allocation` was selected by SET_META_CONTEXT; the
-    /// selection only counts if GO then picks the same export.
-    base_allocation: Option<usize>,
+/// What STARTTLS can do at this point of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TlsPhase {
+    /// The server has no TLS: STARTTLS is answered ERR_UNSUP.
+    Unavailable,
+    /// Plain text so far; STARTTLS upgrades. With `required`, nothing
+    /// else but ABORT is allowed first.
+    Offered {
+        /// Plain-text clients are refused.
+        required: bool,
+    },
+    /// The connection runs over TLS: a second STARTTLS is ERR_INVALID.
+    Active,
+}
+
+/// What survives STARTTLS: the client flags from the greeting and the
+/// option budget, which counts options across the upgrade.
+#[derive(Debug)]
+pub(super) struct Carry {
     no_zeroes: bool,
     options: usize,
     max_options: usize,
     listed: bool,
+}
+
+/// How the option phase ended.
+pub(super) enum Outcome {
+    /// GO or EXPORT_NAME picked an export; the final reply (GO's last
+    /// replies or the EXPORT_NAME reply) is still to be sent.
+    Transmission(Negotiated, Vec<u8>),
+    /// STARTTLS was acknowledged (and flushed): the TLS handshake is next.
+    StartTls,
+    /// The client aborted, went away, or the server is shutting down.
+    Closed,
+}
+
+/// Per-connection negotiation state, new after STARTTLS.
+struct State<'c> {
+    mode: ReplyMode,
+    /// Export whose `base:allocation` was selected by SET_META_CONTEXT; the
+    /// selection only counts if GO then picks the same export.
+    base_allocation: Option<usize>,
+    tls: TlsPhase,
+    carry: &'c mut Carry,
     out: Vec<u8>,
 }
 
-/// Runs the handshake on a fresh connection. Returns the negotiated export
-/// together with the final reply (GO's last replies or the EXPORT_NAME
-/// reply), which the caller must still send; or `None` when the client
-/// aborted, went away, or the server is shutting down. Errors are protocol
-/// violations that end the connection.
-pub(super) async fn negotiate<R, W, B>(
+/// Sends the greeting and reads the client flags. `None` when the client
+/// went away or the server is shutting down.
+pub(super) async fn greet<R, W>(
     r: &mut BufReader<R>,
     w: &mut W,
-    exports: &[Export<B>],
     shutdown: &CancellationToken,
-) -> Result<Option<(Negotiated, Vec<u8>)>, ProtocolError>
+) -> Result<Option<Carry>, ProtocolError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
-    B: Backend,
 {
     let offered = NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES;
     w.write_all(&encode_greeting(offered)).await?;
@@ -104,14 +141,35 @@ where
     let client_flags = u32::from_be_bytes(cf);
     check_client_flags(client_flags, offered)?;
     trace!(client_flags, "client flags");
-
-    let mut st = State {
-        mode: ReplyMode::Simple,
-        base_allocation: None,
+    Ok(Some(Carry {
         no_zeroes: client_flags & NBD_FLAG_C_NO_ZEROES != 0,
         options: 0,
         max_options: MAX_OPTIONS,
         listed: false,
+    }))
+}
+
+/// Runs the option loop after [`greet`] (or after STARTTLS, with `tls`
+/// [`TlsPhase::Active`]). Errors are protocol violations that end the
+/// connection.
+pub(super) async fn negotiate<R, W, B>(
+    r: &mut BufReader<R>,
+    w: &mut W,
+    exports: &[Export<B>],
+    shutdown: &CancellationToken,
+    tls: TlsPhase,
+    carry: &mut Carry,
+) -> Result<Outcome, ProtocolError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    B: Backend,
+{
+    let mut st = State {
+        mode: ReplyMode::Simple,
+        base_allocation: None,
+        tls,
+        carry,
         out: Vec::with_capacity(256),
     };
 
@@ -121,15 +179,15 @@ where
             ReadOutcome::Data => {}
             ReadOutcome::Eof => {
                 debug!("client closed the connection during the handshake");
-                return Ok(None);
+                return Ok(Outcome::Closed);
             }
-            ReadOutcome::ShutdownIdle => return Ok(None),
+            ReadOutcome::ShutdownIdle => return Ok(Outcome::Closed),
         }
         let hdr = decode_option_header(&hb)?;
-        st.options += 1;
-        if st.options > st.max_options {
+        st.carry.options += 1;
+        if st.carry.options > st.carry.max_options {
             return Err(ProtocolError::TooManyOptions {
-                max: st.max_options,
+                max: st.carry.max_options,
             });
         }
         if hdr.len > MAX_OPTION_LEN {
@@ -154,14 +212,24 @@ where
         if let Step::Transmission(n) = done {
             // The caller sends the final reply after Backend::connected, so
             // the backend knows of the client before the client can act.
-            return Ok(Some((n, std::mem::take(&mut st.out))));
+            return Ok(Outcome::Transmission(n, std::mem::take(&mut st.out)));
         }
         if !st.out.is_empty() {
             w.write_all(&st.out).await?;
             w.flush().await?;
         }
-        if let Step::Close = done {
-            return Ok(None);
+        match done {
+            Step::Continue | Step::Transmission(_) => {}
+            Step::Close => return Ok(Outcome::Closed),
+            Step::StartTls => {
+                // The client must wait for our ACK before its ClientHello:
+                // anything already buffered was sent in plain text.
+                let len = r.buffer().len();
+                if len > 0 {
+                    return Err(ProtocolError::DataAfterStartTls { len });
+                }
+                return Ok(Outcome::StartTls);
+            }
         }
     }
 }
@@ -170,6 +238,7 @@ where
 enum Step {
     Continue,
     Close,
+    StartTls,
     Transmission(Negotiated),
 }
 
@@ -182,7 +251,7 @@ fn find_export<B>(exports: &[Export<B>], name: &str) -> Option<usize> {
         .or_else(|| (name.is_empty() && !exports.is_empty()).then_some(0))
 }
 
-fn reply(st: &mut State, option: OptionCode, kind: ReplyType, payload: &[u8]) {
+fn reply(st: &mut State<'_>, option: OptionCode, kind: ReplyType, payload: &[u8]) {
     if kind.is_error() {
         debug!(%option, reply = %kind, "option refused");
     }
@@ -191,7 +260,7 @@ fn reply(st: &mut State, option: OptionCode, kind: ReplyType, payload: &[u8]) {
 
 /// Answers an option whose payload did not decode: ERR_TOO_BIG for an
 /// over-long string, ERR_INVALID otherwise; the message says what was wrong.
-fn reply_malformed(st: &mut State, option: OptionCode, e: &ProtocolError) {
+fn reply_malformed(st: &mut State<'_>, option: OptionCode, e: &ProtocolError) {
     debug!(%option, error = %e, "malformed option");
     let kind = match e {
         ProtocolError::StringTooLong { .. } => NBD_REP_ERR_TOO_BIG,
@@ -202,13 +271,29 @@ fn reply_malformed(st: &mut State, option: OptionCode, e: &ProtocolError) {
 
 /// Answers one option into `st.out`.
 fn handle_option<B: Backend>(
-    st: &mut State,
+    st: &mut State<'_>,
     option: OptionCode,
     payload: &[u8],
     exports: &[Export<B>],
     shutdown: &CancellationToken,
 ) -> Result<Step, ProtocolError> {
     let shutting_down = shutdown.is_cancelled();
+    if st.tls == (TlsPhase::Offered { required: true }) {
+        match option {
+            NBD_OPT_STARTTLS | NBD_OPT_ABORT => {}
+            // EXPORT_NAME has no error reply: closing is the answer.
+            NBD_OPT_EXPORT_NAME => return Err(ProtocolError::ExportNameWithoutTls),
+            _ => {
+                reply(
+                    st,
+                    option,
+                    NBD_REP_ERR_TLS_REQD,
+                    b"TLS required: send STARTTLS first",
+                );
+                return Ok(Step::Continue);
+            }
+        }
+    }
     match option {
         NBD_OPT_EXPORT_NAME => {
             if st.mode == ReplyMode::Extended {
@@ -224,7 +309,7 @@ fn handle_option<B: Backend>(
             }
             let b = &exports[idx].backend;
             let flags = transmission_flags(b.caps(), st.mode);
-            encode_export_name_reply(&mut st.out, b.size(), flags, st.no_zeroes);
+            encode_export_name_reply(&mut st.out, b.size(), flags, st.carry.no_zeroes);
             Ok(Step::Transmission(Negotiated {
                 export: idx,
                 mode: st.mode,
@@ -245,9 +330,9 @@ fn handle_option<B: Backend>(
                 reply(st, option, NBD_REP_ERR_INVALID, b"LIST takes no payload");
                 return Ok(Step::Continue);
             }
-            if !st.listed {
-                st.listed = true;
-                st.max_options += OPTIONS_PER_LISTED_EXPORT * exports.len();
+            if !st.carry.listed {
+                st.carry.listed = true;
+                st.carry.max_options += OPTIONS_PER_LISTED_EXPORT * exports.len();
             }
             for e in exports {
                 let p = encode_rep_server(&e.name, &e.description);
@@ -380,10 +465,39 @@ fn handle_option<B: Backend>(
             reply(st, option, NBD_REP_ACK, &[]);
             Ok(Step::Continue)
         }
-        NBD_OPT_STARTTLS => {
-            reply(st, option, NBD_REP_ERR_UNSUP, b"TLS is not supported");
-            Ok(Step::Continue)
-        }
+        NBD_OPT_STARTTLS => match st.tls {
+            TlsPhase::Unavailable => {
+                reply(
+                    st,
+                    option,
+                    NBD_REP_ERR_UNSUP,
+                    b"TLS is not enabled on this server",
+                );
+                Ok(Step::Continue)
+            }
+            TlsPhase::Active => {
+                reply(
+                    st,
+                    option,
+                    NBD_REP_ERR_INVALID,
+                    b"TLS is already negotiated",
+                );
+                Ok(Step::Continue)
+            }
+            TlsPhase::Offered { .. } if !payload.is_empty() => {
+                reply(
+                    st,
+                    option,
+                    NBD_REP_ERR_INVALID,
+                    b"STARTTLS takes no payload",
+                );
+                Ok(Step::Continue)
+            }
+            TlsPhase::Offered { .. } => {
+                reply(st, option, NBD_REP_ACK, &[]);
+                Ok(Step::StartTls)
+            }
+        },
         _ => {
             reply(st, option, NBD_REP_ERR_UNSUP, b"option not supported");
             Ok(Step::Continue)

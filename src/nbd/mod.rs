@@ -14,7 +14,11 @@
 //! - `replies`: the reply writer of one connection: a queue that request
 //!   tasks write out in turn, combining replies into one `writev`.
 //! - `server`: [`Listener`] (Unix/TCP), [`Server`] with its connection limit
-//!   and graceful shutdown.
+//!   and graceful shutdown; the STARTTLS upgrade of a connection.
+//! - [`systemd`]: socket activation, the listening socket systemd passes
+//!   (`--listen systemd`).
+//! - `tls`: [`Tls`], the rustls configuration a server offers STARTTLS
+//!   with, loaded from PEM files.
 //! - `backend`: [`Backend`], what an export implements, and [`Export`],
 //!   which names one; [`MemoryBackend`] and [`NullBackend`] are the two
 //!   built-in backends.
@@ -22,9 +26,10 @@
 //! Supported: fixed newstyle with NO_ZEROES; simple, structured and
 //! extended replies; READ, WRITE, FLUSH, TRIM, WRITE_ZEROES (NO_HOLE,
 //! FAST_ZERO), CACHE, BLOCK_STATUS (`base:allocation`), DISC, FUA, DF,
-//! multi-conn (when the backend's flush is global). Not supported: TLS
-//! (STARTTLS is answered ERR_UNSUP), oldstyle, RESIZE, other metadata
-//! contexts.
+//! multi-conn (when the backend's flush is global); STARTTLS with X.509
+//! certificates, optional or required, with optional client certificates
+//! (when the server has [`Tls`]; ERR_UNSUP otherwise). Not supported:
+//! TLS-PSK, oldstyle, RESIZE, other metadata contexts.
 
 #![deny(missing_docs)]
 
@@ -35,6 +40,8 @@ mod null;
 mod replies;
 mod server;
 mod session;
+pub mod systemd;
+mod tls;
 mod transmission;
 pub mod wire;
 
@@ -49,6 +56,7 @@ pub use server::{
     Server, ServerConfig,
 };
 pub use session::SHUTDOWN_GRACE;
+pub use tls::{Tls, TlsError, TlsFiles};
 pub use transmission::{
     BUFFER_POOL_BYTES, MAX_DRAIN, MAX_EXTENTS, READ_BUFFER, REQUEST_OVERHEAD, errno_of,
 };

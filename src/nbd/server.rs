@@ -17,16 +17,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::backend::{Backend, Export};
-use super::handshake;
+use super::handshake::{self, Outcome, TlsPhase};
 use super::session::{Negotiated, Session};
+use super::tls::Tls;
 use super::transmission::{self, READ_BUFFER};
 use super::wire::ProtocolError;
 
@@ -75,21 +77,26 @@ impl Default for ServerConfig {
 
 /// Where a [`Listener`] listens.
 ///
-/// Parsed from `unix:PATH` or `tcp:HOST:PORT`. HOST is an IP literal
-/// (`[::1]` for IPv6) or `localhost`; an empty HOST (`tcp::10809`) or a bare
-/// port (`tcp:10809`) means 127.0.0.1, so nothing is exposed beyond the
-/// machine unless asked for. Displayed in the same syntax.
+/// Parsed from `unix:PATH`, `tcp:HOST:PORT` or `systemd`. HOST is an IP
+/// literal (`[::1]` for IPv6) or `localhost`; an empty HOST (`tcp::10809`)
+/// or a bare port (`tcp:10809`) means 127.0.0.1, so nothing is exposed
+/// beyond the machine unless asked for. Displayed in the same syntax.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
     /// A Unix domain socket at this path.
     Unix(PathBuf),
     /// A TCP address.
     Tcp(SocketAddr),
+    /// The listening socket systemd passes (socket activation, see
+    /// `nbd::systemd`): Unix or TCP, whatever the socket unit says.
+    Systemd,
 }
 
 /// Why a [`ListenAddr`] did not parse.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid listen address {input:?}: {reason} (expected unix:PATH or tcp:HOST:PORT)")]
+#[error(
+    "invalid listen address {input:?}: {reason} (expected unix:PATH, tcp:HOST:PORT or systemd)"
+)]
 pub struct ListenAddrError {
     input: String,
     reason: &'static str,
@@ -103,6 +110,9 @@ impl FromStr for ListenAddr {
             input: s.to_owned(),
             reason,
         };
+        if s == "systemd" {
+            return Ok(ListenAddr::Systemd);
+        }
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
                 return Err(err("empty socket path"));
@@ -133,6 +143,7 @@ impl fmt::Display for ListenAddr {
         match self {
             ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
             ListenAddr::Tcp(a) => write!(f, "tcp:{a}"),
+            ListenAddr::Systemd => f.write_str("systemd"),
         }
     }
 }
@@ -157,8 +168,9 @@ enum Inner {
         listener: UnixListener,
         path: PathBuf,
         /// (device, inode) of the socket file we created, so drop only
-        /// removes our own file.
-        id: (u64, u64),
+        /// removes our own file; `None` for a socket systemd passed (its
+        /// file is systemd's).
+        id: Option<(u64, u64)>,
     },
     Tcp(TcpListener),
 }
@@ -170,9 +182,12 @@ enum Stream {
 }
 
 impl Listener {
-    /// Binds `addr`. Must be called from within a tokio runtime.
+    /// Binds `addr` (for [`ListenAddr::Systemd`]: takes the socket
+    /// systemd passed, see [`Listener::from_systemd`]). Must be called
+    /// from within a tokio runtime.
     pub fn bind(addr: &ListenAddr) -> io::Result<Listener> {
         match addr {
+            ListenAddr::Systemd => Listener::from_systemd(),
             ListenAddr::Unix(path) => bind_unix(path),
             ListenAddr::Tcp(a) => {
                 let l = std::net::TcpListener::bind(a)?;
@@ -181,6 +196,44 @@ impl Listener {
                     inner: Inner::Tcp(TcpListener::from_std(l)?),
                 })
             }
+        }
+    }
+
+    /// The listening socket systemd passed to this process (descriptor 3,
+    /// `LISTEN_PID` and `LISTEN_FDS=1`): Unix or TCP by its address
+    /// family. Its file (for Unix) stays systemd's and is not removed on
+    /// drop. Must be called from within a tokio runtime; works once per
+    /// process.
+    pub fn from_systemd() -> io::Result<Listener> {
+        let fd = super::systemd::take_listen_fd()?;
+        match super::systemd::socket_family(&fd)? {
+            libc::AF_UNIX => {
+                let l = std::os::unix::net::UnixListener::from(fd);
+                l.set_nonblocking(true)?;
+                let listener = UnixListener::from_std(l)?;
+                let path = listener
+                    .local_addr()?
+                    .as_pathname()
+                    .map_or_else(|| PathBuf::from("(unnamed)"), Path::to_path_buf);
+                Ok(Listener {
+                    inner: Inner::Unix {
+                        listener,
+                        path,
+                        id: None,
+                    },
+                })
+            }
+            libc::AF_INET | libc::AF_INET6 => {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true)?;
+                Ok(Listener {
+                    inner: Inner::Tcp(TcpListener::from_std(l)?),
+                })
+            }
+            family => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the socket from systemd has address family {family}, not Unix or TCP"),
+            )),
         }
     }
 
@@ -213,7 +266,9 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Inner::Unix { path, id, .. } = &self.inner
+        if let Inner::Unix {
+            path, id: Some(id), ..
+        } = &self.inner
             && let Ok(m) = std::fs::symlink_metadata(path)
             && (m.dev(), m.ino()) == *id
         {
@@ -275,7 +330,7 @@ fn bind_unix(path: &Path) -> io::Result<Listener> {
             inner: Inner::Unix {
                 listener,
                 path: path.to_owned(),
-                id,
+                id: Some(id),
             },
         }),
         Err(e) => {
@@ -289,11 +344,13 @@ fn bind_unix(path: &Path) -> io::Result<Listener> {
 struct Shared<B> {
     exports: Vec<Export<B>>,
     config: ServerConfig,
+    /// STARTTLS offered (or required), when set.
+    tls: Option<Tls>,
 }
 
-/// An NBD server: exports, limits, and the accept loop.
+/// An NBD server: exports, limits, TLS, and the accept loop.
 pub struct Server<B: Backend> {
-    shared: Arc<Shared<B>>,
+    shared: Shared<B>,
 }
 
 impl<B: Backend> fmt::Debug for Server<B> {
@@ -309,6 +366,7 @@ impl<B: Backend> fmt::Debug for Server<B> {
                     .collect::<Vec<_>>(),
             )
             .field("config", &self.shared.config)
+            .field("tls", &self.shared.tls)
             .finish()
     }
 }
@@ -322,8 +380,18 @@ impl<B: Backend> Server<B> {
             }
         }
         Self {
-            shared: Arc::new(Shared { exports, config }),
+            shared: Shared {
+                exports,
+                config,
+                tls: None,
+            },
         }
+    }
+
+    /// Offers STARTTLS with `tls` (nothing changes with `None`).
+    pub fn with_tls(mut self, tls: Option<Tls>) -> Self {
+        self.shared.tls = tls;
+        self
     }
 
     /// Serves until `shutdown` fires. Then it stops accepting, lets each
@@ -339,8 +407,14 @@ impl<B: Backend> Server<B> {
     pub async fn run(self, listener: Listener, shutdown: CancellationToken) -> io::Result<()> {
         ignore_sigpipe();
         let addr = listener.local_addr()?;
-        info!(%addr, exports = self.shared.exports.len(), "NBD server listening");
-        let slots = Arc::new(Semaphore::new(self.shared.config.max_connections.max(1)));
+        let tls = match &self.shared.tls {
+            None => "off",
+            Some(t) if t.required() => "required",
+            Some(_) => "on",
+        };
+        info!(%addr, exports = self.shared.exports.len(), tls, "NBD server listening");
+        let shared = Arc::new(self.shared);
+        let slots = Arc::new(Semaphore::new(shared.config.max_connections.max(1)));
         let tracker = TaskTracker::new();
         let mut backoff = Duration::from_millis(1);
         let mut conn_id: u64 = 0;
@@ -369,21 +443,15 @@ impl<B: Backend> Server<B> {
                 }
             };
             conn_id += 1;
-            let shared = Arc::clone(&self.shared);
+            let shared = Arc::clone(&shared);
             let shutdown = shutdown.clone();
             let span = info_span!("nbd_conn", id = conn_id, peer = %peer);
             tracker.spawn(
                 async move {
                     debug!("connected");
                     match stream {
-                        Stream::Unix(s) => {
-                            let (r, w) = s.into_split();
-                            serve_connection(&shared, r, w, &shutdown).await;
-                        }
-                        Stream::Tcp(s) => {
-                            let (r, w) = s.into_split();
-                            serve_connection(&shared, r, w, &shutdown).await;
-                        }
+                        Stream::Unix(s) => serve_connection(&shared, s, &shutdown).await,
+                        Stream::Tcp(s) => serve_connection(&shared, s, &shutdown).await,
                     }
                     debug!("connection closed");
                     drop(permit);
@@ -400,20 +468,58 @@ impl<B: Backend> Server<B> {
     }
 }
 
-/// Handshake, then transmission, on one connection.
-async fn serve_connection<B, R, W>(shared: &Shared<B>, r: R, mut w: W, shutdown: &CancellationToken)
-where
-    B: Backend,
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let mut reader = BufReader::with_capacity(READ_BUFFER, r);
+/// A plain socket that splits into owned halves (no lock between the
+/// reader and the reply writer) and can be put together again for
+/// STARTTLS.
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
+    type R: AsyncRead + Unpin + Send + 'static;
+    type W: AsyncWrite + Unpin + Send + 'static;
+    fn into_halves(self) -> (Self::R, Self::W);
+    fn reunite(r: Self::R, w: Self::W) -> io::Result<Self>;
+}
+
+impl Socket for TcpStream {
+    type R = tokio::net::tcp::OwnedReadHalf;
+    type W = tokio::net::tcp::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::R, Self::W) {
+        self.into_split()
+    }
+    fn reunite(r: Self::R, w: Self::W) -> io::Result<Self> {
+        r.reunite(w).map_err(io::Error::other)
+    }
+}
+
+impl Socket for UnixStream {
+    type R = tokio::net::unix::OwnedReadHalf;
+    type W = tokio::net::unix::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::R, Self::W) {
+        self.into_split()
+    }
+    fn reunite(r: Self::R, w: Self::W) -> io::Result<Self> {
+        r.reunite(w).map_err(io::Error::other)
+    }
+}
+
+/// A connection at the end of its handshake, over plain text or TLS.
+enum Ready<S: Socket> {
+    Plain(BufReader<S::R>, S::W, Negotiated, Vec<u8>),
+    Tls(
+        BufReader<ReadHalf<TlsStream<S>>>,
+        WriteHalf<TlsStream<S>>,
+        Negotiated,
+        Vec<u8>,
+    ),
+}
+
+/// Handshake (with STARTTLS when offered), then transmission, on one
+/// connection.
+async fn serve_connection<B: Backend, S: Socket>(
+    shared: &Shared<B>,
+    stream: S,
+    shutdown: &CancellationToken,
+) {
     let timeout = shared.config.handshake_timeout;
-    let (negotiated, final_reply): (Negotiated, Vec<u8>) = match tokio::time::timeout(
-        timeout,
-        handshake::negotiate(&mut reader, &mut w, &shared.exports, shutdown),
-    )
-    .await
+    let ready = match tokio::time::timeout(timeout, handshake_phase(shared, stream, shutdown)).await
     {
         Err(_) => {
             let e = ProtocolError::HandshakeTimeout {
@@ -431,8 +537,97 @@ where
             return;
         }
         Ok(Ok(None)) => return,
-        Ok(Ok(Some(n))) => n,
+        Ok(Ok(Some(ready))) => ready,
     };
+    match ready {
+        Ready::Plain(r, w, n, reply) => transmit(shared, r, w, n, reply, false, shutdown).await,
+        Ready::Tls(r, w, n, reply) => transmit(shared, r, w, n, reply, true, shutdown).await,
+    }
+}
+
+/// The option phase, with the TLS upgrade in the middle when the client
+/// asks for it. `None` when the connection ended without an export.
+async fn handshake_phase<B: Backend, S: Socket>(
+    shared: &Shared<B>,
+    stream: S,
+    shutdown: &CancellationToken,
+) -> Result<Option<Ready<S>>, ProtocolError> {
+    let (r, mut w) = stream.into_halves();
+    let mut reader = BufReader::with_capacity(READ_BUFFER, r);
+    let Some(mut carry) = handshake::greet(&mut reader, &mut w, shutdown).await? else {
+        return Ok(None);
+    };
+    let phase = match &shared.tls {
+        None => TlsPhase::Unavailable,
+        Some(t) => TlsPhase::Offered {
+            required: t.required(),
+        },
+    };
+    let outcome = handshake::negotiate(
+        &mut reader,
+        &mut w,
+        &shared.exports,
+        shutdown,
+        phase,
+        &mut carry,
+    )
+    .await?;
+    match outcome {
+        Outcome::Closed => Ok(None),
+        Outcome::Transmission(n, reply) => Ok(Some(Ready::Plain(reader, w, n, reply))),
+        Outcome::StartTls => {
+            let tls = shared
+                .tls
+                .as_ref()
+                .expect("STARTTLS is only accepted with TLS");
+            // negotiate checked that nothing is buffered past STARTTLS.
+            let stream = S::reunite(reader.into_inner(), w)?;
+            let stream = match tls.acceptor().accept(stream).await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "TLS handshake failed");
+                    return Ok(None);
+                }
+            };
+            debug!("TLS established");
+            let (r, mut w) = tokio::io::split(stream);
+            let mut reader = BufReader::with_capacity(READ_BUFFER, r);
+            let outcome = handshake::negotiate(
+                &mut reader,
+                &mut w,
+                &shared.exports,
+                shutdown,
+                TlsPhase::Active,
+                &mut carry,
+            )
+            .await?;
+            match outcome {
+                Outcome::Transmission(n, reply) => Ok(Some(Ready::Tls(reader, w, n, reply))),
+                Outcome::Closed => {
+                    // Send TLS close_notify before the socket closes.
+                    let _ = w.shutdown().await;
+                    Ok(None)
+                }
+                Outcome::StartTls => unreachable!("a second STARTTLS is refused"),
+            }
+        }
+    }
+}
+
+/// Sends the final handshake reply and runs the transmission phase.
+async fn transmit<B, R, W>(
+    shared: &Shared<B>,
+    reader: BufReader<R>,
+    mut w: W,
+    negotiated: Negotiated,
+    final_reply: Vec<u8>,
+    tls: bool,
+    shutdown: &CancellationToken,
+) where
+    B: Backend,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let export = &shared.exports[negotiated.export];
     // Tell the backend before the client sees the final reply, so by the
     // time the client's open returns the backend knows of it.
@@ -447,7 +642,7 @@ where
         export.backend.disconnected(false);
         return;
     }
-    info!(export = %export.name, mode = ?negotiated.mode, flags = negotiated.flags, "client entered transmission");
+    info!(export = %export.name, mode = ?negotiated.mode, flags = negotiated.flags, tls, "client entered transmission");
     let session = Session {
         backend: Arc::clone(&export.backend),
         export: Arc::from(export.name.as_str()),
@@ -512,10 +707,15 @@ mod tests {
             "tcp:host:1",
             "tcp:1.2.3.4:99999",
             "udp:1",
+            "systemd:",
         ] {
             assert!(bad.parse::<ListenAddr>().is_err(), "{bad}");
         }
-        for s in ["unix:/a/b", "tcp:127.0.0.1:80", "tcp:[::1]:5"] {
+        assert_eq!(
+            "systemd".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Systemd
+        );
+        for s in ["unix:/a/b", "tcp:127.0.0.1:80", "tcp:[::1]:5", "systemd"] {
             assert_eq!(s.parse::<ListenAddr>().unwrap().to_string(), s);
         }
     }

@@ -415,6 +415,19 @@ pub enum ProtocolError {
     /// The peer closed the connection in the middle of a message.
     #[error("connection closed mid-message")]
     TornMessage,
+    /// Bytes arrived after STARTTLS, before the TLS handshake: they were
+    /// sent in plain text and must not be taken as if they came through
+    /// TLS (the STARTTLS injection of CVE-2011-0411 and nbdkit's
+    /// CVE-2021-3716).
+    #[error("{len} byte(s) sent after STARTTLS before the TLS handshake")]
+    DataAfterStartTls {
+        /// How many bytes were already buffered.
+        len: usize,
+    },
+    /// `EXPORT_NAME` before STARTTLS on a server that requires TLS: it has
+    /// no error reply, so the connection is closed.
+    #[error("EXPORT_NAME before STARTTLS on a server that requires TLS")]
+    ExportNameWithoutTls,
     /// A socket error.
     #[error(transparent)]
     Io(#[from] std::io::Error),

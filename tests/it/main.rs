@@ -26,6 +26,8 @@ mod qmp_binary_env;
 mod qmp_daemon;
 mod qmp_fake;
 mod random_access;
+mod systemd;
+mod tls;
 mod vma_golden;
 mod vma_malformed;
 mod vma_proptest;

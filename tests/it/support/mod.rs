@@ -10,7 +10,8 @@
 //! library's own `StorageDaemon` via [`start_daemon`]), the missing-tool
 //! rule ([`tools`]: [`require_tools`]), archives built and edited with the
 //! library ([`archive`]) and the in-process NBD server and raw client
-//! ([`nbd`]).
+//! ([`nbd`]), and TLS certificates made with openssl plus a rustls
+//! client ([`tls`]: [`Pki`]).
 //!
 //! Everything is re-exported here: a suite writes `use crate::support::*`
 //! or `support::name`.
@@ -28,6 +29,7 @@ pub mod nbd;
 pub mod proc;
 pub mod qemu;
 pub mod serve;
+pub mod tls;
 pub mod tools;
 
 pub use archive::*;
@@ -41,4 +43,5 @@ pub use nbd::*;
 pub use proc::*;
 pub use qemu::*;
 pub use serve::*;
+pub use tls::*;
 pub use tools::*;
