@@ -400,6 +400,22 @@ impl<B: Backend> Server<B> {
     }
 }
 
+impl<B: Backend> Server<B> {
+    /// Serves one client that is already connected over `r`/`w`: any byte
+    /// stream, e.g. a socket accepted elsewhere or an in-memory pipe (the
+    /// fuzz targets in `fuzz/` drive the real handshake and transmission
+    /// code this way). Handshake deadline, exports and byte budget are this
+    /// server's; the connection limit does not apply. Returns when the
+    /// connection has ended and every request in flight was answered.
+    pub async fn serve_stream<R, W>(&self, r: R, w: W, shutdown: &CancellationToken)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        serve_connection(&self.shared, r, w, shutdown).await;
+    }
+}
+
 /// Handshake, then transmission, on one connection.
 async fn serve_connection<B, R, W>(shared: &Shared<B>, r: R, mut w: W, shutdown: &CancellationToken)
 where
