@@ -10,6 +10,7 @@ mod cli_messages;
 mod cli_roundtrip;
 mod cli_signals;
 mod export;
+mod extract_safety;
 mod incremental;
 mod index_property;
 mod live_backup;
