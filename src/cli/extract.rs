@@ -302,6 +302,9 @@ fn convert_drives(
     let mut images = Vec::new();
     for d in &drives {
         let (path, tmp) = a.image_names(&d.name);
+        // Made here, new, so that qemu-img (which opens the name it is
+        // given, following symlinks) writes into our own file.
+        create_new(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         stdout_line(&format!("DEVINFO {} {}", tmp.display(), d.size));
         images.push((d, tmp, path));
     }
