@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for SECONDS each (default 30), one after the
-# other, with libFuzzer through cargo-fuzz on the *stable* toolchain:
-# `--sanitizer none` needs no nightly-only flag but cargo-fuzz's
-# `-Zunstable-options`-style arguments, which RUSTC_BOOTSTRAP=1 lets a
-# stable compiler accept. Rust's own checks (bounds, overflow in debug
-# assertions, which cargo-fuzz turns on) catch what a sanitizer would in
-# this crate, which has no unsafe code on the fuzzed paths.
+# other, with libFuzzer through cargo-fuzz on the *stable* toolchain: with
+# `--sanitizer none` cargo-fuzz passes rustc only stable flags (SanitizerCoverage
+# through -Cpasses/-Cllvm-args), so no nightly and no RUSTC_BOOTSTRAP are
+# needed. Rust's own checks catch what a sanitizer would on these paths
+# (no unsafe code there): bounds always, and integer overflow because the
+# targets are built with debug assertions (`-a`).
 #
 #   fuzz/run.sh [SECONDS] [TARGET...]
 #
@@ -19,14 +19,13 @@ cd "$(dirname "$0")/.."
 
 secs=${1:-30}
 shift || true
-all=(nbd_handshake nbd_transmission nbd_wire vma_header vma_extent vma_reader)
+all=(nbd_handshake nbd_transmission nbd_wire vma_header vma_extent vma_reader vma_index)
 targets=("${@:-${all[@]}}")
 [ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
 
-export RUSTC_BOOTSTRAP=1
-fuzz=(cargo +stable fuzz)
-command -v rustup >/dev/null || fuzz=(cargo fuzz)
-opts=(--sanitizer none --release --target-dir target/fuzz)
+# The default toolchain: stable on CI (and here).
+fuzz=(cargo fuzz)
+opts=(--sanitizer none --release --debug-assertions --target-dir target/fuzz)
 corpus=target/fuzz/corpus
 
 "${fuzz[@]}" build "${opts[@]}"
@@ -82,6 +81,10 @@ for a in format/golden/*.vma tests/fixtures/proxmox/odd-size.vma; do
       dd if="$a" bs=512 skip="$hs" count=1 iflag=skip_bytes status=none; } |
         seed vma_extent "$n"
     { printf '\x00'; cat "$a"; } | seed vma_reader "$n"
+    if [ -f "$a.index" ] && command -v zstd >/dev/null; then
+        { printf '\x00'; dd if="$a.index" bs=8 skip=32 count=1 iflag=skip_bytes status=none
+          tail -c +65 "$a.index" | zstd -dcq; } | seed vma_index "$n"
+    fi
 done
 
 failed=()
@@ -92,6 +95,7 @@ for t in "${targets[@]}"; do
     case $t in
         vma_header) max_len=20000 ;;
         vma_reader) max_len=140000 ;;
+        vma_index) max_len=8192 ;;
         nbd_transmission) max_len=70000 ;;
     esac
     if ! "${fuzz[@]}" run "${opts[@]}" "$t" "$corpus/$t" -- \
