@@ -602,7 +602,9 @@ impl Mapper {
             entries,
             first_digest,
         };
-        self.next_offset = stream_offset + rec.len();
+        self.next_offset = stream_offset
+            .checked_add(rec.len())
+            .ok_or_else(|| bad(format!("extent {x} ends past 2^64")))?;
         self.extents.push(rec);
         Ok(())
     }
@@ -624,7 +626,9 @@ impl Mapper {
             if let Some(c) = slots.iter().position(|&x| x == u32::MAX) {
                 return Err(bad(format!("cluster {c} of dev_id {} is missing", d.dev)));
             }
-            if d.data_clusters + d.zero_clusters != slots.len() as u64 {
+            // Values from the index: checked, so that huge ones cannot wrap
+            // around to the right total.
+            if d.data_clusters.checked_add(d.zero_clusters) != Some(slots.len() as u64) {
                 return Err(bad(format!("device {} totals", d.dev)));
             }
         }

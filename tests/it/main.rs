@@ -11,6 +11,7 @@ mod cli_roundtrip;
 mod cli_signals;
 mod export;
 mod extract_safety;
+mod fuzz_regressions;
 mod hostile;
 mod incremental;
 mod index_property;
