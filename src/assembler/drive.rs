@@ -343,16 +343,22 @@ impl Drive {
         Ok(())
     }
 
+    /// A rewrite of archived cluster `c` with different content: the
+    /// request fails with EIO, and so does the backup. Two writers (or a
+    /// client that changed data it had already sent) mean the archive
+    /// cannot be trusted to hold one point in time, and which content is
+    /// right cannot be told; an identical replay (a reconnect) is fine.
     fn rewrite_error(&self, c: u64) -> io::Error {
-        tracing::error!(
-            drive = %self.name,
-            cluster = c,
-            "rewrite of an archived cluster with different content; the archive cannot represent it"
-        );
-        io::Error::other(format!(
-            "drive {}: cluster {c} was already archived with different content",
+        let msg = format!(
+            "drive {}: cluster {c} was written again with different content after it was archived \
+             (a second writer, or a client that changed data it had already sent)",
             self.name
-        ))
+        );
+        tracing::error!(drive = %self.name, cluster = c, "{msg}; failing the backup");
+        self.shared
+            .fail_with(io::Error::other(msg.clone()), "conflicting writes");
+        self.shared.close_partial_room();
+        io::Error::other(msg)
     }
 
     /// Writes part of a cluster (`data`, or zeros when `None`) at `off`.

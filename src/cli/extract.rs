@@ -6,6 +6,16 @@
 //! archive has been read and found complete. A failed or interrupted
 //! extraction removes the directory it created (unless `--keep-partial`).
 //!
+//! Nothing is ever written outside DIR, whatever the archive says: config
+//! and drive names that are not plain file names (empty, `.`, `..`, a `/`,
+//! a NUL) are refused before DIR is created, as are two configs of one
+//! name and a config named like a drive's image. DIR must not exist, and
+//! every file in it is created with `O_CREAT|O_EXCL|O_NOFOLLOW` and renamed
+//! into place without replacing anything, so a file or symlink that appears
+//! in DIR meanwhile is neither followed nor overwritten: the extraction
+//! fails instead. (Proxmox's `vma extract` joins the names to DIR
+//! unchecked.)
+//!
 //! `--format FMT` (any format `qemu-img` writes but raw: qcow2, vmdk,
 //! vhdx, ...) restores `disk-NAME.FMT` instead, through a private
 //! read-only export of the archive ([`crate::export`]) that `qemu-img
@@ -232,7 +242,9 @@ fn extract_into(
 ) -> anyhow::Result<()> {
     for c in &header.configs {
         let p = a.dir.join(&c.name);
-        std::fs::write(&p, &c.data).with_context(|| format!("cannot write {}", p.display()))?;
+        create_new(&p)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &c.data))
+            .with_context(|| format!("cannot write {}", p.display()))?;
     }
     if let Source::Export(ra) = source {
         return convert_drives(a, header, ra, leftovers);
@@ -240,11 +252,7 @@ fn extract_into(
     let mut outs: HashMap<DevId, Out> = HashMap::new();
     for d in wanted(a, header) {
         let (path, tmp) = a.image_names(&d.name);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        let file = create_new(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         file.set_len(d.size)
             .with_context(|| format!("cannot size {}", tmp.display()))?;
         stdout_line(&format!("DEVINFO {} {}", tmp.display(), d.size));
@@ -267,8 +275,7 @@ fn extract_into(
     }
     leftovers.commit(|| -> anyhow::Result<()> {
         for out in outs.values() {
-            std::fs::rename(&out.tmp, &out.path)
-                .with_context(|| format!("cannot rename {}", out.tmp.display()))?;
+            rename_into_place(&out.tmp, &out.path)?;
         }
         sync_dir(&a.dir)
     })
@@ -295,6 +302,9 @@ fn convert_drives(
     let mut images = Vec::new();
     for d in &drives {
         let (path, tmp) = a.image_names(&d.name);
+        // Made here, new, so that qemu-img (which opens the name it is
+        // given, following symlinks) writes into our own file.
+        create_new(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         stdout_line(&format!("DEVINFO {} {}", tmp.display(), d.size));
         images.push((d, tmp, path));
     }
@@ -338,8 +348,7 @@ fn convert_drives(
     }
     leftovers.commit(|| -> anyhow::Result<()> {
         for (_, tmp, path) in &images {
-            std::fs::rename(tmp, path)
-                .with_context(|| format!("cannot rename {}", tmp.display()))?;
+            rename_into_place(tmp, path)?;
         }
         sync_dir(&a.dir)
     })
@@ -399,8 +408,69 @@ fn read_random(
     Ok(())
 }
 
+/// Creates a new file for writing; never opens one that exists, and never
+/// follows a symlink (`O_EXCL` already refuses one; `O_NOFOLLOW` says so).
+fn create_new(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Renames a finished image to its final name, refusing to replace
+/// whatever appeared there meanwhile (a file or a symlink).
+fn rename_into_place(tmp: &Path, path: &Path) -> anyhow::Result<()> {
+    crate::sink::rename_noreplace(tmp, path).with_context(|| {
+        format!(
+            "cannot rename {} to {}{}",
+            tmp.display(),
+            path.display(),
+            if path.symlink_metadata().is_ok() {
+                " (something else created it meanwhile; it was left alone)"
+            } else {
+                ""
+            }
+        )
+    })
+}
+
 fn sync_dir(dir: &Path) -> anyhow::Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("cannot sync {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_are_created_new_and_symlinks_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, b"precious").unwrap();
+        let link = dir.path().join("qemu-server.conf");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        let e = create_new(&link).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+        // A dangling symlink is not followed either (O_CREAT alone would
+        // create its target).
+        let dangling = dir.path().join("dangling");
+        std::os::unix::fs::symlink(dir.path().join("made-through-link"), &dangling).unwrap();
+        assert!(create_new(&dangling).is_err());
+        assert!(!dir.path().join("made-through-link").exists());
+        // A regular file is not reopened.
+        assert!(create_new(&outside).is_err());
+        assert_eq!(std::fs::read(&outside).unwrap(), b"precious");
+
+        let tmp = dir.path().join("tmp-disk-a.raw");
+        std::fs::write(&tmp, b"image").unwrap();
+        let err = rename_into_place(&tmp, &link).unwrap_err();
+        assert!(format!("{err:#}").contains("left alone"), "{err:#}");
+        assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read(&outside).unwrap(), b"precious");
+        rename_into_place(&tmp, &dir.path().join("disk-a.raw")).unwrap();
+    }
 }

@@ -500,6 +500,35 @@ impl Socket for UnixStream {
     }
 }
 
+/// An in-memory pipe (the fuzz targets' client connection): its halves
+/// share a lock, which costs nothing there.
+impl Socket for tokio::io::DuplexStream {
+    type R = ReadHalf<tokio::io::DuplexStream>;
+    type W = WriteHalf<tokio::io::DuplexStream>;
+    fn into_halves(self) -> (Self::R, Self::W) {
+        tokio::io::split(self)
+    }
+    fn reunite(r: Self::R, w: Self::W) -> io::Result<Self> {
+        Ok(r.unsplit(w))
+    }
+}
+
+impl<B: Backend> Server<B> {
+    /// Serves one client that is already connected over the in-memory
+    /// pipe `stream` (the fuzz targets in `fuzz/` drive the real handshake,
+    /// STARTTLS included when offered, and transmission code this way).
+    /// Handshake deadline, exports and byte budget are this server's; the
+    /// connection limit does not apply. Returns when the connection has
+    /// ended and every request in flight was answered.
+    pub async fn serve_stream(
+        &self,
+        stream: tokio::io::DuplexStream,
+        shutdown: &CancellationToken,
+    ) {
+        serve_connection(&self.shared, stream, shutdown).await;
+    }
+}
+
 /// A connection at the end of its handshake, over plain text or TLS.
 enum Ready<S: Socket> {
     Plain(BufReader<S::R>, S::W, Negotiated, Vec<u8>),

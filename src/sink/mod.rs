@@ -435,8 +435,10 @@ impl ArchiveOut for Sink {
 }
 
 /// Renames without ever replacing an existing file (an archive that
-/// appeared at the final name while we wrote is not clobbered).
-fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+/// appeared at the final name while we wrote is not clobbered; `extract`
+/// uses it for the same reason). A symlink at `to` counts as a file: it is
+/// neither followed nor replaced.
+pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     use rustix::fs::{CWD, RenameFlags, renameat_with};
     use rustix::io::Errno;
     match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {

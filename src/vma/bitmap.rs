@@ -7,12 +7,21 @@
 /// Bits per storage word.
 const WORD_BITS: u64 = u64::BITS as u64;
 
+/// Clusters per chunk of storage. Chunks are allocated when their first
+/// bit is set, so a set costs memory for the clusters actually seen, not
+/// for the device size a header claims: an empty set for a 256 TiB device
+/// (2^32 clusters) is 4096 chunk slots (32 KiB), not 512 MiB, and 254 of
+/// them from one hostile header stay small too.
+const CHUNK_BITS: u64 = 1 << 20;
+
 /// A fixed-size set of cluster numbers `0..len`, with its population kept
 /// so that [`count`](Self::count) is free. Searches go a 64-bit word at a
-/// time, so a device of 2^32 clusters is never walked bit by bit.
+/// time (and skip chunks never written), so a device of 2^32 clusters is
+/// never walked bit by bit.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClusterBitmap {
-    words: Vec<u64>,
+    /// Chunk `i` holds clusters `i * CHUNK_BITS ..`; `None`: none set.
+    chunks: Vec<Option<Box<[u64]>>>,
     len: u64,
     count: u64,
 }
@@ -21,7 +30,7 @@ impl ClusterBitmap {
     /// An empty set for clusters `0..clusters`.
     pub fn new(clusters: u64) -> Self {
         ClusterBitmap {
-            words: vec![0; clusters.div_ceil(WORD_BITS) as usize],
+            chunks: vec![None; clusters.div_ceil(CHUNK_BITS) as usize],
             len: clusters,
             count: 0,
         }
@@ -37,28 +46,39 @@ impl ClusterBitmap {
         self.len == 0
     }
 
-    /// Word index and bit of `cluster`, which must be below [`len`](Self::len).
-    fn at(&self, cluster: u64) -> (usize, u64) {
+    /// Chunk, word index in it and bit of `cluster`, which must be below
+    /// [`len`](Self::len).
+    fn at(&self, cluster: u64) -> (usize, usize, u64) {
         assert!(
             cluster < self.len,
             "cluster {cluster} outside a bitmap of {} clusters",
             self.len
         );
-        ((cluster / WORD_BITS) as usize, 1 << (cluster % WORD_BITS))
+        let in_chunk = cluster % CHUNK_BITS;
+        (
+            (cluster / CHUNK_BITS) as usize,
+            (in_chunk / WORD_BITS) as usize,
+            1 << (in_chunk % WORD_BITS),
+        )
     }
 
     /// True when `cluster` is in the set.
     pub fn get(&self, cluster: u64) -> bool {
-        let (w, bit) = self.at(cluster);
-        self.words[w] & bit != 0
+        let (c, w, bit) = self.at(cluster);
+        self.chunks[c]
+            .as_ref()
+            .is_some_and(|words| words[w] & bit != 0)
     }
 
     /// Adds `cluster`; returns whether it was in the set already.
     pub fn set(&mut self, cluster: u64) -> bool {
-        let (w, bit) = self.at(cluster);
-        let was = self.words[w] & bit != 0;
+        let (c, w, bit) = self.at(cluster);
+        let bits = (self.len - c as u64 * CHUNK_BITS).min(CHUNK_BITS);
+        let words = self.chunks[c]
+            .get_or_insert_with(|| vec![0; bits.div_ceil(WORD_BITS) as usize].into_boxed_slice());
+        let was = words[w] & bit != 0;
         if !was {
-            self.words[w] |= bit;
+            words[w] |= bit;
             self.count += 1;
         }
         was
@@ -79,33 +99,43 @@ impl ClusterBitmap {
         if self.is_full() {
             return None;
         }
-        let (w, word) = self
-            .words
-            .iter()
-            .enumerate()
-            .find(|(_, w)| **w != u64::MAX)?;
         // Bits past `len` are never set, so a clear bit is always found
         // below it when the set is not full.
-        Some(w as u64 * WORD_BITS + u64::from(word.trailing_ones()))
+        self.chunks.iter().enumerate().find_map(|(c, chunk)| {
+            let base = c as u64 * CHUNK_BITS;
+            let Some(words) = chunk else {
+                return Some(base);
+            };
+            let (w, word) = words.iter().enumerate().find(|(_, w)| **w != u64::MAX)?;
+            Some(base + w as u64 * WORD_BITS + u64::from(word.trailing_ones()))
+        })
     }
 
     /// The clusters not in the set, ascending; a word at a time, so a
     /// nearly full set is walked quickly.
     pub fn clear(&self) -> impl Iterator<Item = u64> + '_ {
         let len = self.len;
-        self.words.iter().enumerate().flat_map(move |(w, &word)| {
-            let base = w as u64 * WORD_BITS;
-            let mut free = !word;
-            std::iter::from_fn(move || {
-                if free == 0 {
-                    return None;
-                }
-                let bit = u64::from(free.trailing_zeros());
-                free &= free - 1;
-                Some(base + bit)
-            })
-            .take_while(move |&c| c < len)
-        })
+        self.chunks.iter().enumerate().flat_map(
+            move |(c, chunk)| -> Box<dyn Iterator<Item = u64> + '_> {
+                let base = c as u64 * CHUNK_BITS;
+                let Some(words) = chunk else {
+                    return Box::new(base..len.min(base + CHUNK_BITS));
+                };
+                Box::new(words.iter().enumerate().flat_map(move |(w, &word)| {
+                    let base = base + w as u64 * WORD_BITS;
+                    let mut free = !word;
+                    std::iter::from_fn(move || {
+                        if free == 0 {
+                            return None;
+                        }
+                        let bit = u64::from(free.trailing_zeros());
+                        free &= free - 1;
+                        Some(base + bit)
+                    })
+                    .take_while(move |&c| c < len)
+                }))
+            },
+        )
     }
 }
 
@@ -158,6 +188,32 @@ mod tests {
     #[should_panic(expected = "outside a bitmap")]
     fn refuses_a_cluster_past_the_end() {
         ClusterBitmap::new(64).get(64);
+    }
+
+    #[test]
+    fn across_chunk_boundaries_and_unwritten_chunks() {
+        let len = 3 * CHUNK_BITS + 5;
+        let mut b = ClusterBitmap::new(len);
+        assert_eq!(b.first_clear(), Some(0));
+        for c in 0..CHUNK_BITS + 2 {
+            b.set(c);
+        }
+        assert_eq!(b.first_clear(), Some(CHUNK_BITS + 2));
+        assert!(!b.get(2 * CHUNK_BITS));
+        assert!(!b.set(len - 1));
+        assert!(b.get(len - 1));
+        let clear: Vec<u64> = b.clear().take(3).collect();
+        assert_eq!(clear, vec![CHUNK_BITS + 2, CHUNK_BITS + 3, CHUNK_BITS + 4]);
+        let tail: Vec<u64> = b.clear().skip_while(|&c| c < 3 * CHUNK_BITS).collect();
+        assert_eq!(tail, (3 * CHUNK_BITS..len - 1).collect::<Vec<_>>());
+        assert_eq!(b.clear().count() as u64, len - b.count());
+        // Chunks are allocated only where bits were set: 2^32 clusters
+        // (256 TiB) cost nothing until used.
+        let huge = ClusterBitmap::new(1 << 32);
+        assert_eq!(huge.chunks.len(), 4096);
+        assert!(huge.chunks.iter().all(Option::is_none));
+        assert_eq!(huge.first_clear(), Some(0));
+        assert_eq!(huge.clear().nth(5), Some(5));
     }
 
     proptest::proptest! {

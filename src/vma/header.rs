@@ -335,7 +335,17 @@ impl Header {
                 rule: "blob area extends past header_size",
             });
         }
-        let blobs = Blobs::parse(&buf[blob_off..blob_off + blob_size]);
+        // Only the entries some pointer names are kept: a 64 MiB blob area
+        // of empty entries holds 33 million of them.
+        let mut wanted = HashSet::new();
+        for slot in 1..=VMA_MAX_DEVICES {
+            wanted.insert(be32(buf, offset::DEV_INFO + slot * VMA_DEV_INFO_SIZE));
+        }
+        for i in 0..VMA_MAX_CONFIGS {
+            wanted.insert(be32(buf, offset::CONFIG_NAMES + 4 * i));
+            wanted.insert(be32(buf, offset::CONFIG_DATA + 4 * i));
+        }
+        let blobs = Blobs::parse(&buf[blob_off..blob_off + blob_size], &wanted);
 
         let mut devices = Vec::new();
         let mut names = HashSet::new();
@@ -415,7 +425,8 @@ impl Header {
     }
 }
 
-/// The entries of a blob area, keyed by their start offset.
+/// The entries of a blob area that pointers name, keyed by their start
+/// offset.
 struct Blobs<'a> {
     entries: HashMap<u32, &'a [u8]>,
 }
@@ -423,7 +434,8 @@ struct Blobs<'a> {
 impl<'a> Blobs<'a> {
     /// Walks entries from offset 1 while two length bytes remain, as
     /// Proxmox's reader does; an entry that does not fit ends the walk.
-    fn parse(area: &'a [u8]) -> Self {
+    /// Keeps the entries that start at one of the `wanted` offsets.
+    fn parse(area: &'a [u8], wanted: &HashSet<u32>) -> Self {
         let mut entries = HashMap::new();
         let mut pos = 1usize;
         while pos + 2 <= area.len() {
@@ -432,7 +444,9 @@ impl<'a> Blobs<'a> {
             if end > area.len() {
                 break;
             }
-            entries.insert(pos as u32, &area[pos + 2..end]);
+            if wanted.contains(&(pos as u32)) {
+                entries.insert(pos as u32, &area[pos + 2..end]);
+            }
             pos = end;
         }
         Blobs { entries }

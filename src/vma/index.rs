@@ -508,12 +508,26 @@ struct Mapper {
 }
 
 impl Mapper {
+    /// `max_entries` is the most cluster entries the source can hold (from
+    /// its length): devices with more clusters than that cannot be complete,
+    /// and are refused before their map (4 bytes per cluster) is allocated,
+    /// so a few bytes claiming 256 TiB devices cost nothing.
     fn new(
         devices: &[DeviceTotals],
         header_len: u64,
         framed: bool,
         has_digests: bool,
+        max_entries: u64,
     ) -> Result<Mapper, IndexError> {
+        let clusters = devices
+            .iter()
+            .map(|d| clusters_of(d.size.min(super::consts::MAX_DEVICE_SIZE)))
+            .sum::<u64>();
+        if clusters > max_entries {
+            return Err(bad(format!(
+                "its devices have {clusters} clusters, more than the {max_entries} it can list"
+            )));
+        }
         let mut map: Vec<Vec<u32>> = vec![Vec::new(); 256];
         for (i, d) in devices.iter().enumerate() {
             if d.dev.0 == 0 || !map[d.dev.0 as usize].is_empty() || d.size == 0 {
@@ -588,7 +602,9 @@ impl Mapper {
             entries,
             first_digest,
         };
-        self.next_offset = stream_offset + rec.len();
+        self.next_offset = stream_offset
+            .checked_add(rec.len())
+            .ok_or_else(|| bad(format!("extent {x} ends past 2^64")))?;
         self.extents.push(rec);
         Ok(())
     }
@@ -610,7 +626,9 @@ impl Mapper {
             if let Some(c) = slots.iter().position(|&x| x == u32::MAX) {
                 return Err(bad(format!("cluster {c} of dev_id {} is missing", d.dev)));
             }
-            if d.data_clusters + d.zero_clusters != slots.len() as u64 {
+            // Values from the index: checked, so that huge ones cannot wrap
+            // around to the right total.
+            if d.data_clusters.checked_add(d.zero_clusters) != Some(slots.len() as u64) {
                 return Err(bad(format!("device {} totals", d.dev)));
             }
         }
@@ -684,10 +702,12 @@ impl ArchiveIndex {
                 })
             })
             .collect::<Result<_, IndexError>>()?;
-        let mut mapper = Mapper::new(&devices, header_len, head.framed, true)?;
         if extent_count > dev_start / EXTENT_RECORD_LEN {
             return Err(bad(format!("{extent_count} extents do not fit")));
         }
+        let max_entries = (extent_count as u64 * super::consts::VMA_BLOCKS_PER_EXTENT as u64)
+            .min((dev_start / ENTRY_LEN) as u64);
+        let mut mapper = Mapper::new(&devices, header_len, head.framed, true, max_entries)?;
         let mut at = 0usize;
         for x in 0..extent_count {
             if at + EXTENT_RECORD_LEN > dev_start {
@@ -743,7 +763,9 @@ impl ArchiveIndex {
         extents: impl IntoIterator<Item = (u64, Vec<BlockInfo>)>,
     ) -> Result<ArchiveIndex, IndexError> {
         let mut devices = DeviceTotals::none_of(header);
-        let mut mapper = Mapper::new(&devices, header_len, false, false)?;
+        let max_extents = stream_len.saturating_sub(header_len) / VMA_EXTENT_HEADER_SIZE as u64;
+        let max_entries = max_extents * super::consts::VMA_BLOCKS_PER_EXTENT as u64;
+        let mut mapper = Mapper::new(&devices, header_len, false, false, max_entries)?;
         for (stream_offset, entries) in extents {
             for e in &entries {
                 if let Some(d) = devices.iter_mut().find(|d| d.dev.0 == e.dev) {

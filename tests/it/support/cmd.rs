@@ -333,3 +333,82 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// How a [`run_measured`] child ended and how much memory it used.
+#[derive(Debug)]
+pub struct Measured {
+    pub out: Output,
+    /// Peak resident set size in KiB: the child's VmHWM, sampled every
+    /// few milliseconds while it runs. (wait4's ru_maxrss cannot be used:
+    /// a child inherits its parent's high-water mark through fork and
+    /// exec, and the test binary is large.)
+    pub max_rss_kib: u64,
+    pub elapsed: Duration,
+}
+
+/// Runs `cmd` to its end within `timeout` like [`output_within`], optionally
+/// under an address-space limit (`RLIMIT_AS`, bytes: a huge allocation then
+/// fails instead of being overcommitted), and reports its peak RSS.
+pub fn run_measured(cmd: &mut Command, as_limit: Option<u64>, timeout: Duration) -> Measured {
+    use std::os::unix::process::CommandExt;
+    if let Some(limit) = as_limit {
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs
+        // between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let l = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_AS, &l) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let start = Instant::now();
+    let mut child = spawn_piped(cmd);
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("stdout piped")));
+    let err = drain(Box::new(child.stderr.take().expect("stderr piped")));
+    let pid = child.id();
+    let deadline = start + timeout;
+    let mut max_rss_kib = 0;
+    let status = loop {
+        if let Some(hwm) = vm_hwm_kib(pid) {
+            max_rss_kib = max_rss_kib.max(hwm);
+        }
+        if let Some(s) = child.try_wait().expect("wait for child") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {timeout:?} (killed)");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    Measured {
+        out: Output {
+            status,
+            stdout: out.join().unwrap(),
+            stderr: err.join().unwrap(),
+        },
+        max_rss_kib,
+        elapsed: start.elapsed(),
+    }
+}
+
+/// VmHWM (peak RSS) of process `pid` in KiB, while it runs.
+pub fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
