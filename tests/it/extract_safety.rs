@@ -324,10 +324,9 @@ fn a_64_mib_header_of_empty_blobs_costs_little_more_than_itself() {
             "{args:?} peaked at {} KiB",
             m.max_rss_kib
         );
-        assert!(
-            m.elapsed < Duration::from_secs(10),
-            "{args:?}: {:?}",
-            m.elapsed
-        );
+        // md5 of 64 MiB and the walk: 1 s in a release build, 14 s in a
+        // debug one (the binary under test has the test's profile).
+        let limit = Duration::from_secs(if cfg!(debug_assertions) { 60 } else { 10 });
+        assert!(m.elapsed < limit, "{args:?}: {:?}", m.elapsed);
     }
 }
