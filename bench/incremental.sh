@@ -56,8 +56,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-rnd() { { openssl enc -aes-128-ctr -nosalt -pass "pass:vma-bench-incr-$2" -pbkdf2 -in /dev/zero 2>/dev/null || true; } | head -c "$1"; }
-
 echo "== incremental benchmark, $RUNS rounds, ${SIZE_MIB} MiB raw drive (${DATA_PCT} % data), ${DIRTY_PCT} % of clusters rewritten, binary $VMA"
 machine_info
 echo "qemu:    $(qemu-storage-daemon --version | head -1)"
@@ -67,7 +65,7 @@ echo "making the source in $S ..."
 truncate -s "$SIZE" "$S/src.raw"
 data_per_2m=$((2097152 * DATA_PCT / 100))
 # one random stream cut into the data part of every 2 MiB, written sparse
-rnd $((SIZE / 2097152 * data_per_2m)) src | "/usr/bin/python3" -c '
+rnd $((SIZE / 2097152 * data_per_2m)) vma-bench-incr-src | "/usr/bin/python3" -c '
 import sys
 size, step, part, path = int(sys.argv[1]), 2097152, int(sys.argv[2]), sys.argv[3]
 src = sys.stdin.buffer

@@ -107,3 +107,29 @@ busy_secs() {
 # FOREIGN = machine busy seconds between B0 and B1 minus OURS (CPU seconds of
 # the processes under test): CPU that other sessions used during the run.
 foreign_secs() { awk -v a="$1" -v b="$2" -v o="$3" 'BEGIN { f = b - a - o; if (f < 0) f = 0; printf "%.2f\n", f }'; }
+
+# rnd BYTES SEED: deterministic, fast random bytes (the AES-CTR keystream of
+# SEED), so every run of a benchmark sees the same data.
+rnd() { { openssl enc -aes-128-ctr -nosalt -pass pass:"$2" -pbkdf2 -in /dev/zero 2>/dev/null || true; } | head -c "$1"; }
+
+# txt BYTES SEED: text-like bytes: random bytes mapped onto 32 letters,
+# spaces and newlines (5 bits of entropy per byte, so zstd -3 halves it
+# roughly).
+txt() { rnd "$1" "$2" | tr '\000-\377' 'abcdefghijklmnopqrstuvwxyz    \n\nabcdefghijklmnopqrstuvwxyz    \n\nabcdefghijklmnopqrstuvwxyz    \n\nabcdefghijklmnopqrstuvwxyz    \n\nabcdefghijklmnopqrstuvwxyz    \n\nabcdefghijklmnopqrstuvwxyz    \n\nabcdefghijklmnopqrstuvwxyz    \n\nabcdefghijklmnopqrstuvwxyz    \n\n'; }
+
+# mixed IMAGE MIB SEED: the compression benchmarks' image: per 4 MiB, 1 MiB
+# text-like, 1 MiB random, 2 MiB holes.
+mixed() {
+    local img=$1 mib=$2 seed=$3 MiB=$((1 << 20))
+    python3 - "$img" "$mib" <(txt $((mib / 4 * MiB)) "t$seed") <(rnd $((mib / 4 * MiB)) "r$seed") <<'PY'
+import sys
+img, mib, txt, rnd = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+M = 1 << 20
+with open(txt, "rb") as t, open(rnd, "rb") as r, open(img, "wb") as w:
+    for i in range(mib // 4):
+        w.seek(4 * i * M)
+        w.write(t.read(M))
+        w.write(r.read(M))
+    w.truncate(mib * M)
+PY
+}

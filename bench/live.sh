@@ -67,8 +67,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-rnd() { { openssl enc -aes-128-ctr -nosalt -pass pass:vma-bench-live -pbkdf2 -in /dev/zero 2>/dev/null || true; } | head -c "$1"; }
-
 echo "== live benchmark, $RUNS runs, ${SIZE_MIB} MiB dense random source, binary $VMA"
 machine_info
 echo "qemu:    $(qemu-storage-daemon --version | head -1)"
@@ -90,7 +88,7 @@ with open(path, "wb") as w:
         w.write(bytes(2 * M))
 PY
 else
-    rnd $SIZE > "$S/src.raw"
+    rnd $SIZE vma-bench-live > "$S/src.raw"
 fi
 
 QSD_PID=

@@ -44,13 +44,10 @@ trap 'exit 130' INT TERM
 GiB=$((1 << 30))
 MiB=$((1 << 20))
 
-# Deterministic, fast random bytes (AES-CTR keystream).
-rnd() { { openssl enc -aes-128-ctr -nosalt -pass pass:vma-bench -pbkdf2 -in /dev/zero 2>/dev/null || true; } | head -c "$1"; }
-
 echo "== offline benchmark, $RUNS runs, binary $VMA"
 machine_info
 echo "making images in $S ..."
-rnd $GiB > "$S/random.raw"
+rnd $GiB vma-bench > "$S/random.raw"
 # mixed-holes: 1 MiB of random data every 4 MiB, holes in between.
 python3 - "$S/random.raw" "$S/mixed-holes.raw" <<'PY'
 import sys

@@ -45,27 +45,6 @@ MiB=$((1 << 20))
 UUID=01234567-89ab-cdef-0123-456789abcdef
 CTIME=1764000000
 
-# Deterministic random bytes (AES-CTR keystream).
-rnd() { { openssl enc -aes-128-ctr -nosalt -pass pass:"$2" -pbkdf2 -in /dev/zero 2>/dev/null || true; } | head -c "$1"; }
-# Text-like bytes: random bytes mapped onto 32 letters, spaces and newlines
-# (5 bits of entropy per byte, so zstd -3 halves it roughly).
-txt() { rnd "$1" "$2" | tr '\000-\377' 'abcdefghijklmnopqrstuvwxyz    \n\nabcdefghijklmnopqrstuvwxyz    \n\nabcdefghijklmnopqrstuvwxyz    \n\nabcdefghijklmnopqrstuvwxyz    \n\nabcdefghijklmnopqrstuvwxyz    \n\nabcdefghijklmnopqrstuvwxyz    \n\nabcdefghijklmnopqrstuvwxyz    \n\nabcdefghijklmnopqrstuvwxyz    \n\n'; }
-
-# mixed IMAGE MIB SEED: per 4 MiB, 1 MiB text, 1 MiB random, 2 MiB holes.
-mixed() {
-    local img=$1 mib=$2 seed=$3
-    python3 - "$img" "$mib" <(txt $((mib / 4 * MiB)) "t$seed") <(rnd $((mib / 4 * MiB)) "r$seed") <<'PY'
-import sys
-img, mib, txt, rnd = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-M = 1 << 20
-with open(txt, "rb") as t, open(rnd, "rb") as r, open(img, "wb") as w:
-    for i in range(mib // 4):
-        w.seek(4 * i * M)
-        w.write(t.read(M))
-        w.write(r.read(M))
-    w.truncate(mib * M)
-PY
-}
 
 declare -A T SIZE READ
 add() { T[$1]="${T[$1]:-} $2"; }
