@@ -155,6 +155,20 @@ pub fn overlay_backing(addr: &ListenAddr, export: &str, reconnect_delay: u64) ->
     format!("json:{v}")
 }
 
+/// Whether two overlay backing names (see [`overlay_backing`]) name the
+/// same export, whatever `reconnect-delay` each carries: a restarted live
+/// restore may choose another delay and must still resume.
+fn same_export(a: &str, b: &str) -> bool {
+    let export = |s: &str| {
+        let mut v: serde_json::Value = serde_json::from_str(s.strip_prefix("json:")?).ok()?;
+        v.get_mut("file")?
+            .as_object_mut()?
+            .remove("reconnect-delay");
+        Some(v)
+    };
+    a == b || matches!((export(a), export(b)), (Some(x), Some(y)) if x == y)
+}
+
 /// The overlay file of drive `name` in `dir`: `disk-NAME.qcow2`, as
 /// `extract --format qcow2` names its images.
 pub fn overlay_path(dir: &Path, name: &str) -> PathBuf {
@@ -181,7 +195,7 @@ pub fn prepare(
         };
         let created = if path.exists() {
             match qemu_img::backing_file(&path).map_err(fail)? {
-                Some(b) if b != backing => {
+                Some(b) if !same_export(&b, &backing) => {
                     return Err(Error::Foreign { path, backing: b });
                 }
                 _ => false,
@@ -424,6 +438,9 @@ mod tests {
             b.contains(r#""server":{"host":"127.0.0.1","port":"10809","type":"inet"}"#),
             "{b}"
         );
+        assert!(same_export(&b, &overlay_backing(&tcp, "d", 60)));
+        assert!(!same_export(&b, &overlay_backing(&tcp, "e", 5)));
+        assert!(!same_export(&b, "/some/other.qcow2"));
     }
 
     #[test]

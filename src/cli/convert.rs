@@ -16,9 +16,8 @@ use bytes::Bytes;
 
 use super::archive_input;
 use super::options::{OutputOpts, output_target};
-use super::signals::{Leftovers, partial_of};
+use super::signals::Leftovers;
 use crate::archive::IndexCheck;
-use crate::sink::Sink;
 use crate::vma::index::{NO_FRAME, stored_digest};
 use crate::vma::{ArchiveOut, IndexBuilder};
 
@@ -44,7 +43,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let opts = a.output_opts.sink_options(&target);
     let leftovers = Leftovers::watch("convert", opts.keep_partial)?;
     let mut sink = leftovers
-        .create(|| Sink::create(&target, &opts), partial_of)
+        .sink(&target, &opts)
         .with_context(|| format!("cannot create archive {}", a.output))?;
     let written = format!("cannot write {}", a.output);
     let frame = sink

@@ -20,12 +20,11 @@ use bytes::Bytes;
 use super::live::{Ended, backup_with_display};
 use super::options::{ArchiveOpts, LiveOpts, output_target};
 use super::progress::CreateProgress;
-use super::signals::{Leftovers, partial_of};
+use super::signals::Leftovers;
 use super::values::{DriveImage, SECTOR_SIZE};
 use crate::backup::{BackupDrive, RunOptions};
 use crate::pool::BufferPool;
 use crate::qemu::{DaemonOptions, Image, StorageDaemon};
-use crate::sink::Sink;
 use crate::vma::consts::VMA_CLUSTER_SIZE;
 use crate::vma::{ArchiveOut, DevId, Writer};
 
@@ -327,7 +326,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let leftovers = Leftovers::watch("create", a.archive_opts.keep_partial())?;
     let opts = a.archive_opts.sink_options(&target);
     let sink = leftovers
-        .create(|| Sink::create(&target, &opts), partial_of)
+        .sink(&target, &opts)
         .with_context(|| format!("cannot create archive {}", a.archive))?;
     let mut w = builder
         .index(sink.can_hold_index())

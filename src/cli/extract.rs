@@ -338,9 +338,10 @@ fn convert_drives(
         before += d.size;
     }
     progress.finish();
-    rt.block_on(export.stop())
-        .context("the archive export did not stop cleanly")?;
+    // The conversion's own error first: it is the one the user must see.
+    let stopped = rt.block_on(export.stop());
     res?;
+    stopped.context("the archive export did not stop cleanly")?;
     for (_, tmp, _) in &images {
         File::open(tmp)
             .and_then(|f| f.sync_all())

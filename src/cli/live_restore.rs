@@ -217,7 +217,10 @@ async fn restore(
     let (qmp, attached) = match attached {
         Ok(x) => x,
         Err(e) => {
-            export.stop().await?;
+            // The attach error is the one to report; a failed stop is logged.
+            if let Err(stop) = export.stop().await {
+                tracing::warn!("the export did not stop cleanly: {stop}");
+            }
             return Err(e);
         }
     };

@@ -148,6 +148,22 @@ impl Leftovers {
         Ok(out)
     }
 
+    /// Opens the archive output `target`, registering its partial files.
+    /// Signals are held off only while files are created: opening an
+    /// existing FIFO blocks until a reader comes, and a signal must still
+    /// end the command then.
+    pub fn sink(
+        &self,
+        target: &crate::sink::Target,
+        opts: &crate::sink::SinkOptions,
+    ) -> std::io::Result<crate::sink::Sink> {
+        if target.creates_files() {
+            self.create(|| crate::sink::Sink::create(target, opts), |s| s.partials())
+        } else {
+            crate::sink::Sink::create(target, opts)
+        }
+    }
+
     /// A private temporary directory (e.g. for a socket), made with
     /// signals held off; a signal removes it silently, `--keep-partial` or
     /// not. Dropping it removes it as usual.
@@ -167,11 +183,6 @@ impl Leftovers {
         st.paths.clear();
         out
     }
-}
-
-/// The partial file a sink writes, for [`Leftovers::create`].
-pub fn partial_of(sink: &crate::sink::Sink) -> Vec<PathBuf> {
-    sink.partials()
 }
 
 impl State {

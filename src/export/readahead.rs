@@ -112,5 +112,11 @@ mod tests {
             s.read(1000 * M + i * 10 * M, 4096);
         }
         assert_eq!(s.read(200 * M + 2 * M, M), None, "forgotten");
+        // A remembered stream would still be inside its window here; a
+        // forgotten one starts anew and warms from its end at once.
+        let w = s
+            .read(203 * M, M)
+            .expect("the stream at 200 MiB was forgotten");
+        assert_eq!(w.start, 204 * M);
     }
 }

@@ -50,6 +50,12 @@ impl Target {
         }
     }
 
+    /// True when writing it creates files (`ARCHIVE.partial`, the index):
+    /// a path that is not an existing FIFO.
+    pub fn creates_files(&self) -> bool {
+        matches!(self, Target::File(p) if !is_fifo(p))
+    }
+
     /// True for a name that asks for zstd by its extension (`.zst`).
     pub fn implies_zstd(&self) -> bool {
         matches!(self, Target::File(p) if p.extension().is_some_and(|e| e == "zst"))
@@ -288,7 +294,18 @@ impl Sink {
             })?;
         drop(file);
         if let Some(bytes) = sidecar {
-            sealed.index_files = Some(write_sidecar(path, bytes)?);
+            match write_sidecar(path, bytes) {
+                Ok(files) => sealed.index_files = Some(files),
+                Err(e) => {
+                    // The archive is complete and durable: keep it rather
+                    // than delete a finished backup for want of its index
+                    // (readers fall back without one), and say where.
+                    let _ = std::fs::remove_file(partial_path(&index_path(path)));
+                    let msg = format!("{e}; the finished archive is left at {}", partial.display());
+                    sealed.keep_partial = true;
+                    return Err(io::Error::new(e.kind(), msg));
+                }
+            }
         }
         Ok(sealed)
     }

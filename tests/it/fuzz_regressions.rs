@@ -2,7 +2,9 @@
 //! tests: `tests/fixtures/fuzz/TARGET/*` go through the same steps as the
 //! target's harness did, and must now end in an error, not a panic. (The
 //! debug-build run of the suite in `.ci/run` has the overflow checks the
-//! fuzz build has.) To add one: copy `fuzz/artifacts/TARGET/crash-*` there.
+//! fuzz build has.) To add one: copy `fuzz/artifacts/TARGET/crash-*` there
+//! (a target without a test here yet, e.g. `vma_reader`, gets one that
+//! replays its inputs through its harness's steps).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,17 +15,16 @@ use tokio_util::sync::CancellationToken;
 use vma_writer::nbd::{Export, MemoryBackend, Server, ServerConfig};
 
 use twox_hash::XxHash3_128;
+use vma_writer::vma::ArchiveIndex;
 use vma_writer::vma::index::{FLAG_FRAMED, INDEX_MAGIC, INDEX_VERSION};
-use vma_writer::vma::{ArchiveIndex, Reader};
 
-/// The crash inputs of `target`.
+/// The crash inputs of `target`; at least one (a test that replays
+/// nothing would pass without checking anything).
 fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/fuzz")
         .join(target);
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Vec::new();
-    };
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let mut v: Vec<(PathBuf, Vec<u8>)> = entries
         .map(|e| {
             let p = e.unwrap().path();
@@ -32,6 +33,7 @@ fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
         })
         .collect();
     v.sort();
+    assert!(!v.is_empty(), "no crash inputs in {}", dir.display());
     v
 }
 
@@ -60,19 +62,8 @@ fn index_of(data: &[u8]) -> Vec<u8> {
 fn vma_index_crashes_are_errors() {
     // crash-f6f6...: device totals near 2^64 whose sum wrapped (an
     // overflow panic in debug builds; in release a wrong sum could match).
-    let all = inputs("vma_index");
-    assert!(!all.is_empty());
-    for (path, data) in all {
+    for (path, data) in inputs("vma_index") {
         let res = ArchiveIndex::decode(&index_of(&data));
-        assert!(res.is_err(), "{}: accepted", path.display());
-    }
-}
-
-#[test]
-fn vma_reader_crashes_are_errors() {
-    for (path, data) in inputs("vma_reader") {
-        // Without the harness's optional re-sealing: the raw bytes.
-        let res = Reader::new(&data[1..]).and_then(|r| r.verify());
         assert!(res.is_err(), "{}: accepted", path.display());
     }
 }
