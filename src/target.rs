@@ -122,6 +122,10 @@ pub enum Error {
     /// The last extent, fsync or rename failed, or a drive is incomplete.
     #[error("cannot finish the archive")]
     Finish(#[source] io::Error),
+    /// The archive was made final, but what followed failed (renaming its
+    /// index, syncing the directory): the archive is complete and in place.
+    #[error("the archive was made final, but its commit did not complete")]
+    Published(#[source] io::Error),
     /// A stop request arrived while the archive was being finished, before
     /// it was made final: it was abandoned.
     #[error("stopped while the archive was being finished; it was not made final")]
@@ -398,6 +402,7 @@ impl BackupTarget {
         };
         let summary = finished.map_err(|e| match e.kind() {
             io::ErrorKind::Interrupted => Error::Stopped,
+            _ if crate::sink::is_published(&e) => Error::Published(e),
             _ => Error::Finish(e),
         })?;
         let bytes = summary.drives.iter().map(|d| d.size).sum();
