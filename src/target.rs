@@ -310,6 +310,12 @@ impl BackupTarget {
         &self.addr
     }
 
+    /// Says that no client will connect any more; see
+    /// [`Assembler::clients_done`].
+    pub fn clients_done(&self) {
+        self.assembler.clients_done();
+    }
+
     /// Per-drive status.
     pub fn status(&self) -> Vec<DriveStatus> {
         self.assembler.status()

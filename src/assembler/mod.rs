@@ -238,6 +238,15 @@ impl Assembler {
         &self.drives
     }
 
+    /// Says that no client will connect any more (the backup jobs ended
+    /// and their targets are gone): incremental drives then await their
+    /// base ([`DriveStatus::awaits_base`]) instead of a reconnect.
+    pub fn clients_done(&self) {
+        for d in &self.drives {
+            d.clients_done();
+        }
+    }
+
     /// Status of every drive.
     pub fn status(&self) -> Vec<DriveStatus> {
         self.drives.iter().map(|d| d.status()).collect()
@@ -651,6 +660,9 @@ mod tests {
         d.disconnected(true);
         if let Some(base) = base {
             let st = &asm.status()[0];
+            assert!(!st.awaits_base && st.idle_since.is_some(), "{st:?}");
+            asm.clients_done();
+            let st = &asm.status()[0];
             assert!(st.awaits_base && st.idle_since.is_none(), "{st:?}");
             // A plain base is read through a mapping, as a backup does.
             let base = RandomArchive::open(base.to_str().unwrap()).unwrap();
@@ -688,6 +700,37 @@ mod tests {
                 (c, data)
             })
             .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cluster_written_in_part_fails_the_fill() {
+        use crate::vma::DeviceChain;
+        let size = 8 * 65536;
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.vma");
+        let full = DeviceChain {
+            bitmap: true,
+            ..Default::default()
+        };
+        chain_archive(&base, size, full, &generation(size, 1), None, false)
+            .await
+            .unwrap();
+        let incremental = DeviceChain {
+            bitmap: true,
+            from_base: true,
+            base_bytes: 0,
+        };
+        let new = dir.path().join("new.vma");
+        let part = [(5u64, vec![7u8; 4096])];
+        let err = chain_archive(&new, size, incremental, &part, Some(&base), false)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("cluster 5 was written only in part"),
+            "{err}"
+        );
+        assert!(!new.exists(), "a failed fill leaves no archive");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -368,6 +368,7 @@ impl Backup<'_> {
         // disconnect, which settles the drives (full ones complete,
         // incremental ones awaiting their base).
         self.remove_targets().await?;
+        self.target.clients_done();
         self.settle(stop).await?;
         self.fill(plan, base, observer, stop).await
     }
