@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::backend::{Backend, Export};
+use super::budget::MemoryBudget;
 use super::handshake::{self, Outcome, TlsPhase};
 use super::session::{Negotiated, Session};
 use super::tls::Tls;
@@ -63,6 +64,10 @@ pub struct ServerConfig {
     pub max_bytes_in_flight: usize,
     /// Handshake deadline; see [`HANDSHAKE_TIMEOUT`].
     pub handshake_timeout: Duration,
+    /// One budget for the WRITE payloads of all connections together
+    /// (shared fairly; see [`MemoryBudget`]); `None`: only the
+    /// per-connection bound applies.
+    pub memory: Option<MemoryBudget>,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +76,7 @@ impl Default for ServerConfig {
             max_connections: MAX_CONNECTIONS,
             max_bytes_in_flight: MAX_BYTES_IN_FLIGHT,
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            memory: None,
         }
     }
 }
@@ -677,6 +683,7 @@ async fn transmit<B, R, W>(
         export: Arc::from(export.name.as_str()),
         negotiated,
         max_bytes_in_flight: shared.config.max_bytes_in_flight,
+        memory: shared.config.memory.as_ref().map(MemoryBudget::share),
     };
     let clean = transmission::serve(reader, w, session, shutdown).await;
     info!(export = %export.name, clean, "client disconnected");
