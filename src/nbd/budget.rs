@@ -33,8 +33,14 @@
 //! clamped to the whole budget, so a request larger than the budget runs
 //! alone. Refused WRITEs are drained without a charge.
 //!
+//! A charge is taken before the payload arrives, so a client that
+//! announces a large WRITE and trickles its payload would hold the budget
+//! for as long as it likes: a charged payload must arrive within
+//! [`ServerConfig::payload_timeout`], or the connection is closed.
+//!
 //! [`ServerConfig::max_bytes_in_flight`]: super::ServerConfig::max_bytes_in_flight
 //! [`ServerConfig::memory`]: super::ServerConfig::memory
+//! [`ServerConfig::payload_timeout`]: super::ServerConfig::payload_timeout
 
 use std::collections::HashMap;
 use std::fmt;

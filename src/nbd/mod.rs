@@ -57,7 +57,7 @@ pub use memory::{MemoryBackend, PAGE_SIZE};
 pub use null::NullBackend;
 pub use server::{
     HANDSHAKE_TIMEOUT, ListenAddr, ListenAddrError, Listener, MAX_BYTES_IN_FLIGHT, MAX_CONNECTIONS,
-    Server, ServerConfig,
+    PAYLOAD_TIMEOUT, Server, ServerConfig,
 };
 pub use session::SHUTDOWN_GRACE;
 pub use tls::{Tls, TlsError, TlsFiles};

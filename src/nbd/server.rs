@@ -51,6 +51,14 @@ pub const MAX_BYTES_IN_FLIGHT: usize = 64 * 1024 * 1024;
 /// or slow-loris peers cannot hold connection slots (qemu-nbd uses 10 s too).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Default for [`ServerConfig::payload_timeout`]: how long a WRITE payload
+/// charged to the shared [`MemoryBudget`] may take to arrive before the
+/// connection is closed, so a client that trickles a large payload cannot
+/// hold the budget (and stall every other drive) for long. 30 s is 1 MiB
+/// (QEMU's request) at 35 KB/s; without a shared budget there is no such
+/// deadline (a slow payload holds only its own connection).
+pub const PAYLOAD_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Longest pause between retries after `accept` fails (e.g. out of file
 /// descriptors); the pause starts at 1 ms and doubles.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
@@ -68,6 +76,8 @@ pub struct ServerConfig {
     /// (shared fairly; see [`MemoryBudget`]); `None`: only the
     /// per-connection bound applies.
     pub memory: Option<MemoryBudget>,
+    /// With `memory`: payload deadline; see [`PAYLOAD_TIMEOUT`].
+    pub payload_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +87,7 @@ impl Default for ServerConfig {
             max_bytes_in_flight: MAX_BYTES_IN_FLIGHT,
             handshake_timeout: HANDSHAKE_TIMEOUT,
             memory: None,
+            payload_timeout: PAYLOAD_TIMEOUT,
         }
     }
 }
@@ -684,6 +695,7 @@ async fn transmit<B, R, W>(
         negotiated,
         max_bytes_in_flight: shared.config.max_bytes_in_flight,
         memory: shared.config.memory.as_ref().map(MemoryBudget::share),
+        payload_timeout: shared.config.payload_timeout,
     };
     let clean = transmission::serve(reader, w, session, shutdown).await;
     info!(export = %export.name, clean, "client disconnected");

@@ -63,6 +63,8 @@ pub(super) struct Session<B> {
     pub max_bytes_in_flight: usize,
     /// This connection's part of the server's shared budget, if it has one.
     pub memory: Option<Share>,
+    /// How long a payload charged to `memory` may take to arrive.
+    pub payload_timeout: Duration,
 }
 
 /// Reads exactly `buf.len()` bytes. Returns `Ok(false)` when the peer closed

@@ -33,6 +33,7 @@
 use std::io;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes};
 use futures_util::FutureExt;
@@ -367,7 +368,10 @@ where
         &conn,
         &budget,
         budget_total,
-        session.memory.as_ref(),
+        session
+            .memory
+            .as_ref()
+            .map(|m| (m, session.payload_timeout)),
         &tasks,
         shutdown,
         &writer_dead,
@@ -397,7 +401,7 @@ async fn read_loop<R, B>(
     conn: &Arc<Conn<B>>,
     budget: &Arc<Semaphore>,
     budget_total: usize,
-    memory: Option<&Share>,
+    memory: Option<(&Share, Duration)>,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
     writer_dead: &CancellationToken,
@@ -414,7 +418,7 @@ where
     };
     let mut hb = [0u8; EXTENDED_REQUEST_LEN];
     let pool = match memory {
-        Some(share) => Arc::clone(share.pool()),
+        Some((share, _)) => Arc::clone(share.pool()),
         None => BufferPool::new(BUFFER_POOL_BYTES),
     };
     loop {
@@ -500,7 +504,7 @@ where
         // The shared budget: only WRITE payloads (validate() lets no other
         // payload through), held until the backend has taken the data.
         let charge = match memory {
-            Some(share) if payload_len > 0 => tokio::select! {
+            Some((share, _)) if payload_len > 0 => tokio::select! {
                 biased;
                 _ = writer_dead.cancelled() => return Ok(false),
                 c = share.acquire(payload_len as usize) => Some(c),
@@ -508,10 +512,22 @@ where
             _ => None,
         };
 
-        let payload = if payload_len > 0 {
-            Some(read_payload(reader, payload_len as usize, &pool).await?)
-        } else {
-            None
+        let payload = match (payload_len, memory, &charge) {
+            (0, _, _) => None,
+            // A charged payload must arrive in time: the budget is shared.
+            (len, Some((_, deadline)), Some(_)) => {
+                let read = read_payload(reader, len as usize, &pool);
+                match tokio::time::timeout(deadline, read).await {
+                    Ok(p) => Some(p?),
+                    Err(_) => {
+                        return Err(ProtocolError::PayloadTimeout {
+                            len,
+                            secs: deadline.as_secs(),
+                        });
+                    }
+                }
+            }
+            (len, _, _) => Some(read_payload(reader, len as usize, &pool).await?),
         };
 
         let conn = Arc::clone(conn);

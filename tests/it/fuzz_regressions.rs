@@ -112,6 +112,7 @@ fn converse(input: &[u8], limit: Duration) {
                 max_bytes_in_flight: 64 * 1024,
                 handshake_timeout: Duration::from_secs(5),
                 memory: None,
+                payload_timeout: Duration::from_secs(5),
             },
         );
         let (client, srv) = tokio::io::duplex(16 * 1024);

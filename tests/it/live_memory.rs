@@ -171,3 +171,39 @@ fn a_tiny_budget_serves_many_pipelining_connections() {
     assert_eq!(srv.panics(), 0);
     srv.stop();
 }
+
+/// A client that announces a WRITE and trickles its payload holds the
+/// shared budget only until the payload deadline: then its connection is
+/// closed, and another connection's WRITE, waiting for the budget
+/// meanwhile, is served.
+#[test]
+fn a_trickled_payload_loses_its_budget_at_the_deadline() {
+    let budget = MemoryBudget::new(1 << 20);
+    let config = ServerConfig {
+        memory: Some(budget.clone()),
+        payload_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let srv = TestServer::start_with(vec![("d", MemoryBackend::new(4 * MIB))], config);
+    let mut slow = RawClient::connect(&srv.sock);
+    slow.handshake("d", false, false);
+    slow.send_request(&req(NBD_CMD_WRITE, 0, 1, 0, MIB), false, &[7; 10])
+        .unwrap();
+    let mut good = RawClient::connect(&srv.sock);
+    good.handshake("d", false, false);
+    good.send_request(&req(NBD_CMD_WRITE, 0, 2, MIB, 65536), false, &[9; 65536])
+        .unwrap();
+    let r = good
+        .read_reply(0)
+        .expect("served once the slow one is gone");
+    assert_eq!((r.cookie(), r.errno()), (2, 0));
+    assert!(slow.is_closed(), "the trickling client was disconnected");
+    assert!(
+        srv.backends[0].contents()[MIB as usize..][..65536]
+            .iter()
+            .all(|&b| b == 9)
+    );
+    assert_eq!(budget.in_use(), 0);
+    assert_eq!(srv.panics(), 0);
+    srv.stop();
+}
