@@ -6,8 +6,9 @@
 # DRIVE_MIB (default 512) MiB of dense random data on tmpfs; `vma-writer
 # backup --all` (QMP, NBD server and archive writer in one process) archives
 # all of them at full speed (no --speed) into an uncompressed archive on
-# tmpfs. Each binary in BINS (NAME=PATH, default: before = the build of the
-# merge base, after = this tree's release build) runs RUNS (default 3)
+# tmpfs. Each binary in BINS (NAME=PATH; default: before=$BEFORE when set,
+# e.g. a release build of the merge base, and after = this tree's release
+# build) runs RUNS (default 3)
 # times, interleaved (before, after, before, ...), so both see the same
 # machine; each run starts after the machine was >= 85 % idle for 1 s (at
 # most IDLE_CAP s).
@@ -16,7 +17,7 @@
 # per binary is checked with `vma-writer verify` (not timed). Extra
 # arguments for `backup` (e.g. `--memory 32M`) go in BACKUP_ARGS_<NAME>.
 #
-# Usage: bench/memory.sh    Env: BINS="before=PATH after=PATH" RUNS=3
+# Usage: bench/memory.sh    Env: BEFORE=PATH (or BINS="a=PATH b=PATH") RUNS=3
 #                                DRIVES=8 DRIVE_MIB=512 SCRATCH=dir
 set -euo pipefail
 
@@ -27,7 +28,7 @@ source "$here/lib.sh"
 RUNS=${RUNS:-3}
 DRIVES=${DRIVES:-8}
 DRIVE_MIB=${DRIVE_MIB:-512}
-BINS=${BINS:-"before=$here/../../wt-mem-bench/vma-writer-base after=$here/../target/release/vma-writer"}
+BINS=${BINS:-"${BEFORE:+before=$BEFORE }after=$here/../target/release/vma-writer"}
 for t in qemu-storage-daemon /usr/bin/time; do
     command -v $t >/dev/null || { echo "$t is missing" >&2; exit 1; }
 done
