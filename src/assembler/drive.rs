@@ -594,12 +594,18 @@ impl Backend for Drive {
     async fn write(&self, offset: u64, data: Bytes) -> io::Result<()> {
         self.shared.check()?;
         let mut pos = 0usize;
+        // Whole clusters are sent in one turn (see Shared::send_turn).
+        let mut turn = None;
         for (c, off, n) in self.pieces(offset, data.len() as u64) {
             let piece = data.slice(pos..pos + n);
             pos += n;
             if off == 0 && n == self.cluster_len(c) {
+                if turn.is_none() {
+                    turn = Some(self.shared.send_turn().await);
+                }
                 self.full_cluster(c, Payload::Data(piece)).await?;
             } else {
+                turn = None; // never held while waiting for partial room
                 self.partial_piece(c, off, n, Some(piece)).await?;
             }
         }

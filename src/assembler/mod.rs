@@ -79,11 +79,15 @@ use crate::sink::Sink;
 use crate::vma::consts::VMA_CLUSTER_SIZE;
 use crate::vma::{DevId, DeviceChain, Writer, WriterBuilder};
 
-/// Clusters the channel to the writer thread holds (16 MiB of data, as much
-/// as QEMU keeps in flight): enough to absorb the pause of one 3.7 MB extent
-/// write without stalling QEMU's requests, small enough to keep
-/// vma-writer's memory under 64 MiB (measured peak RSS 37–41 MiB).
-pub const CHANNEL_CLUSTERS: usize = 256;
+/// Clusters the channel to the writer thread holds, for all drives
+/// together (4 MiB of data): a little more than one extent, enough to
+/// keep the writer busy while it writes one. Requests waiting for room hold
+/// their data in the NBD server's memory budget meanwhile, which is the
+/// real buffer; data in the channel (and in the extent being assembled) is
+/// outside that budget, so the channel is kept small. 256 clusters cost
+/// 12 MiB more peak RSS in an 8-drive backup and gained no throughput
+/// (`bench/memory.sh`).
+pub const CHANNEL_CLUSTERS: usize = 64;
 
 /// Default bound on partial-cluster buffers: 1024 clusters. QEMU's backup
 /// job needs at most one per drive (the tail of an odd-sized disk); generic
