@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-use vma_writer::nbd::{Export, MemoryBackend, Server, ServerConfig};
+use vma_writer::nbd::{Export, MemoryBackend, MemoryBudget, Server, ServerConfig};
 
 /// Bytes of the in-memory pipe between the fuzz client and the server; small,
 /// so that back-pressure paths run too.
@@ -44,6 +44,10 @@ fn server() -> Server<MemoryBackend> {
                 max_connections: 1,
                 max_bytes_in_flight: BUDGET,
                 handshake_timeout: Duration::from_secs(5),
+                // The shared budget as serve and backup run it, so its
+                // charging and draining paths are fuzzed too.
+                memory: Some(MemoryBudget::new(BUDGET)),
+                payload_timeout: Duration::from_secs(5),
             },
         )
     }

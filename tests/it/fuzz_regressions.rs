@@ -111,7 +111,8 @@ fn converse(input: &[u8], limit: Duration) {
                 max_connections: 1,
                 max_bytes_in_flight: 64 * 1024,
                 handshake_timeout: Duration::from_secs(5),
-                memory: None,
+                // As the fuzz target runs it (fuzz/src/lib.rs).
+                memory: Some(vma_writer::nbd::MemoryBudget::new(64 * 1024)),
                 payload_timeout: Duration::from_secs(5),
             },
         );
