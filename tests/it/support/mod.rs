@@ -27,6 +27,7 @@ pub mod export;
 pub mod image;
 pub mod nbd;
 pub mod proc;
+pub mod s3;
 pub mod qemu;
 pub mod serve;
 pub mod tls;

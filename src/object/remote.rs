@@ -1,0 +1,278 @@
+//! An object read like a file ([`RemoteObject`]): `pread`-like ranged
+//! GETs for the random-access readers, and one streamed GET for reading
+//! front to back. Reads smaller than a block go through a small cache of
+//! aligned blocks, so parsing a header, a seek table or a footer costs a
+//! GET or two rather than one per field; larger reads (frames, extents)
+//! are fetched exactly. Every byte received is counted
+//! ([`RemoteObject::fetched`]): what "reads only what it needs" is
+//! measured by.
+
+use std::collections::VecDeque;
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use object_store::aws::AmazonS3;
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
+
+use super::{ObjectError, ObjectUrl, block_on, spawn, store};
+
+/// Bytes of a cached block: a VMA header with its configs, a seek table's
+/// tail or an extent header fits in one or two.
+const BLOCK: u64 = 64 << 10;
+
+/// Blocks kept (1 MiB): the header and the tail of the archive, read
+/// while opening it, stay cached together.
+const CACHED_BLOCKS: usize = 16;
+
+/// Chunks of a streamed GET received ahead of the reader: network and
+/// decoder overlap, memory stays bounded (the client's chunks are tens of
+/// KiB).
+const STREAM_CHUNKS_AHEAD: usize = 64;
+
+/// An object opened for reading; see the module docs.
+pub struct RemoteObject {
+    url: ObjectUrl,
+    store: Arc<AmazonS3>,
+    len: u64,
+    fetched: Arc<AtomicU64>,
+    /// (block number, bytes), most recent last.
+    blocks: Mutex<VecDeque<(u64, Bytes)>>,
+}
+
+impl std::fmt::Debug for RemoteObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteObject")
+            .field("url", &self.url)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl RemoteObject {
+    /// Looks `url` up (HEAD): it must exist.
+    pub fn open(url: &ObjectUrl) -> Result<RemoteObject, ObjectError> {
+        let store = store(&url.bucket)?;
+        let (s, path) = (store.clone(), url.path());
+        let meta = match block_on(async move { s.head(&path).await }) {
+            Ok(m) => m,
+            Err(e) => {
+                let e = ObjectError::of(url, "open it", e);
+                if matches!(e, ObjectError::NoSuchKey { .. }) {
+                    // Which is missing, the bucket or the key?
+                    super::check_bucket(&store, url)?;
+                }
+                return Err(e);
+            }
+        };
+        Ok(RemoteObject {
+            url: url.clone(),
+            store,
+            len: meta.size,
+            fetched: Arc::new(AtomicU64::new(0)),
+            blocks: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// The object's name.
+    pub fn url(&self) -> &ObjectUrl {
+        &self.url
+    }
+
+    /// Its length.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True for an empty object.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes received from the store so far.
+    pub fn fetched(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
+    }
+
+    /// `[start, end)` of the object, in one ranged GET.
+    fn get(&self, start: u64, end: u64) -> io::Result<Bytes> {
+        let (s, path) = (self.store.clone(), self.url.path());
+        let bytes = block_on(async move { s.get_range(&path, start..end).await })
+            .map_err(|e| ObjectError::of(&self.url, "read it", e))?;
+        self.fetched
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        if (bytes.len() as u64) < end - start {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{}: {} bytes at {start} asked for, {} received (did the object change?)",
+                    self.url,
+                    end - start,
+                    bytes.len()
+                ),
+            ));
+        }
+        Ok(bytes)
+    }
+
+    fn cached(&self, block: u64) -> Option<Bytes> {
+        let blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
+        blocks.iter().find(|(b, _)| *b == block).map(|(_, d)| d.clone())
+    }
+
+    fn keep(&self, block: u64, data: Bytes) {
+        let mut blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
+        if blocks.iter().any(|(b, _)| *b == block) {
+            return;
+        }
+        if blocks.len() == CACHED_BLOCKS {
+            blocks.pop_front();
+        }
+        blocks.push_back((block, data));
+    }
+
+    /// Reads at `offset` until `buf` is full or the object ends; returns
+    /// the bytes read (like `pread` in a loop).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let end = self.len.min(offset.saturating_add(buf.len() as u64));
+        if offset >= end {
+            return Ok(0);
+        }
+        let want = (end - offset) as usize;
+        if want as u64 >= BLOCK {
+            let bytes = self.get(offset, end)?;
+            buf[..want].copy_from_slice(&bytes);
+            return Ok(want);
+        }
+        // Small: through the block cache; the missing blocks in one GET.
+        let (first, last) = (offset / BLOCK, (end - 1) / BLOCK);
+        let mut have: Vec<Option<Bytes>> = (first..=last).map(|b| self.cached(b)).collect();
+        if let (Some(lo), Some(hi)) = (
+            have.iter().position(Option::is_none),
+            have.iter().rposition(Option::is_none),
+        ) {
+            let start = (first + lo as u64) * BLOCK;
+            let stop = ((first + hi as u64 + 1) * BLOCK).min(self.len);
+            let got = self.get(start, stop)?;
+            for (i, slot) in have.iter_mut().enumerate().take(hi + 1).skip(lo) {
+                let b = first + i as u64;
+                let from = (b * BLOCK - start) as usize;
+                let to = (((b + 1) * BLOCK).min(self.len) - start) as usize;
+                let data = got.slice(from..to);
+                self.keep(b, data.clone());
+                *slot = Some(data);
+            }
+        }
+        let mut at = 0;
+        for (i, data) in have.into_iter().enumerate() {
+            let data = data.expect("fetched above");
+            let b = first + i as u64;
+            let from = offset.max(b * BLOCK) - b * BLOCK;
+            let to = end.min(b * BLOCK + data.len() as u64) - b * BLOCK;
+            let n = (to - from) as usize;
+            buf[at..at + n].copy_from_slice(&data[from as usize..to as usize]);
+            at += n;
+        }
+        debug_assert_eq!(at, want);
+        Ok(want)
+    }
+
+    /// `[offset, end)` front to back, in one streamed GET.
+    pub fn stream(&self, offset: u64, end: u64) -> io::Result<ObjectStream> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(STREAM_CHUNKS_AHEAD);
+        let end = end.min(self.len);
+        let (s, path, url, fetched) = (
+            self.store.clone(),
+            self.url.path(),
+            self.url.clone(),
+            self.fetched.clone(),
+        );
+        if offset < end {
+            spawn(async move {
+                let opts = GetOptions {
+                    range: Some(GetRange::Bounded(offset..end)),
+                    ..Default::default()
+                };
+                let mut chunks = match s.get_opts(&path, opts).await {
+                    Ok(r) => r.into_stream(),
+                    Err(e) => {
+                        let _ = tx.send(Err(ObjectError::of(&url, "read it", e).into())).await;
+                        return;
+                    }
+                };
+                while let Some(chunk) = chunks.next().await {
+                    let chunk = chunk.map_err(|e| ObjectError::of(&url, "read it", e).into());
+                    if let Ok(c) = &chunk {
+                        fetched.fetch_add(c.len() as u64, Ordering::Relaxed);
+                    }
+                    // Waits while the reader is behind: the
+                    // back-pressure. A reader that is gone ends the GET.
+                    if tx.send(chunk).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Ok(ObjectStream {
+            rx,
+            chunk: Bytes::new(),
+            left: end.saturating_sub(offset),
+            url: self.url.clone(),
+        })
+    }
+
+    /// The whole object `url` when it exists (`None` when it does not):
+    /// for a sidecar index.
+    pub fn read_whole(url: &ObjectUrl) -> Result<Option<Vec<u8>>, ObjectError> {
+        let store = store(&url.bucket)?;
+        let path = url.path();
+        let res = block_on(async move {
+            match store.get(&path).await {
+                Ok(r) => r.bytes().await,
+                Err(e) => Err(e),
+            }
+        });
+        match res {
+            Ok(b) => Ok(Some(b.to_vec())),
+            Err(e) => match ObjectError::of(url, "read it", e) {
+                ObjectError::NoSuchKey { .. } => Ok(None),
+                e => Err(e),
+            },
+        }
+    }
+}
+
+/// A range of an object read front to back ([`RemoteObject::stream`]).
+pub struct ObjectStream {
+    /// Read with `blocking_recv`: streams are read on plain threads.
+    rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
+    chunk: Bytes,
+    left: u64,
+    url: ObjectUrl,
+}
+
+impl Read for ObjectStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.chunk.is_empty() {
+            if self.left == 0 || buf.is_empty() {
+                return Ok(0);
+            }
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.chunk = chunk?,
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("{}: the object ended {} bytes early", self.url, self.left),
+                    ));
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        let _ = self.chunk.split_to(n);
+        self.left = self.left.saturating_sub(n as u64);
+        Ok(n)
+    }
+}
