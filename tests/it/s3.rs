@@ -308,3 +308,129 @@ fn a_store_lost_mid_upload_fails_the_backup_and_leaves_nothing() {
     assert!(!server.object_path("bkt", "lost.vma.index").exists());
     assert_eq!(server.upload_leftovers(), Vec::<String>::new());
 }
+
+/// `export` of an object serves each drive as `extract` writes it
+/// (nbdcopy reads it whole), from a plain `.vma` with its index object
+/// and from a seekable `.vma.zst`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_serves_an_object() {
+    if !require_tools(&["nbdcopy"]) {
+        return;
+    }
+    let server = S3Server::start();
+    server.bucket("bkt");
+    let t = TestEnv::new();
+    let (drives, contents) = images(t.dir.path(), &[("a", 3 << 20, 11), ("b", 1 << 20, 12)]);
+    let conf = t.write("qemu-server.conf", b"name: e\n");
+    for name in ["e.vma", "e.vma.zst"] {
+        let url = format!("s3://bkt/{name}");
+        ok_on(&server, &create_args(&url, &drives, s(&conf)));
+        let sock = t.path(format!("{name}.sock"));
+        let mut cmd = ExportCmd::unix(Path::new(&url), &sock);
+        server.env_async(cmd.command());
+        let (p, at) = cmd.start().await;
+        for (n, c) in ["a", "b"].iter().zip(&contents) {
+            let copy = t.path(format!("{name}-{n}.raw"));
+            run_ok(Command::new("nbdcopy").arg(at.uri(n)).arg(&copy));
+            assert_file_is(&copy, &as_restored(c));
+        }
+        p.signal(libc::SIGTERM);
+        p.wait(CMD_TIMEOUT).await;
+    }
+}
+
+/// `serve -o s3://...`: a client writes the drive, the object appears
+/// when the archive is complete, and restores to what was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_into_an_object() {
+    if !require_tools(&["nbdcopy"]) {
+        return;
+    }
+    let server = S3Server::start();
+    server.bucket("bkt");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let size = 8 << 20;
+    let src = raw_islands(&dir.join("src.raw"), size, 3, 6, 1 << 20);
+    for name in ["serve.vma", "serve.vma.zst"] {
+        let url = format!("s3://bkt/{name}");
+        let sub = dir.join(name.replace('.', "-"));
+        std::fs::create_dir(&sub).unwrap();
+        let mut cmd = ServeCmd::unix(&sub, &[("drive-scsi0", size)], &url).json();
+        server.env_async(cmd.command());
+        let (serve, at) = cmd.start().await;
+        assert!(server.keys("bkt").iter().all(|k| k != name));
+        run_ok(Command::new("nbdcopy").arg(&src).arg(at.uri("drive-scsi0")));
+        let ended = serve.wait(RUN_TIMEOUT).await;
+        ended.assert_success();
+        assert_eq!(ended.finished_event()["archive"].as_str(), Some(url.as_str()));
+        let x = sub.join("x");
+        ok_on(&server, &["extract", &url, s(&x)]);
+        assert_same_file(&x.join("disk-drive-scsi0.raw"), &src);
+        assert!(server.upload_leftovers().is_empty());
+    }
+}
+
+/// `backup --output-dir s3://BUCKET/PREFIX/ --vmid`, then
+/// `--incremental` from the newest archive under that prefix: both
+/// restore to the source, and the second reads its base from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_into_a_prefix_then_incrementally_from_it() {
+    if !require_tools(QSD_TOOLS) {
+        return;
+    }
+    let server = S3Server::start();
+    server.bucket("bkt");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let size = 16 << 20;
+    let src = raw_islands(&dir.join("scsi0.raw"), size, 21, 8, 1 << 20);
+    let daemon = start_daemon(dir, &[("scsi0", &src, "raw")]).await;
+    let mut archives = Vec::new();
+    for generation in 0..2 {
+        if generation > 0 {
+            // Archive names have a one-second time stamp.
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+        let mut cmd = vma_async(["backup", "--qmp"]);
+        cmd.arg(daemon.qmp_socket()).args([
+            "--drive",
+            "scsi0",
+            "--vmid",
+            "100",
+            "--json",
+            "--output-dir",
+            "s3://bkt/dump/",
+            "--incremental",
+            "--zstd",
+        ]);
+        server.env_async(&mut cmd);
+        let before = server.sent();
+        let ended = Proc::spawn(cmd, true).wait(RUN_TIMEOUT).await;
+        ended.assert_success();
+        let url = ended.finished_event()["archive"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(url.starts_with("s3://bkt/dump/vzdump-qemu-100-"), "{url}");
+        if generation == 0 {
+            assert!(ended.stderr.contains("no earlier archive"), "{}", ended.stderr);
+        } else {
+            let base = format!("base {}", archives[0]);
+            assert!(ended.stderr.contains(&base), "{}", ended.stderr);
+            // The base's data came from the store.
+            assert!(server.sent() - before > 1 << 20);
+        }
+        let x = dir.join(format!("x{generation}"));
+        ok_on(&server, &["extract", &url, s(&x)]);
+        assert_same_file(&x.join("disk-drive-scsi0.raw"), &src);
+        archives.push(url);
+    }
+    assert_eq!(
+        server.keys("bkt").len(),
+        2,
+        "two objects: {:?}",
+        server.keys("bkt")
+    );
+    daemon.shutdown().await.unwrap();
+}

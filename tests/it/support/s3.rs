@@ -25,7 +25,9 @@ pub struct S3Server {
     pub root: tempfile::TempDir,
     /// `http://127.0.0.1:PORT`, the relay.
     pub endpoint: String,
-    rt: tokio::runtime::Runtime,
+    /// Its own runtime (the tests may be sync or async), shut down in
+    /// the background when dropped.
+    rt: Option<tokio::runtime::Runtime>,
     relay: Arc<Relay>,
 }
 
@@ -67,7 +69,9 @@ impl S3Server {
             refused: Mutex::new(Vec::new()),
             conns: Mutex::new(JoinSet::new()),
         });
-        let endpoint = rt.block_on(async {
+        // On a thread of its own: an async test's thread cannot block on
+        // another runtime.
+        let setup = async {
             let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let server_addr = server.local_addr().unwrap();
             tokio::spawn(async move {
@@ -103,11 +107,12 @@ impl S3Server {
                 }
             });
             format!("http://{front_addr}")
-        });
+        };
+        let endpoint = std::thread::scope(|sc| sc.spawn(|| rt.block_on(setup)).join().unwrap());
         S3Server {
             root,
             endpoint,
-            rt,
+            rt: Some(rt),
             relay,
         }
     }
@@ -134,6 +139,33 @@ impl S3Server {
             .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
             .env_remove("AWS_PROFILE")
             .env_remove("AWS_SESSION_TOKEN")
+    }
+
+    /// [`env`](Self::env) for a tokio command.
+    pub fn env_async<'a>(
+        &self,
+        cmd: &'a mut tokio::process::Command,
+    ) -> &'a mut tokio::process::Command {
+        cmd.env("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ENDPOINT_URL", &self.endpoint)
+            .env("AWS_CONFIG_FILE", "/nonexistent")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_SESSION_TOKEN")
+    }
+
+    /// The keys of the objects in `bucket` (under folders too), sorted.
+    pub fn keys(&self, bucket: &str) -> Vec<String> {
+        let base = self.root.path().join(bucket);
+        let mut out: Vec<String> = super::tree(&base)
+            .into_iter()
+            .filter(|p| base.join(p).is_file())
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        out.sort();
+        out
     }
 
     /// Where object `key` of `bucket` lies.
@@ -184,8 +216,9 @@ impl S3Server {
 
 impl Drop for S3Server {
     fn drop(&mut self) {
-        self.relay.conns.lock().unwrap().abort_all();
-        let _ = &self.rt;
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
