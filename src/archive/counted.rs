@@ -149,8 +149,7 @@ impl CountedFile {
             return;
         };
         if let Some(len) = std::num::NonZeroU64::new(len) {
-            let _ =
-                rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::WillNeed);
+            let _ = rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::WillNeed);
         }
     }
 

@@ -223,7 +223,12 @@ impl FileArchive {
     pub fn load_index(&self) -> Result<Option<ArchiveIndex>, ArchiveError> {
         let (bytes, place, framed) = match &self.layout {
             Layout::Plain if self.file.object().is_some() => {
-                let url = self.file.object().expect("checked").url().with_suffix(".index");
+                let url = self
+                    .file
+                    .object()
+                    .expect("checked")
+                    .url()
+                    .with_suffix(".index");
                 match crate::object::RemoteObject::read_whole(&url) {
                     Ok(Some(bytes)) => (bytes, url.to_string(), false),
                     Ok(None) => return Ok(None),

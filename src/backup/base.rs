@@ -105,10 +105,10 @@ pub fn newest_archive(dir: &Path, vmid: u32) -> io::Result<Option<PathBuf>> {
     if crate::object::is_object_name(&name) {
         // An S3 prefix: only completed uploads are listed.
         for n in crate::object::list_dir(&name)? {
-            if let Some(stamp) = vzdump_stamp(&n, vmid) {
-                if best.as_ref().is_none_or(|(b, _)| stamp > b.as_str()) {
-                    best = Some((stamp.to_string(), dir.join(&n)));
-                }
+            if let Some(stamp) = vzdump_stamp(&n, vmid)
+                && best.as_ref().is_none_or(|(b, _)| stamp > b.as_str())
+            {
+                best = Some((stamp.to_string(), dir.join(&n)));
             }
         }
         return Ok(best.map(|(_, p)| p));

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjectPath;
-use object_store::{BackoffConfig, ClientOptions, RetryConfig};
+use object_store::{BackoffConfig, RetryConfig};
 
 pub use remote::RemoteObject;
 pub use upload::ObjectUpload;
@@ -108,7 +108,10 @@ impl ObjectUrl {
         if key.is_empty() || key.ends_with('/') {
             return Err(bad("the key is empty or ends in '/'"));
         }
-        if key.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        if key
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+        {
             return Err(bad("the key has an empty, '.' or '..' component"));
         }
         Ok(ObjectUrl {
@@ -148,7 +151,7 @@ pub enum ObjectError {
         /// The bucket.
         bucket: String,
         /// The client's reason.
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     /// The bucket does not exist.
     #[error("{url}: no such bucket {bucket}")]
@@ -191,7 +194,7 @@ pub enum ObjectError {
         /// What we tried.
         op: &'static str,
         /// The client's reason.
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
 }
 
@@ -219,9 +222,8 @@ impl ObjectError {
         }
         match e {
             object_store::Error::NotFound { .. } => ObjectError::NoSuchKey { url: url.clone() },
-            object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
-                ObjectError::Exists { url: url.clone() }
-            }
+            object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. } => ObjectError::Exists { url: url.clone() },
             object_store::Error::PermissionDenied { source, .. }
             | object_store::Error::Unauthenticated { source, .. } => ObjectError::Denied {
                 url: url.clone(),
@@ -231,7 +233,7 @@ impl ObjectError {
             source => ObjectError::Request {
                 url: url.clone(),
                 op,
-                source,
+                source: Box::new(source),
             },
         }
     }
@@ -321,7 +323,8 @@ where
     runtime().spawn(async move {
         let _ = tx.send(fut.await);
     });
-    rx.recv().expect("the S3 runtime runs every task to its end")
+    rx.recv()
+        .expect("the S3 runtime runs every task to its end")
 }
 
 /// Starts `fut` on the S3 runtime without waiting for it.
@@ -354,20 +357,20 @@ fn store_with(bucket: &str, settings: &Settings) -> Result<Arc<AmazonS3>, Object
         });
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let prof = profile::Profile::load();
-    if env("AWS_ACCESS_KEY_ID").is_none() {
-        if let Some(p) = &prof {
-            if let (Some(id), Some(secret)) = (&p.access_key_id, &p.secret_access_key) {
-                b = b.with_access_key_id(id).with_secret_access_key(secret);
-                if let Some(t) = &p.session_token {
-                    b = b.with_token(t);
-                }
-            }
+    if env("AWS_ACCESS_KEY_ID").is_none()
+        && let Some(p) = &prof
+        && let (Some(id), Some(secret)) = (&p.access_key_id, &p.secret_access_key)
+    {
+        b = b.with_access_key_id(id).with_secret_access_key(secret);
+        if let Some(t) = &p.session_token {
+            b = b.with_token(t);
         }
     }
-    if env("AWS_REGION").is_none() && env("AWS_DEFAULT_REGION").is_none() {
-        if let Some(r) = prof.as_ref().and_then(|p| p.region.clone()) {
-            b = b.with_region(r);
-        }
+    if env("AWS_REGION").is_none()
+        && env("AWS_DEFAULT_REGION").is_none()
+        && let Some(r) = prof.as_ref().and_then(|p| p.region.clone())
+    {
+        b = b.with_region(r);
     }
     let endpoint = settings
         .endpoint
@@ -378,12 +381,13 @@ fn store_with(bucket: &str, settings: &Settings) -> Result<Arc<AmazonS3>, Object
     if let Some(e) = endpoint {
         let http = e.starts_with("http://");
         b = b.with_endpoint(e).with_allow_http(http);
-        b = b.with_client_options(ClientOptions::new().with_allow_http(http));
     }
-    b.build().map(Arc::new).map_err(|source| ObjectError::Client {
-        bucket: bucket.to_string(),
-        source,
-    })
+    b.build()
+        .map(Arc::new)
+        .map_err(|source| ObjectError::Client {
+            bucket: bucket.to_string(),
+            source: Box::new(source),
+        })
 }
 
 /// Fails with [`ObjectError::NoSuchBucket`] when `url`'s bucket does not
@@ -393,11 +397,9 @@ fn store_with(bucket: &str, settings: &Settings) -> Result<Arc<AmazonS3>, Object
 pub(crate) fn check_bucket(store: &Arc<AmazonS3>, url: &ObjectUrl) -> Result<(), ObjectError> {
     let s = store.clone();
     let path = url.path();
-    block_on(async move {
-        object_store::ObjectStore::list_with_delimiter(&*s, Some(&path)).await
-    })
-    .map(drop)
-    .map_err(|e| ObjectError::of(url, "list its bucket", e))
+    block_on(async move { object_store::ObjectStore::list_with_delimiter(&*s, Some(&path)).await })
+        .map(drop)
+        .map_err(|e| ObjectError::of(url, "list its bucket", e))
 }
 
 /// Fails with [`ObjectError::Exists`] when `url` exists.
@@ -445,10 +447,21 @@ mod tests {
     #[test]
     fn names() {
         let u = ObjectUrl::parse("s3://b/dir/vzdump.vma.zst").unwrap();
-        assert_eq!((u.bucket.as_str(), u.key.as_str()), ("b", "dir/vzdump.vma.zst"));
+        assert_eq!(
+            (u.bucket.as_str(), u.key.as_str()),
+            ("b", "dir/vzdump.vma.zst")
+        );
         assert_eq!(u.to_string(), "s3://b/dir/vzdump.vma.zst");
         assert_eq!(u.with_suffix(".index").key, "dir/vzdump.vma.zst.index");
-        for bad in ["s3://", "s3://b", "s3://b/", "s3:///k", "s3://b/d/", "s3://b/a//c", "x"] {
+        for bad in [
+            "s3://",
+            "s3://b",
+            "s3://b/",
+            "s3:///k",
+            "s3://b/d/",
+            "s3://b/a//c",
+            "x",
+        ] {
             let e = ObjectUrl::parse(bad).unwrap_err();
             assert!(matches!(e, ObjectError::BadName { .. }), "{bad}: {e}");
         }

@@ -119,7 +119,10 @@ impl RemoteObject {
 
     fn cached(&self, block: u64) -> Option<Bytes> {
         let blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
-        blocks.iter().find(|(b, _)| *b == block).map(|(_, d)| d.clone())
+        blocks
+            .iter()
+            .find(|(b, _)| *b == block)
+            .map(|(_, d)| d.clone())
     }
 
     fn keep(&self, block: u64, data: Bytes) {
@@ -198,7 +201,9 @@ impl RemoteObject {
                 let mut chunks = match s.get_opts(&path, opts).await {
                     Ok(r) => r.into_stream(),
                     Err(e) => {
-                        let _ = tx.send(Err(ObjectError::of(&url, "read it", e).into())).await;
+                        let _ = tx
+                            .send(Err(ObjectError::of(&url, "read it", e).into()))
+                            .await;
                         return;
                     }
                 };

@@ -29,9 +29,7 @@ use object_store::aws::AmazonS3;
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::{MultipartId, ObjectStore, PutMode, PutOptions, PutPayload};
 
-use super::{
-    ObjectError, ObjectUrl, Settings, block_on, check_absent, check_bucket, spawn, store,
-};
+use super::{ObjectError, ObjectUrl, Settings, block_on, check_absent, check_bucket, spawn, store};
 
 /// S3's smallest part (but the last): 5 MiB.
 pub const MIN_PART_SIZE: u64 = 5 << 20;
@@ -193,10 +191,10 @@ impl ObjectUpload {
                 ObjectError::Exists { url } => ObjectError::Request {
                     url: url.clone(),
                     op: "start the upload",
-                    source: object_store::Error::AlreadyExists {
+                    source: Box::new(object_store::Error::AlreadyExists {
                         path: url.key.clone(),
                         source: "it exists without its archive; refusing to overwrite it".into(),
-                    },
+                    }),
                 },
                 e => e,
             })?;

@@ -106,7 +106,7 @@ pub struct SinkOptions {
 /// Where the bytes go.
 enum Dest {
     File(File),
-    Object(ObjectUpload),
+    Object(Box<ObjectUpload>),
 }
 
 impl Write for Dest {
@@ -180,7 +180,7 @@ impl Sink {
             let settings = crate::object::settings();
             let upload = ObjectUpload::create(url, &siblings, opts.size_bound, &settings)?;
             tracing::info!(%url, part_size = upload.part_size(), "uploading the archive");
-            let dest = Dest::Object(upload);
+            let dest = Dest::Object(Box::new(upload));
             let out = match opts.zstd_level {
                 None => Out::Plain(dest),
                 Some(level) => Out::Framed(FrameWriter::new(dest, level, opts.threads)?),
@@ -365,7 +365,7 @@ impl Sink {
                     paths: None,
                     index_files: None,
                     keep_partial: false,
-                    upload: Some((upload, sidecar.map(<[u8]>::to_vec))),
+                    upload: Some((*upload, sidecar.map(<[u8]>::to_vec))),
                 });
             }
             Dest::File(file) => file,

@@ -61,7 +61,16 @@ fn images(dir: &Path, drives: &[(&str, usize, u64)]) -> (Vec<String>, Vec<Vec<u8
 
 fn create_args<'a>(out: &'a str, drives: &'a [String], conf: &'a str) -> Vec<&'a str> {
     let mut args = vec![
-        "create", out, "--uuid", UUID, "--ctime", CTIME, "--threads", "2", "-c", conf,
+        "create",
+        out,
+        "--uuid",
+        UUID,
+        "--ctime",
+        CTIME,
+        "--threads",
+        "2",
+        "-c",
+        conf,
     ];
     args.extend(drives.iter().map(String::as_str));
     args
@@ -215,7 +224,15 @@ fn a_zstd_object_without_seek_table_is_read_as_one_stream() {
     let x = t.path("x");
     ok_on(&server, &["extract", "s3://bkt/z.vma.zst", s(&x)]);
     check_drive(&x, "a", &contents[0]);
-    let err = fails_on(&server, &["export", "--listen", "tcp:127.0.0.1:0", "s3://bkt/z.vma.zst"]);
+    let err = fails_on(
+        &server,
+        &[
+            "export",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "s3://bkt/z.vma.zst",
+        ],
+    );
     assert!(err.contains("without a seek table"), "{err}");
 }
 
@@ -251,7 +268,10 @@ fn missing_bucket_missing_key_and_wrong_credentials_are_named() {
     let err = fails_on(&server, &create_args("s3://nope/a.vma", &drives, s(&conf)));
     assert!(err.contains("no such bucket nope"), "{err}");
     let err = fails_on(&server, &["list", "s3://bkt/missing.vma"]);
-    assert!(err.contains("s3://bkt/missing.vma: no such object"), "{err}");
+    assert!(
+        err.contains("s3://bkt/missing.vma: no such object"),
+        "{err}"
+    );
     let err = fails_on(&server, &["verify", "s3://nope/missing.vma"]);
     assert!(err.contains("no such bucket nope"), "{err}");
     assert!(!server.root.path().join("nope").exists());
@@ -263,7 +283,12 @@ fn missing_bucket_missing_key_and_wrong_credentials_are_named() {
     assert!(!server.object_path("bkt", "a.vma").exists());
 
     // The endpoint flag wins over the environment.
-    let mut c = vma(["list", "--s3-endpoint", "http://127.0.0.1:9", "s3://bkt/a.vma"]);
+    let mut c = vma([
+        "list",
+        "--s3-endpoint",
+        "http://127.0.0.1:9",
+        "s3://bkt/a.vma",
+    ]);
     server.env(&mut c).env("VMA_WRITER_UNUSED", "1");
     c.args(["--s3-retries", "0"]);
     let err = assert_failure(&run(&mut c), &"list through a closed port");
@@ -363,7 +388,10 @@ async fn serve_into_an_object() {
         run_ok(Command::new("nbdcopy").arg(&src).arg(at.uri("drive-scsi0")));
         let ended = serve.wait(RUN_TIMEOUT).await;
         ended.assert_success();
-        assert_eq!(ended.finished_event()["archive"].as_str(), Some(url.as_str()));
+        assert_eq!(
+            ended.finished_event()["archive"].as_str(),
+            Some(url.as_str())
+        );
         let x = sub.join("x");
         ok_on(&server, &["extract", &url, s(&x)]);
         assert_same_file(&x.join("disk-drive-scsi0.raw"), &src);
@@ -414,7 +442,11 @@ async fn backup_into_a_prefix_then_incrementally_from_it() {
             .to_string();
         assert!(url.starts_with("s3://bkt/dump/vzdump-qemu-100-"), "{url}");
         if generation == 0 {
-            assert!(ended.stderr.contains("no earlier archive"), "{}", ended.stderr);
+            assert!(
+                ended.stderr.contains("no earlier archive"),
+                "{}",
+                ended.stderr
+            );
         } else {
             let base = format!("base {}", archives[0]);
             assert!(ended.stderr.contains(&base), "{}", ended.stderr);
