@@ -38,6 +38,8 @@ pub struct RemoteObject {
     store: Arc<AmazonS3>,
     len: u64,
     fetched: Arc<AtomicU64>,
+    /// GETs made (ranged and streamed).
+    requests: AtomicU64,
     /// (block number, bytes), most recent last.
     blocks: Mutex<VecDeque<(u64, Bytes)>>,
 }
@@ -72,6 +74,7 @@ impl RemoteObject {
             store,
             len: meta.size,
             fetched: Arc::new(AtomicU64::new(0)),
+            requests: AtomicU64::new(0),
             blocks: Mutex::new(VecDeque::new()),
         })
     }
@@ -98,6 +101,7 @@ impl RemoteObject {
 
     /// `[start, end)` of the object, in one ranged GET.
     fn get(&self, start: u64, end: u64) -> io::Result<Bytes> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
         let (s, path) = (self.store.clone(), self.url.path());
         let bytes = block_on(async move { s.get_range(&path, start..end).await })
             .map_err(|e| ObjectError::of(&self.url, "read it", e))?;
@@ -186,6 +190,7 @@ impl RemoteObject {
     pub fn stream(&self, offset: u64, end: u64) -> io::Result<ObjectStream> {
         let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(STREAM_CHUNKS_AHEAD);
         let end = end.min(self.len);
+        self.requests.fetch_add(1, Ordering::Relaxed);
         let (s, path, url, fetched) = (
             self.store.clone(),
             self.url.path(),
@@ -246,6 +251,20 @@ impl RemoteObject {
                 e => Err(e),
             },
         }
+    }
+}
+
+impl Drop for RemoteObject {
+    /// Says what reading it cost (`RUST_LOG=vma_writer::object=debug`;
+    /// the benchmarks read it).
+    fn drop(&mut self) {
+        tracing::debug!(
+            url = %self.url,
+            len = self.len,
+            fetched = self.fetched(),
+            requests = self.requests.load(Ordering::Relaxed),
+            "object read"
+        );
     }
 }
 

@@ -466,3 +466,37 @@ async fn backup_into_a_prefix_then_incrementally_from_it() {
     );
     daemon.shutdown().await.unwrap();
 }
+
+/// SIGTERM in the middle of an upload: the command says it aborted the
+/// upload, exits 143, and neither the object nor its parts remain.
+#[test]
+fn a_signal_aborts_the_upload() {
+    let server = S3Server::start();
+    server.bucket("bkt");
+    let t = TestEnv::new();
+    let (drives, _) = images(t.dir.path(), &[("a", 32 << 20, 6)]);
+    let conf = t.write("qemu-server.conf", b"x\n");
+    let mut args = create_args("s3://bkt/sig.vma", &drives, s(&conf));
+    args.extend(["--s3-part-size", "5M", "--s3-parts-in-flight", "1"]);
+    server.stall_after(7 << 20);
+    let child = spawn_piped(&mut on(&server, &args));
+    wait_until("the upload to stall", Duration::from_secs(60), || {
+        server.received() > 7 << 20
+    });
+    // The stalled part stays stalled; new requests (the abort) go through.
+    server.stall_after(u64::MAX);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let out = wait_within(child, Duration::from_secs(60));
+    let err = assert_exit(&out, 143, &"create stopped by SIGTERM");
+    assert!(
+        err.contains("aborted the upload of s3://bkt/sig.vma"),
+        "{err}"
+    );
+    // The stalled part's connection goes too.
+    server.set_down(true);
+    assert!(!server.object_path("bkt", "sig.vma").exists());
+    wait_until("no parts left", Duration::from_secs(10), || {
+        server.upload_leftovers().is_empty()
+    });
+}
