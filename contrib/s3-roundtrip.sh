@@ -15,7 +15,9 @@
 # a seekable .vma.zst into the bucket with `create`, then checks that
 # `list`, `config`, `verify`, `extract`, `extract -d` and `convert` read
 # them back to the same bytes as the local archive, that an existing key
-# is refused, and that a failed upload leaves no object behind.
+# is refused, and that an upload stopped by SIGTERM leaves no object (ask
+# the store for leftover multipart uploads to check the parts too, e.g.
+# `aws s3api list-multipart-uploads`).
 #
 # A single-node store to run it against:
 #   Garage (https://garagehq.deuxfleurs.fr; `cargo install garage` or its
@@ -79,17 +81,17 @@ for name in a.vma a.vma.zst; do
     diff <(vma config "$url$name") "$work/qemu-server.conf"
     ok
     step "verify"
-    vma verify "$url$name" >/dev/null
+    vma verify "$url$name" >/dev/null 2>&1
     ok
     step "extract: every drive as from the local archive"
-    vma extract "$url$name" "$work/x-$name"
-    vma extract "$work/$name" "$work/l-$name"
+    vma extract "$url$name" "$work/x-$name" >/dev/null
+    vma extract "$work/$name" "$work/l-$name" >/dev/null
     for d in big1 small big2 mixed; do
         cmp "$work/x-$name/disk-$d.raw" "$work/l-$name/disk-$d.raw"
     done
     ok
     step "extract -d small"
-    vma extract -d small "$url$name" "$work/s-$name"
+    vma extract -d small "$url$name" "$work/s-$name" >/dev/null
     cmp "$work/s-$name/disk-small.raw" "$work/l-$name/disk-small.raw"
     ok
     step "convert back to a local file: the same archive"
@@ -104,18 +106,23 @@ for name in a.vma a.vma.zst; do
     ok
 done
 
-step "a failed upload leaves no object (a drive that cannot be read)"
-mkfifo "$work/fifo"
-# The writer reads 2 MiB from the FIFO, then the FIFO ends early: create
-# fails after the upload started.
-( head -c $((2 << 20)) /dev/urandom > "$work/fifo" ) &
-if vma create "${url}failed.vma" -d "f=$work/fifo" 2>"$work/err"; then
-    echo "FAILED: create from a short FIFO succeeded" >&2; exit 1
+step "SIGTERM mid-upload: no object, the upload aborted"
+head -c $((512 << 20)) /dev/urandom > "$work/big.img"
+"$bin" --s3-endpoint "$endpoint" create "${url}stopped.vma" -d "big=$work/big.img" \
+    --s3-part-size 5M 2>"$work/err" &
+pid=$!
+sleep 1
+kill -TERM "$pid" 2>/dev/null || true
+rc=0; wait "$pid" || rc=$?
+if [ "$rc" = 0 ]; then
+    echo "the upload finished before the signal (a fast store): rerun to check this step"
+else
+    [ "$rc" = 143 ] || { echo "FAILED: exit $rc" >&2; cat "$work/err" >&2; exit 1; }
+    grep -q "aborted the upload" "$work/err" || { cat "$work/err" >&2; exit 1; }
+    if vma list "${url}stopped.vma" 2>"$work/err2"; then
+        echo "FAILED: ${url}stopped.vma exists" >&2; exit 1
+    fi
+    grep -q "no such object" "$work/err2" || { cat "$work/err2" >&2; exit 1; }
+    ok
 fi
-wait
-if vma list "${url}failed.vma" 2>"$work/err2"; then
-    echo "FAILED: ${url}failed.vma exists" >&2; exit 1
-fi
-grep -q "no such object" "$work/err2"
-ok
 echo "all good; the objects are under $url"

@@ -21,6 +21,7 @@
 
 use std::io::{self, Write};
 use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -87,7 +88,13 @@ struct Started {
     store: Arc<AmazonS3>,
     url: ObjectUrl,
     id: MultipartId,
+    /// Its parts being uploaded.
+    in_flight: Arc<AtomicUsize>,
 }
+
+/// How long a signal waits for parts in flight before it aborts their
+/// upload: a part that lands after the abort would stay in the bucket.
+const SIGNAL_PART_WAIT: Duration = Duration::from_secs(10);
 
 static IN_PROGRESS: Mutex<(u64, Vec<Started>)> = Mutex::new((0, Vec::new()));
 
@@ -103,9 +110,13 @@ fn forget(token: u64) {
 /// signal that ends the process); returns their names.
 pub fn abort_in_progress() -> Vec<String> {
     let started = std::mem::take(&mut in_progress().1);
+    let deadline = std::time::Instant::now() + SIGNAL_PART_WAIT;
     started
         .into_iter()
         .map(|s| {
+            while s.in_flight.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             abort_upload(&s.store, &s.url, &s.id);
             s.url.to_string()
         })
@@ -156,6 +167,8 @@ pub struct ObjectUpload {
     /// Each part's id once uploaded, by part number - 1.
     parts: Vec<Option<PartId>>,
     in_flight: usize,
+    /// Parts uploading, as the spawned tasks count them (for a signal).
+    uploading: Arc<AtomicUsize>,
     done_tx: Sender<PartDone>,
     done_rx: Receiver<PartDone>,
     /// The first failure: every later write fails with it.
@@ -203,6 +216,7 @@ impl ObjectUpload {
         let (s, path) = (store.clone(), url.path());
         let id = block_on(async move { s.create_multipart(&path).await })
             .map_err(|e| ObjectError::of(url, "start a multipart upload", e))?;
+        let uploading = Arc::new(AtomicUsize::new(0));
         let token = {
             let mut g = in_progress();
             g.0 += 1;
@@ -212,6 +226,7 @@ impl ObjectUpload {
                 store: store.clone(),
                 url: url.clone(),
                 id: id.clone(),
+                in_flight: uploading.clone(),
             });
             token
         };
@@ -228,6 +243,7 @@ impl ObjectUpload {
             buf: Vec::with_capacity(part_size),
             parts: Vec::new(),
             in_flight: 0,
+            uploading,
             done_tx,
             done_rx,
             failed: None,
@@ -296,14 +312,17 @@ impl ObjectUpload {
         let i = self.parts.len();
         self.parts.push(None);
         self.in_flight += 1;
-        let (store, path, id, tx) = (
+        let (store, path, id, tx, uploading) = (
             self.store.clone(),
             self.url.path(),
             self.id.clone(),
             self.done_tx.clone(),
+            self.uploading.clone(),
         );
+        uploading.fetch_add(1, Ordering::SeqCst);
         spawn(async move {
             let res = store.put_part(&path, &id, i, payload).await;
+            uploading.fetch_sub(1, Ordering::SeqCst);
             let _ = tx.send((i, res));
         });
         Ok(())
