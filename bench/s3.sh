@@ -6,7 +6,10 @@
 # 1. A live backup of one SIZE_MIB (default 4096) MiB dense random drive by
 #    QEMU (qemu-storage-daemon, `vma-writer backup --qmp --no-bitmap`):
 #      f  into a local file on tmpfs;
-#      s  into s3://bench/KEY (a multipart upload, default parts).
+#      s  into s3://bench/KEY (a multipart upload, default parts);
+#      u  the same with AWS_UNSIGNED_PAYLOAD=true: no SHA-256 of every part
+#         for its signature (object_store's option; the store then skips
+#         checking it too).
 #    Wall clock of `backup`, MB/s of drive data, bytes the store received
 #    (the object), peak RSS of vma-writer.
 # 2. One drive of a 4-drive plain .vma (4 x SIZE_MIB/4 MiB, random and
@@ -76,24 +79,26 @@ declare -A T RSS BYTES
 add() { T[$1]="${T[$1]:-} $2"; RSS[$1]="${RSS[$1]:-} $3"; BYTES[$1]="${BYTES[$1]:-} $4"; }
 
 # Bytes fetched by every object a command read (its debug log).
-fetched() { sed -n 's/.*object read.* fetched=\([0-9]*\).*/\1/p' "$1" | awk '{ s += $1 } END { print s + 0 }'; }
+fetched() { sed -n 's/.*object \(read by ranges\|streamed\).* fetched=\([0-9]*\).*/\2/p' "$1" | awk '{ s += $1 } END { printf "%.0f\n", s }'; }
 
 start_qsd
 for i in $(seq "$RUNS"); do
-    for k in f s; do
+    for k in f s u; do
+        unsigned=false
         case $k in
             f) out="$S/b$i.vma" ;;
             s) out="s3://bench/b$i.vma" ;;
+            u) out="s3://bench/b$i.vma"; unsigned=true ;;
         esac
         wait_idle
         t0=$(now)
-        /usr/bin/time -v -o "$S/time.txt" "$VMA" backup --qmp "$S/qmp.sock" --no-bitmap \
+        AWS_UNSIGNED_PAYLOAD=$unsigned /usr/bin/time -v -o "$S/time.txt" "$VMA" backup --qmp "$S/qmp.sock" --no-bitmap \
             --drive drive0=drive-scsi0 -o "$out" > "$S/backup.out" 2> "$S/backup.err" \
             || { cat "$S/backup.err" >&2; exit 1; }
         secs=$(since "$t0")
         case $k in
             f) bytes=$(stat -c %s "$out"); rm -f "$out" "$out.index" ;;
-            s) bytes=$(stat -c %s "$S/store/bench/b$i.vma"); rm -f "$S/store/bench/b$i.vma"* ;;
+            s|u) bytes=$(stat -c %s "$S/store/bench/b$i.vma"); rm -f "$S/store/bench/b$i.vma"* ;;
         esac
         add "$k" "$secs" "$(peak_rss_kib "$S/time.txt")" "$bytes"
         echo "  run $i $k: $secs s, $bytes B, RSS $(peak_rss_kib "$S/time.txt") KiB"
@@ -121,7 +126,7 @@ for i in $(seq "$RUNS"); do
         "$VMA" extract -d d2 s3://bench/four.vma "$S/x" 2> "$S/x.err" || { cat "$S/x.err" >&2; exit 1; }
     add x "$(since "$t0")" "$(peak_rss_kib "$S/time.txt")" "$(fetched "$S/x.err")"
     wait_idle
-    rm -rf "$S/w" "$S/whole.vma"
+    rm -rf "$S/w" "$S/whole.vma" "$S/whole.vma.index"
     t0=$(now)
     RUST_LOG=vma_writer::object=debug /usr/bin/time -v -o "$S/time.txt" \
         "$VMA" convert s3://bench/four.vma "$S/whole.vma" 2> "$S/w.err" || { cat "$S/w.err" >&2; exit 1; }
@@ -145,7 +150,8 @@ echo
 echo "medians of $RUNS (time, MB/s of drive data, bytes to/from the store, peak RSS):"
 report f "backup ${SIZE_MIB} MiB -> local file (tmpfs)" $SIZE
 report s "backup ${SIZE_MIB} MiB -> s3:// (loopback, tmpfs)" $SIZE
-echo "   s / f time: $(ratio "$(median ${T[s]})" "$(median ${T[f]})")"
+report u "backup ${SIZE_MIB} MiB -> s3://, AWS_UNSIGNED_PAYLOAD=true" $SIZE
+echo "   s / f time: $(ratio "$(median ${T[s]})" "$(median ${T[f]})"), u / f: $(ratio "$(median ${T[u]})" "$(median ${T[f]})")"
 report x "extract -d d2 (1 of 4 drives) from s3:// by ranges" $quarter
 report w "download whole object, then extract -d d2" $quarter
 echo "   w / x time: $(ratio "$(median ${T[w]})" "$(median ${T[x]})"), bytes: $(ratio "$(median ${BYTES[w]})" "$(median ${BYTES[x]})")"

@@ -190,11 +190,11 @@ impl Read for SeqReader {
 }
 
 impl CountedFile {
-    /// The file back (`Err`: an object, handed back as it is).
-    pub fn into_file(self) -> Result<File, RemoteObject> {
+    /// The file back (`None` for an object).
+    pub fn into_file(self) -> Option<File> {
         match self.file {
-            Backing::Local(f) => Ok(f),
-            Backing::Remote(o) => Err(o),
+            Backing::Local(f) => Some(f),
+            Backing::Remote(_) => None,
         }
     }
 }

@@ -68,6 +68,10 @@ const DENIED_CODES: &[&str] = &[
     "InvalidToken",
 ];
 
+/// The EC2 instance metadata service, where the client looks for
+/// credentials when neither the environment nor a profile has any.
+const IMDS_ADDR: &str = "169.254.169.254";
+
 /// An object's name: `s3://BUCKET/KEY`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectUrl {
@@ -208,6 +212,15 @@ impl ObjectError {
             return ObjectError::NoSuchBucket {
                 url: url.clone(),
                 bucket: url.bucket.clone(),
+            };
+        }
+        if text.contains(IMDS_ADDR) {
+            return ObjectError::Denied {
+                url: url.clone(),
+                op,
+                detail: "no credentials were found, and the EC2 instance metadata service \
+                         (the last place the client looks) did not answer"
+                    .into(),
             };
         }
         if DENIED_CODES

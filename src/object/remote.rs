@@ -38,6 +38,8 @@ pub struct RemoteObject {
     store: Arc<AmazonS3>,
     len: u64,
     fetched: Arc<AtomicU64>,
+    /// Of those, received by ranged GETs (the rest by streams).
+    ranged: AtomicU64,
     /// GETs made (ranged and streamed).
     requests: AtomicU64,
     /// (block number, bytes), most recent last.
@@ -74,6 +76,7 @@ impl RemoteObject {
             store,
             len: meta.size,
             fetched: Arc::new(AtomicU64::new(0)),
+            ranged: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             blocks: Mutex::new(VecDeque::new()),
         })
@@ -107,6 +110,7 @@ impl RemoteObject {
             .map_err(|e| ObjectError::of(&self.url, "read it", e))?;
         self.fetched
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.ranged.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         if (bytes.len() as u64) < end - start {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -229,6 +233,7 @@ impl RemoteObject {
             rx,
             chunk: Bytes::new(),
             left: end.saturating_sub(offset),
+            received: 0,
             url: self.url.clone(),
         })
     }
@@ -255,15 +260,15 @@ impl RemoteObject {
 }
 
 impl Drop for RemoteObject {
-    /// Says what reading it cost (`RUST_LOG=vma_writer::object=debug`;
-    /// the benchmarks read it).
+    /// Says what its ranged GETs cost (`RUST_LOG=vma_writer::object=debug`;
+    /// the benchmarks read it); each stream says so of its own.
     fn drop(&mut self) {
         tracing::debug!(
             url = %self.url,
             len = self.len,
-            fetched = self.fetched(),
+            fetched = self.ranged.load(Ordering::Relaxed),
             requests = self.requests.load(Ordering::Relaxed),
-            "object read"
+            "object read by ranges"
         );
     }
 }
@@ -274,7 +279,16 @@ pub struct ObjectStream {
     rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
     chunk: Bytes,
     left: u64,
+    /// Bytes received so far.
+    received: u64,
     url: ObjectUrl,
+}
+
+impl Drop for ObjectStream {
+    /// Says what the stream cost (see [`RemoteObject`]'s drop).
+    fn drop(&mut self) {
+        tracing::debug!(url = %self.url, fetched = self.received, "object streamed");
+    }
 }
 
 impl Read for ObjectStream {
@@ -284,7 +298,10 @@ impl Read for ObjectStream {
                 return Ok(0);
             }
             match self.rx.blocking_recv() {
-                Some(chunk) => self.chunk = chunk?,
+                Some(chunk) => {
+                    self.chunk = chunk?;
+                    self.received += self.chunk.len() as u64;
+                }
                 None => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,

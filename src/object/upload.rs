@@ -20,8 +20,8 @@
 //! `If-None-Match: *`.
 
 use std::io::{self, Write};
-use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

@@ -177,6 +177,12 @@ impl Sink {
                 None => vec![url.with_suffix(".index")],
                 Some(_) => Vec::new(),
             };
+            if opts.keep_partial {
+                tracing::warn!(
+                    %url,
+                    "--keep-partial does not apply to an object: an unfinished upload is aborted"
+                );
+            }
             let settings = crate::object::settings();
             let upload = ObjectUpload::create(url, &siblings, opts.size_bound, &settings)?;
             tracing::info!(%url, part_size = upload.part_size(), "uploading the archive");
