@@ -500,3 +500,62 @@ fn a_signal_aborts_the_upload() {
         server.upload_leftovers().is_empty()
     });
 }
+
+/// A live backup whose store goes away mid-upload: the backup fails (and
+/// says so once), its upload is aborted once the store is back, and
+/// neither an object nor a part is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_whose_store_goes_away_fails_and_leaves_nothing() {
+    if !require_tools(QSD_TOOLS) {
+        return;
+    }
+    let server = S3Server::start();
+    server.bucket("bkt");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let size = 64 << 20;
+    let src = dense_random(&dir.join("scsi0.raw"), size, 31);
+    let daemon = start_daemon(dir, &[("scsi0", &src, "raw")]).await;
+    server.stall_after(12 << 20);
+    let mut cmd = vma_async(["backup", "--qmp"]);
+    cmd.arg(daemon.qmp_socket()).args([
+        "--drive",
+        "scsi0",
+        "--no-bitmap",
+        "-o",
+        "s3://bkt/gone.vma",
+        "--s3-part-size",
+        "5M",
+        "--s3-parts-in-flight",
+        "1",
+        "--s3-retries",
+        "1",
+    ]);
+    server.env_async(&mut cmd);
+    let p = Proc::spawn(cmd, false);
+    wait_async("the upload to stall", || server.received() > 12 << 20).await;
+    server.set_down(true);
+    wait_async("the abort", || {
+        server.refused().iter().any(|l| l.starts_with("DELETE "))
+    })
+    .await;
+    server.set_down(false);
+    let ended = p.wait(RUN_TIMEOUT).await;
+    ended.assert_backup_failed(&["s3://bkt/gone.vma"]);
+    assert!(!server.object_path("bkt", "gone.vma").exists());
+    assert_eq!(server.upload_leftovers(), Vec::<String>::new());
+    daemon.shutdown().await.unwrap();
+}
+
+/// Polls `cond` on a tokio test until it holds; fails the test after 60 s
+/// (a hang guard, not a timing assertion).
+async fn wait_async(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
