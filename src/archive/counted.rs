@@ -142,11 +142,16 @@ impl CountedFile {
     }
 
     /// Asks the kernel to start reading `[offset, offset + len)` into the
-    /// page cache (`POSIX_FADV_WILLNEED`); returns at once. A hint: errors
-    /// are ignored, and nothing is counted as read.
+    /// page cache (`POSIX_FADV_WILLNEED`), or an object's reader to fetch
+    /// it ahead; returns at once. A hint: errors are ignored, and nothing
+    /// is counted as read (an object counts what it fetches).
     pub fn advise_willneed(&self, offset: u64, len: u64) {
-        let Backing::Local(file) = &self.file else {
-            return;
+        let file = match &self.file {
+            Backing::Local(f) => f,
+            Backing::Remote(o) => {
+                o.prefetch(offset, len);
+                return;
+            }
         };
         if let Some(len) = std::num::NonZeroU64::new(len) {
             let _ = rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::WillNeed);

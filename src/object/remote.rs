@@ -3,14 +3,15 @@
 //! front to back. Reads smaller than a block go through a small cache of
 //! aligned blocks, so parsing a header, a seek table or a footer costs a
 //! GET or two rather than one per field; larger reads (frames, extents)
-//! are fetched exactly. Every byte received is counted
+//! are fetched exactly, or taken from a range fetched ahead
+//! ([`RemoteObject::prefetch`]). Every byte received is counted
 //! ([`RemoteObject::fetched`]): what "reads only what it needs" is
 //! measured by.
 
 use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -27,6 +28,18 @@ const BLOCK: u64 = 64 << 10;
 /// while opening it, stay cached together.
 const CACHED_BLOCKS: usize = 16;
 
+/// Bytes fetched ahead of readers ([`RemoteObject::prefetch`], what
+/// `export` asks for a plain archive's next clusters) kept at once; a hint
+/// past it is dropped.
+const AHEAD_BUDGET: u64 = 32 << 20;
+
+/// A range being fetched ahead, or fetched.
+struct Ahead {
+    start: u64,
+    end: u64,
+    slot: Arc<(Mutex<Option<Option<Bytes>>>, Condvar)>,
+}
+
 /// Chunks of a streamed GET received ahead of the reader: network and
 /// decoder overlap, memory stays bounded (the client's chunks are tens of
 /// KiB).
@@ -39,11 +52,13 @@ pub struct RemoteObject {
     len: u64,
     fetched: Arc<AtomicU64>,
     /// Of those, received by ranged GETs (the rest by streams).
-    ranged: AtomicU64,
+    ranged: Arc<AtomicU64>,
     /// GETs made (ranged and streamed).
     requests: AtomicU64,
     /// (block number, bytes), most recent last.
     blocks: Mutex<VecDeque<(u64, Bytes)>>,
+    /// Ranges fetched ahead, oldest first (within [`AHEAD_BUDGET`]).
+    ahead: Mutex<VecDeque<Ahead>>,
 }
 
 impl std::fmt::Debug for RemoteObject {
@@ -76,9 +91,10 @@ impl RemoteObject {
             store,
             len: meta.size,
             fetched: Arc::new(AtomicU64::new(0)),
-            ranged: AtomicU64::new(0),
+            ranged: Arc::new(AtomicU64::new(0)),
             requests: AtomicU64::new(0),
             blocks: Mutex::new(VecDeque::new()),
+            ahead: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -144,6 +160,82 @@ impl RemoteObject {
         blocks.push_back((block, data));
     }
 
+    /// Starts fetching `[offset, offset + len)` in the background, for a
+    /// read that is coming (a hint: dropped past [`AHEAD_BUDGET`] or when
+    /// it overlaps a range already asked for).
+    pub fn prefetch(&self, offset: u64, len: u64) {
+        let end = self.len.min(offset.saturating_add(len));
+        let mut offset = offset;
+        let mut ahead = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+        // What is asked for already is not asked for again: a read-ahead
+        // window that slides forward overlaps the last one.
+        while let Some(a) = ahead.iter().find(|a| a.start <= offset && offset < a.end) {
+            offset = a.end;
+        }
+        if offset >= end {
+            return;
+        }
+        let mut held: u64 = ahead.iter().map(|a| a.end - a.start).sum();
+        // Arrived ranges that no reader finished make room, oldest first.
+        while held + (end - offset) > AHEAD_BUDGET
+            && ahead
+                .front()
+                .is_some_and(|a| a.slot.0.lock().unwrap_or_else(|e| e.into_inner()).is_some())
+        {
+            let a = ahead.pop_front().expect("checked");
+            held -= a.end - a.start;
+        }
+        if held + (end - offset) > AHEAD_BUDGET
+            || ahead.iter().any(|a| a.start < end && offset < a.end)
+        {
+            return;
+        }
+        let slot = Arc::new((Mutex::new(None), Condvar::new()));
+        ahead.push_back(Ahead {
+            start: offset,
+            end,
+            slot: slot.clone(),
+        });
+        drop(ahead);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let (s, path) = (self.store.clone(), self.url.path());
+        let (fetched, ranged) = (self.fetched.clone(), self.ranged.clone());
+        spawn(async move {
+            let got = s.get_range(&path, offset..end).await.ok();
+            let got = got.filter(|b| b.len() as u64 == end - offset);
+            if let Some(b) = &got {
+                fetched.fetch_add(b.len() as u64, Ordering::Relaxed);
+                ranged.fetch_add(b.len() as u64, Ordering::Relaxed);
+            }
+            let (lock, ready) = &*slot;
+            *lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(got);
+            ready.notify_all();
+        });
+    }
+
+    /// `[offset, end)` from a range fetched ahead, when one holds all of
+    /// it (waiting for it to arrive); the range is dropped once read to
+    /// its end, or when it failed.
+    fn from_ahead(&self, offset: u64, end: u64) -> Option<Bytes> {
+        let slot = {
+            let ahead = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+            let a = ahead.iter().find(|a| a.start <= offset && end <= a.end)?;
+            (a.slot.clone(), a.start, a.end)
+        };
+        let ((lock, ready), start, stop) = (&*slot.0, slot.1, slot.2);
+        let mut got = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while got.is_none() {
+            got = ready.wait(got).unwrap_or_else(|e| e.into_inner());
+        }
+        let data = got.clone().flatten();
+        drop(got);
+        if data.is_none() || end == stop {
+            let mut ahead = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+            ahead.retain(|a| !Arc::ptr_eq(&a.slot, &slot.0));
+        }
+        data.map(|d| d.slice((offset - start) as usize..(end - start) as usize))
+    }
+
     /// Reads at `offset` until `buf` is full or the object ends; returns
     /// the bytes read (like `pread` in a loop).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
@@ -152,6 +244,10 @@ impl RemoteObject {
             return Ok(0);
         }
         let want = (end - offset) as usize;
+        if let Some(data) = self.from_ahead(offset, end) {
+            buf[..want].copy_from_slice(&data);
+            return Ok(want);
+        }
         if want as u64 >= BLOCK {
             let bytes = self.get(offset, end)?;
             buf[..want].copy_from_slice(&bytes);
