@@ -216,7 +216,7 @@ impl RemoteObject {
     /// `[offset, end)` from a range fetched ahead, when one holds all of
     /// it (waiting for it to arrive); the range is dropped once read to
     /// its end, or when it failed.
-    fn from_ahead(&self, offset: u64, end: u64) -> Option<Bytes> {
+    fn take_ahead(&self, offset: u64, end: u64) -> Option<Bytes> {
         let slot = {
             let ahead = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
             let a = ahead.iter().find(|a| a.start <= offset && end <= a.end)?;
@@ -244,7 +244,7 @@ impl RemoteObject {
             return Ok(0);
         }
         let want = (end - offset) as usize;
-        if let Some(data) = self.from_ahead(offset, end) {
+        if let Some(data) = self.take_ahead(offset, end) {
             buf[..want].copy_from_slice(&data);
             return Ok(want);
         }
