@@ -14,6 +14,10 @@
 #         seekable zstd base (adds and removes no bitmap);
 #   inc   `backup --base base.vma`: incremental from the plain base, the
 #         product path (its commit removes the base's bitmap).
+#   floor `cp base.vma` on the same file system: the least any incremental
+#         that writes a complete standalone archive can take (an incremental
+#         archive is as large as the base: every byte of it must be
+#         written), for the ratio it sets against the full backup.
 # Time: wall clock of the `vma-writer backup` process (QMP, jobs, fill,
 # commit). QEMU's bytes: `received_bytes` of the `--json` finished event;
 # base-read throughput: `base_bytes / fill_s` (in-device bytes copied from
@@ -144,6 +148,15 @@ for ((i = 1; i <= RUNS; i++)); do
     rm -f "$S/zst.vma" "$S/zst.vma.index"
     backup inc --base "$S/base.vma" -o "$S/inc.vma"
     ((i == 1)) && check "$S/inc.vma"
+    rm -f "$S/inc.vma" "$S/inc.vma.index"
+    wait_idle
+    t0=$(now)
+    cp --reflink=never "$S/base.vma" "$S/floor.vma"
+    t=$(since "$t0")
+    T[floor]="${T[floor]:-} $t"
+    IDLE[floor]="${IDLE[floor]:-} $LAST_IDLE"
+    echo "   floor: $t s, cp of the base archive ($(stat -c %s "$S/base.vma") B) (idle ${LAST_IDLE} %)"
+    rm -f "$S/floor.vma"
 done
 
 med() { # median of the list in $1
@@ -167,6 +180,7 @@ for k in full zst inc; do
 done
 echo
 for k in full zst inc; do echo "raw $k: wall s:${T[$k]}  idle %:${IDLE[$k]}  fill s:${FILL[$k]}"; done
+echo "raw floor: wall s:${T[floor]}  idle %:${IDLE[floor]}"
 echo
 full=$(med "${T[full]}")
 for k in inc zst; do
@@ -176,4 +190,6 @@ for k in inc zst; do
     echo "$k: wall time $r x full (target <= 0.40: $(awk -v r="$r" 'BEGIN { print (r <= 0.4) ? "met" : "NOT met" }'));" \
         "QEMU's bytes $recv = dirty + $over % (target <= 1 %: $(awk -v o="$over" 'BEGIN { print (o <= 1) ? "met" : "NOT met" }'))"
 done
+floor=$(ratio "$(med "${T[floor]}")" "$full")
+echo "floor: cp of the base archive $(med "${T[floor]}") s = $floor x full: no incremental that writes a whole archive here can beat that"
 echo "load:    $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15 min) at the end"

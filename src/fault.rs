@@ -22,6 +22,10 @@ pub enum Point {
     /// (`pause-commit` sleeps there for [`PAUSE`] after saying so on
     /// stderr, so a test can signal the process mid-commit).
     CommitStart,
+    /// The directory's fsync after the archive was renamed into place
+    /// (`dirsync` fails it with EIO): a commit that fails once the archive
+    /// is final.
+    DirSync,
 }
 
 /// How long `pause-commit` sleeps: ample time for a test that saw the
@@ -38,7 +42,9 @@ pub fn at(point: Point) -> io::Result<()> {
         return Ok(());
     };
     match (fault.as_str(), point) {
-        ("fsync", Point::CommitSync) => Err(io::Error::from_raw_os_error(libc::EIO)),
+        ("fsync", Point::CommitSync) | ("dirsync", Point::DirSync) => {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        }
         ("pause-commit", Point::CommitStart) => {
             eprintln!("vma-writer: fault injection: pausing at the commit");
             std::thread::sleep(PAUSE);

@@ -40,11 +40,30 @@ use crate::vma::{DevId, FormatError, WriterBuilder};
 /// `reconnect-delay`, a few seconds at most when it is set at all.
 pub const DEFAULT_RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Bytes in flight per NBD connection of a backup target. QEMU keeps at
-/// most 16 requests of 1 MiB in flight, so 32 MiB never throttles it, and it
-/// keeps vma-writer's peak memory (payloads + writer queue + partial
-/// buffers) under 64 MiB for a backup.
+/// Bytes in flight per NBD connection of a backup target (payloads and
+/// requests until their replies are written). QEMU keeps at most 16
+/// requests of 1 MiB in flight, so 32 MiB never throttles it; the memory of
+/// the whole backup is bounded by [`DEFAULT_MEMORY_BUDGET`] instead, which
+/// does not grow with the number of drives.
 pub const TARGET_BYTES_IN_FLIGHT: usize = 32 << 20;
+
+/// Default budget for the WRITE payloads of all drives of a backup target
+/// together, from the socket until the assembler has taken them
+/// ([`crate::nbd::MemoryBudget`], shared fairly by the drives; `--memory`).
+/// 24 MiB is more than one drive at full speed needs (QEMU keeps 16 ×
+/// 1 MiB in flight), so one drive alone is never throttled, and with the
+/// writer channel ([`crate::assembler::CHANNEL_CLUSTERS`]), the extent
+/// being assembled and idle buffers it keeps an 8-drive backup at full
+/// speed under 64 MiB peak RSS (measured by `bench/memory.sh`).
+pub const DEFAULT_MEMORY_BUDGET: usize = 24 << 20;
+
+/// Smallest `--memory`: one cluster. Less works (every WRITE then runs
+/// alone) but only makes the backup crawl.
+pub const MIN_MEMORY_BUDGET: usize = 64 << 10;
+
+/// Largest `--memory`: the budget counts bytes in a semaphore of `u32`
+/// permits.
+pub const MAX_MEMORY_BUDGET: usize = (4 << 30) - (1 << 20);
 
 /// Everything needed to start a target.
 #[derive(Debug, Clone)]
@@ -69,7 +88,8 @@ pub struct TargetConfig {
     pub ctime: Option<i64>,
     /// See [`DEFAULT_RECONNECT_TIMEOUT`].
     pub reconnect_timeout: Duration,
-    /// NBD server limits.
+    /// NBD server limits; give it a [`ServerConfig::memory`] budget (see
+    /// [`DEFAULT_MEMORY_BUDGET`]), or memory grows with the drives.
     pub server: ServerConfig,
     /// STARTTLS offered or required, when set.
     pub tls: Option<Tls>,
@@ -122,6 +142,10 @@ pub enum Error {
     /// The last extent, fsync or rename failed, or a drive is incomplete.
     #[error("cannot finish the archive")]
     Finish(#[source] io::Error),
+    /// The archive was made final, but what followed failed (renaming its
+    /// index, syncing the directory): the archive is complete and in place.
+    #[error("the archive was made final, but its commit did not complete")]
+    Published(#[source] io::Error),
     /// A stop request arrived while the archive was being finished, before
     /// it was made final: it was abandoned.
     #[error("stopped while the archive was being finished; it was not made final")]
@@ -309,6 +333,12 @@ impl BackupTarget {
         &self.addr
     }
 
+    /// Says that no client will connect any more; see
+    /// [`Assembler::clients_done`].
+    pub fn clients_done(&self) {
+        self.assembler.clients_done();
+    }
+
     /// Per-drive status.
     pub fn status(&self) -> Vec<DriveStatus> {
         self.assembler.status()
@@ -401,6 +431,7 @@ impl BackupTarget {
         };
         let summary = finished.map_err(|e| match e.kind() {
             io::ErrorKind::Interrupted => Error::Stopped,
+            _ if crate::sink::is_published(&e) => Error::Published(e),
             _ => Error::Finish(e),
         })?;
         let bytes = summary.drives.iter().map(|d| d.size).sum();

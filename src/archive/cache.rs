@@ -130,6 +130,23 @@ impl FrameCache {
         }
     }
 
+    /// Frame `frame` if it is loaded now, without waiting or loading
+    /// (counts as a use, like [`get`](Self::get)); `None` when it is not
+    /// held or is still being loaded.
+    pub fn peek(&self, frame: u32) -> Option<Bytes> {
+        let slot = {
+            let mut st = lock(&self.state);
+            st.tick += 1;
+            let tick = st.tick;
+            let e = st.entries.get_mut(&frame)?;
+            e.last_used = tick;
+            e.slot.clone()
+        };
+        // A slot whose lock is held is being loaded: that would wait.
+        let data = slot.data.try_lock().ok()?;
+        data.clone()
+    }
+
     /// True when frame `frame` is held or being loaded (a prefetch of it
     /// would only wait for that load).
     pub fn contains(&self, frame: u32) -> bool {

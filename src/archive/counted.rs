@@ -141,6 +141,38 @@ impl CountedFile {
         Ok(got)
     }
 
+    /// Like [`read_at`](Self::read_at), but only from the page cache: no
+    /// disk I/O, so it may run where blocking is not allowed
+    /// (`preadv2` with `RWF_NOWAIT`). `None` when some of the bytes are
+    /// not cached (nothing is counted then; `buf` is unspecified).
+    pub fn read_at_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<Option<usize>> {
+        use rustix::io::{Errno, ReadWriteFlags, preadv2};
+        let mut got = 0;
+        while got < buf.len() {
+            let at = offset + got as u64;
+            match preadv2(
+                &self.file,
+                &mut [io::IoSliceMut::new(&mut buf[got..])],
+                at,
+                ReadWriteFlags::NOWAIT,
+            ) {
+                Ok(0) if at >= self.len => break,
+                // Short of the file's end: the rest is not cached.
+                Ok(0) => return Ok(None),
+                Ok(n) => got += n,
+                Err(Errno::INTR) => {}
+                // Not cached, or a kernel or file system without
+                // RWF_NOWAIT: the caller reads the blocking way.
+                Err(Errno::AGAIN | Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => {
+                    return Ok(None);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.read.fetch_add(got as u64, Ordering::Relaxed);
+        Ok(Some(got))
+    }
+
     /// Asks the kernel to start reading `[offset, offset + len)` into the
     /// page cache (`POSIX_FADV_WILLNEED`), or an object's reader to fetch
     /// it ahead; returns at once. A hint: errors are ignored, and nothing

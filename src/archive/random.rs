@@ -57,6 +57,13 @@ impl Cluster {
     }
 }
 
+/// Whether a read may wait for the disk or a decompression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Yes,
+    No,
+}
+
 /// An archive file read at random; see the module docs.
 ///
 /// `Send + Sync`: one instance serves any number of threads (checked
@@ -161,48 +168,67 @@ impl RandomArchive {
     }
 
     /// The bytes of the plain stream from `offset`, `len` long, all inside
-    /// extent `x`.
-    fn stream_bytes(&self, x: usize, offset: u64, len: usize) -> Result<Bytes, ArchiveError> {
+    /// extent `x`. With [`Wait::No`], `None` when getting them would wait
+    /// (file pages not cached, a frame not decompressed yet).
+    fn stream_bytes(
+        &self,
+        x: usize,
+        offset: u64,
+        len: usize,
+        wait: Wait,
+    ) -> Result<Option<Bytes>, ArchiveError> {
+        let truncated = || -> ArchiveError {
+            FormatError::Truncated {
+                offset,
+                what: "extent",
+                need: len as u64,
+                got: self.file.file().len().saturating_sub(offset),
+            }
+            .into()
+        };
         if let Some(m) = &self.map {
-            return m.bytes(offset, len).ok_or_else(|| {
-                FormatError::Truncated {
-                    offset,
-                    what: "extent",
-                    need: len as u64,
-                    got: self.file.file().len().saturating_sub(offset),
-                }
-                .into()
-            });
+            // Touching a mapping may wait for the disk.
+            if wait == Wait::No {
+                return Ok(None);
+            }
+            return m.bytes(offset, len).map(Some).ok_or_else(truncated);
         }
         match self.file.layout() {
+            Layout::Plain if wait == Wait::No => {
+                let mut buf = vec![0; len];
+                match self.file.file().read_at_cached(&mut buf, offset)? {
+                    None => Ok(None),
+                    Some(got) if got < len => Err(truncated()),
+                    Some(_) => Ok(Some(Bytes::from(buf))),
+                }
+            }
             Layout::Plain => self
                 .file
                 .file()
                 .read_vec(offset, len)?
-                .map(Bytes::from)
-                .ok_or_else(|| {
-                    FormatError::Truncated {
-                        offset,
-                        what: "extent",
-                        need: len as u64,
-                        got: self.file.file().len().saturating_sub(offset),
-                    }
-                    .into()
-                }),
+                .map(|v| Some(Bytes::from(v)))
+                .ok_or_else(truncated),
             Layout::Seekable { frames, .. } => {
                 let frame = self.index.extents[x].frame;
-                let bytes = self.cache.get(frame, || {
-                    read_frame(
-                        self.file.file(),
-                        frames,
-                        frame,
-                        || format!("extent {x}"),
-                        self.cache.buffers(),
-                    )
-                })?;
+                let bytes = if wait == Wait::No {
+                    match self.cache.peek(frame) {
+                        Some(b) => b,
+                        None => return Ok(None),
+                    }
+                } else {
+                    self.cache.get(frame, || {
+                        read_frame(
+                            self.file.file(),
+                            frames,
+                            frame,
+                            || format!("extent {x}"),
+                            self.cache.buffers(),
+                        )
+                    })?
+                };
                 let (_, start, _) = frames.frame(frame as usize).expect("checked at open");
                 let at = (offset - start) as usize;
-                Ok(bytes.slice(at..at + len))
+                Ok(Some(bytes.slice(at..at + len)))
             }
         }
     }
@@ -231,7 +257,9 @@ impl RandomArchive {
         let stored = if loc.mask == 0 {
             Bytes::new()
         } else {
-            self.stream_bytes(loc.extent as usize, loc.stream_offset, stored_len(loc.mask))?
+            let (x, len) = (loc.extent as usize, stored_len(loc.mask));
+            self.stream_bytes(x, loc.stream_offset, len, Wait::Yes)?
+                .expect("a blocking read has its bytes")
         };
         let c = Cluster {
             dev,
@@ -253,6 +281,32 @@ impl RandomArchive {
     /// (so the whole cluster is read however little of it is wanted); a
     /// mismatch is [`ArchiveError::Digest`] and `out` is then unspecified.
     pub fn read_into(&self, dev: DevId, offset: u64, out: &mut [u8]) -> Result<(), ArchiveError> {
+        let done = self.read_into_waiting(dev, offset, out, Wait::Yes)?;
+        debug_assert!(done, "a blocking read completes");
+        Ok(())
+    }
+
+    /// [`read_into`](Self::read_into) if everything it needs is in memory
+    /// already (file pages in the page cache, frames in the frame cache),
+    /// so that it never waits for the disk or a decompression: for callers
+    /// that must not block, before they hand the read to a thread that
+    /// may. `Ok(false)` when something is not (`out` is then unspecified).
+    pub fn read_into_if_cached(
+        &self,
+        dev: DevId,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<bool, ArchiveError> {
+        self.read_into_waiting(dev, offset, out, Wait::No)
+    }
+
+    fn read_into_waiting(
+        &self,
+        dev: DevId,
+        offset: u64,
+        out: &mut [u8],
+        wait: Wait,
+    ) -> Result<bool, ArchiveError> {
         let size = self.device_size(dev);
         let cluster_bytes = VMA_CLUSTER_SIZE as u64;
         let plain = matches!(self.file.layout(), Layout::Plain);
@@ -283,24 +337,31 @@ impl RandomArchive {
                     run += len;
                     next += 1;
                 }
-                self.read_in_place(
+                if !self.read_in_place(
                     dev,
                     size,
                     cluster..next,
                     loc.stream_offset,
                     &mut out[pos..pos + run],
-                )?;
+                    wait,
+                )? {
+                    return Ok(false);
+                }
                 pos += run;
                 continue;
             }
-            self.read_cluster_part(dev, size, cluster, &loc, in_cluster, &mut out[pos..pos + n])?;
+            let part = &mut out[pos..pos + n];
+            if !self.read_cluster_part(dev, size, cluster, &loc, in_cluster, part, wait)? {
+                return Ok(false);
+            }
             pos += n;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Reads `clusters` of `dev`, stored back to back from `stream_offset`
-    /// with every block, straight into `out`, and checks each.
+    /// with every block, straight into `out`, and checks each. `false`
+    /// when [`Wait::No`] and the bytes are not cached.
     fn read_in_place(
         &self,
         dev: DevId,
@@ -308,8 +369,15 @@ impl RandomArchive {
         clusters: Range<u64>,
         stream_offset: u64,
         out: &mut [u8],
-    ) -> Result<(), ArchiveError> {
-        let got = self.file.file().read_at(out, stream_offset)?;
+        wait: Wait,
+    ) -> Result<bool, ArchiveError> {
+        let got = match wait {
+            Wait::Yes => self.file.file().read_at(out, stream_offset)?,
+            Wait::No => match self.file.file().read_at_cached(out, stream_offset)? {
+                Some(got) => got,
+                None => return Ok(false),
+            },
+        };
         if got < out.len() {
             return Err(FormatError::Truncated {
                 offset: stream_offset,
@@ -320,7 +388,7 @@ impl RandomArchive {
             .into());
         }
         if !self.has_digests() {
-            return Ok(());
+            return Ok(true);
         }
         let mut at = 0;
         for cluster in clusters {
@@ -340,11 +408,13 @@ impl RandomArchive {
             )?;
             at += len;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The bytes of cluster `cluster` (at `loc`) from `at` on into `out`;
-    /// see [`read_into`](Self::read_into).
+    /// see [`read_into`](Self::read_into). `false` when [`Wait::No`] and
+    /// the bytes are not in memory.
+    #[allow(clippy::too_many_arguments)]
     fn read_cluster_part(
         &self,
         dev: DevId,
@@ -353,14 +423,17 @@ impl RandomArchive {
         loc: &Location,
         at: usize,
         out: &mut [u8],
-    ) -> Result<(), ArchiveError> {
+        wait: Wait,
+    ) -> Result<bool, ArchiveError> {
         if loc.mask == 0 {
             out.fill(0);
-            return Ok(());
+            return Ok(true);
         }
         let len = cluster_len(size, cluster);
-        let stored =
-            self.stream_bytes(loc.extent as usize, loc.stream_offset, stored_len(loc.mask))?;
+        let (x, stored_bytes) = (loc.extent as usize, stored_len(loc.mask));
+        let Some(stored) = self.stream_bytes(x, loc.stream_offset, stored_bytes, wait)? else {
+            return Ok(false);
+        };
         let c = ClusterData {
             dev,
             cluster,
@@ -378,7 +451,7 @@ impl RandomArchive {
             c.expand_into(&mut whole);
             out.copy_from_slice(&whole[at..at + out.len()]);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Warms what reading clusters `clusters` of `dev` will need, up to
@@ -461,6 +534,62 @@ impl RandomArchive {
         }
     }
 
+    /// The frames holding the stored data of clusters `clusters` of `dev`,
+    /// in order, each once, up to `budget` bytes of decompressed frames
+    /// (at least one); empty for a plain archive, which has no frames.
+    pub fn frames_holding(&self, dev: DevId, clusters: Range<u64>, budget: u64) -> Vec<u32> {
+        let Layout::Seekable { frames: table, .. } = self.file.layout() else {
+            return Vec::new();
+        };
+        let clusters = clusters.start..clusters.end.min(clusters_of(self.device_size(dev)));
+        let mut frames: Vec<u32> = Vec::new();
+        let mut bytes = 0u64;
+        for c in clusters {
+            let Some(loc) = self.index.locate(dev, c) else {
+                break;
+            };
+            if loc.mask == 0 || frames.last() == Some(&loc.frame) || frames.contains(&loc.frame) {
+                continue;
+            }
+            let Some((_, _, entry)) = table.frame(loc.frame as usize) else {
+                break;
+            };
+            bytes += u64::from(entry.decompressed);
+            if bytes > budget && !frames.is_empty() {
+                break;
+            }
+            frames.push(loc.frame);
+        }
+        frames
+    }
+
+    /// True when frame `frame` is decompressed in the frame cache now (not
+    /// merely being loaded).
+    pub fn frame_loaded(&self, frame: u32) -> bool {
+        self.cache.peek(frame).is_some()
+    }
+
+    /// Decompresses frame `frame` into the frame cache (blocks; waits for
+    /// a load of it already under way instead of starting another).
+    pub fn load_frame(&self, frame: u32) -> Result<(), ArchiveError> {
+        let Layout::Seekable { frames, .. } = self.file.layout() else {
+            return Ok(());
+        };
+        if frames.frame(frame as usize).is_none() {
+            return Ok(());
+        }
+        self.cache.get(frame, || {
+            read_frame(
+                self.file.file(),
+                frames,
+                frame,
+                || self.file.frame_holds(Some(&self.index), frame),
+                self.cache.buffers(),
+            )
+        })?;
+        Ok(())
+    }
+
     /// Bytes of decompressed frames the cache keeps (0 for a plain
     /// archive, which has no frames).
     pub fn cache_budget(&self) -> usize {
@@ -489,7 +618,9 @@ impl RandomArchive {
         want: impl Fn(DevId, u64) -> bool,
     ) -> Result<Vec<Cluster>, ArchiveError> {
         let rec = &self.index.extents[x];
-        let bytes = self.stream_bytes(x, rec.stream_offset, rec.len() as usize)?;
+        let bytes = self
+            .stream_bytes(x, rec.stream_offset, rec.len() as usize, Wait::Yes)?
+            .expect("a blocking read has its bytes");
         let head: &[u8; VMA_EXTENT_HEADER_SIZE] = bytes[..VMA_EXTENT_HEADER_SIZE]
             .try_into()
             .expect("an extent has a header");

@@ -80,6 +80,8 @@ struct DriveState {
     idle_since: Option<Instant>,
     /// A FLUSH arrived after the drive became complete.
     flushed_complete: bool,
+    /// No client will come any more ([`Drive::clients_done`]).
+    clients_done: bool,
 }
 
 impl DriveState {
@@ -99,6 +101,7 @@ impl DriveState {
             ever_connected: false,
             idle_since: None,
             flushed_complete: false,
+            clients_done: false,
         }
     }
 
@@ -228,6 +231,10 @@ impl Drive {
         let s = lock(&self.state);
         let complete = s.complete();
         let gone = s.ever_connected && s.connections == 0;
+        // An incremental drive waits for its base only once no client
+        // will come: until then a client that left may be reconnecting
+        // (QEMU's job still runs), and is awaited like any other.
+        let awaits_base = self.chain.from_base && !complete && gone && s.clients_done;
         DriveStatus {
             name: self.name.clone(),
             size: self.size,
@@ -235,11 +242,19 @@ impl Drive {
             complete,
             connections: s.connections,
             ever_connected: s.ever_connected,
-            idle_since: s.idle_since,
+            idle_since: if awaits_base { None } else { s.idle_since },
             settled: complete && s.ever_connected && (s.connections == 0 || s.flushed_complete),
             base_bytes: s.base_bytes,
-            awaits_base: self.chain.from_base && !complete && gone,
+            awaits_base,
         }
+    }
+
+    /// Says that no client will connect any more (QEMU's job ended and
+    /// its target is gone): an incremental drive's missing clusters are
+    /// then the base's to fill ([`DriveStatus::awaits_base`]).
+    pub(super) fn clients_done(&self) {
+        lock(&self.state).clients_done = true;
+        self.shared.notify();
     }
 
     /// Which clusters are archived now.
@@ -265,7 +280,16 @@ impl Drive {
             if s.archived.get(c) {
                 return Ok(());
             }
-            s.partial.remove(&c);
+            if s.partial.contains_key(&c) {
+                // A client wrote part of this cluster and never the rest
+                // (QEMU writes whole clusters): neither its bytes alone nor
+                // the base's are the cluster at the backup's point in time.
+                return Err(io::Error::other(format!(
+                    "drive {}: cluster {c} was written only in part by the client; \
+                     an incremental backup takes whole clusters from QEMU",
+                    self.name
+                )));
+            }
             s.set_archived(c, mask == 0, None, len);
             s.base_bytes += len;
             s.complete()
@@ -570,12 +594,18 @@ impl Backend for Drive {
     async fn write(&self, offset: u64, data: Bytes) -> io::Result<()> {
         self.shared.check()?;
         let mut pos = 0usize;
+        // Whole clusters are sent in one turn (see Shared::send_turn).
+        let mut turn = None;
         for (c, off, n) in self.pieces(offset, data.len() as u64) {
             let piece = data.slice(pos..pos + n);
             pos += n;
             if off == 0 && n == self.cluster_len(c) {
+                if turn.is_none() {
+                    turn = Some(self.shared.send_turn().await);
+                }
                 self.full_cluster(c, Payload::Data(piece)).await?;
             } else {
+                turn = None; // never held while waiting for partial room
                 self.partial_piece(c, off, n, Some(piece)).await?;
             }
         }
@@ -688,9 +718,9 @@ impl Backend for Drive {
     fn disconnected(&self, clean: bool) {
         let mut s = lock(&self.state);
         s.connections = s.connections.saturating_sub(1);
-        // An incremental drive is incomplete by design when its client
-        // leaves: the base fills the rest, so no reconnect is awaited.
-        if s.connections == 0 && !s.complete() && !self.chain.from_base {
+        // Incomplete: a reconnect is awaited (an incremental drive stops
+        // awaiting one once the caller says no client will come).
+        if s.connections == 0 && !s.complete() {
             s.idle_since = Some(Instant::now());
         }
         drop(s);

@@ -79,11 +79,15 @@ use crate::sink::Sink;
 use crate::vma::consts::VMA_CLUSTER_SIZE;
 use crate::vma::{DevId, DeviceChain, Writer, WriterBuilder};
 
-/// Clusters the channel to the writer thread holds (16 MiB of data, as much
-/// as QEMU keeps in flight): enough to absorb the pause of one 3.7 MB extent
-/// write without stalling QEMU's requests, small enough to keep
-/// vma-writer's memory under 64 MiB (measured peak RSS 37–41 MiB).
-pub const CHANNEL_CLUSTERS: usize = 256;
+/// Clusters the channel to the writer thread holds, for all drives
+/// together (4 MiB of data): a little more than one extent, enough to
+/// keep the writer busy while it writes one. Requests waiting for room hold
+/// their data in the NBD server's memory budget meanwhile, which is the
+/// real buffer; data in the channel (and in the extent being assembled) is
+/// outside that budget, so the channel is kept small. 256 clusters cost
+/// 12 MiB more peak RSS in an 8-drive backup and gained no throughput
+/// (`bench/memory.sh`).
+pub const CHANNEL_CLUSTERS: usize = 64;
 
 /// Default bound on partial-cluster buffers: 1024 clusters. QEMU's backup
 /// job needs at most one per drive (the tail of an odd-sized disk); generic
@@ -236,6 +240,15 @@ impl Assembler {
     /// The drive backends, in registration order.
     pub fn drives(&self) -> &[Arc<Drive>] {
         &self.drives
+    }
+
+    /// Says that no client will connect any more (the backup jobs ended
+    /// and their targets are gone): incremental drives then await their
+    /// base ([`DriveStatus::awaits_base`]) instead of a reconnect.
+    pub fn clients_done(&self) {
+        for d in &self.drives {
+            d.clients_done();
+        }
     }
 
     /// Status of every drive.
@@ -651,6 +664,9 @@ mod tests {
         d.disconnected(true);
         if let Some(base) = base {
             let st = &asm.status()[0];
+            assert!(!st.awaits_base && st.idle_since.is_some(), "{st:?}");
+            asm.clients_done();
+            let st = &asm.status()[0];
             assert!(st.awaits_base && st.idle_since.is_none(), "{st:?}");
             // A plain base is read through a mapping, as a backup does.
             let base = RandomArchive::open(base.to_str().unwrap()).unwrap();
@@ -688,6 +704,37 @@ mod tests {
                 (c, data)
             })
             .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cluster_written_in_part_fails_the_fill() {
+        use crate::vma::DeviceChain;
+        let size = 8 * 65536;
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.vma");
+        let full = DeviceChain {
+            bitmap: true,
+            ..Default::default()
+        };
+        chain_archive(&base, size, full, &generation(size, 1), None, false)
+            .await
+            .unwrap();
+        let incremental = DeviceChain {
+            bitmap: true,
+            from_base: true,
+            base_bytes: 0,
+        };
+        let new = dir.path().join("new.vma");
+        let part = [(5u64, vec![7u8; 4096])];
+        let err = chain_archive(&new, size, incremental, &part, Some(&base), false)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("cluster 5 was written only in part"),
+            "{err}"
+        );
+        assert!(!new.exists(), "a failed fill leaves no archive");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

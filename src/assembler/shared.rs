@@ -84,6 +84,10 @@ pub struct Shared {
     /// When the first client of any drive connected (the backup's start,
     /// for throughput figures).
     first_connect: OnceLock<Instant>,
+    /// Taken by a write while it sends its whole clusters, so they reach
+    /// the channel one after another instead of interleaved with other
+    /// writes' clusters (see [`Shared::send_turn`]).
+    turn: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -104,6 +108,7 @@ impl Shared {
             changed,
             copied_bytes: AtomicU64::new(0),
             first_connect: OnceLock::new(),
+            turn: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -168,6 +173,18 @@ impl Shared {
             .reserve()
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the archive is already closed"))
+    }
+
+    /// The turn to send whole clusters: a write holds it while it sends a
+    /// run of them (not while it waits for partial-buffer room), so one
+    /// write's clusters lie together in the channel and in the extents.
+    /// That bounds what the archive stage keeps alive: a cluster is a
+    /// slice of its WRITE's buffer, which lives until its last cluster is
+    /// written out, so interleaved writes would each keep a whole buffer
+    /// alive per cluster queued or in the pending extent. First come,
+    /// first served (tokio's mutex is fair).
+    pub async fn send_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.turn.lock().await
     }
 
     /// Has the writer thread write out its pending extent (and fdatasync

@@ -182,6 +182,14 @@ pub async fn run(
     observer.progress(&backup.target.status());
     let report = match backup.target.finish(&mut stop).await {
         Ok(r) => r,
+        Err(e @ target::Error::Published(_)) => {
+            // The archive is in place although its commit then failed: the
+            // new bitmap belongs to it, as after a clean commit.
+            if let Some(keep) = &new_bitmap {
+                remove_stale(qmp, &plan, keep, observer).await;
+            }
+            return Err(e.into());
+        }
         Err(e) => {
             remove_bitmaps(qmp, &backup.bitmaps).await;
             return Err(e.into());
@@ -360,6 +368,7 @@ impl Backup<'_> {
         // disconnect, which settles the drives (full ones complete,
         // incremental ones awaiting their base).
         self.remove_targets().await?;
+        self.target.clients_done();
         self.settle(stop).await?;
         self.fill(plan, base, observer, stop).await
     }

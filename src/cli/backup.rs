@@ -110,6 +110,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         base,
         bitmap: !a.no_bitmap,
     };
+    crate::pool::use_one_malloc_arena();
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let qmp = Qmp::connect(&a.qmp).await.with_context(|| {

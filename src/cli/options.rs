@@ -11,9 +11,12 @@ use anyhow::{Context, bail};
 
 use super::values::{Size, ZstdLevel};
 use crate::assembler::{AssemblerConfig, DEFAULT_PARTIAL_LIMIT, DriveSpec};
-use crate::nbd::{ListenAddr, ServerConfig, Tls, TlsFiles};
+use crate::nbd::{ListenAddr, MemoryBudget, ServerConfig, Tls, TlsFiles};
 use crate::sink::{SinkOptions, Target};
-use crate::target::{DEFAULT_RECONNECT_TIMEOUT, TARGET_BYTES_IN_FLIGHT, TargetConfig};
+use crate::target::{
+    DEFAULT_MEMORY_BUDGET, DEFAULT_RECONNECT_TIMEOUT, MAX_MEMORY_BUDGET, MIN_MEMORY_BUDGET,
+    TARGET_BYTES_IN_FLIGHT, TargetConfig,
+};
 use crate::vma::WriterBuilder;
 use crate::vma::consts::{PROXMOX_CLUSTERS_PER_EXTENT, VMA_BLOCKS_PER_EXTENT};
 
@@ -60,6 +63,19 @@ pub struct OutputOpts {
 /// zstd level of `--zstd` without a level, and of a `.zst` output name:
 /// zstd's own default.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+
+/// `--memory`: a [`Size`] from [`MIN_MEMORY_BUDGET`] to [`MAX_MEMORY_BUDGET`].
+fn memory_size(s: &str) -> Result<Size, String> {
+    let size: Size = s.parse()?;
+    if size.0 < MIN_MEMORY_BUDGET as u64 || size.0 > MAX_MEMORY_BUDGET as u64 {
+        return Err(format!(
+            "{s}: the memory budget must be {} KiB to {} MiB",
+            MIN_MEMORY_BUDGET >> 10,
+            MAX_MEMORY_BUDGET >> 20
+        ));
+    }
+    Ok(size)
+}
 
 fn clusters_per_extent(s: &str) -> Result<usize, String> {
     let n: usize = s
@@ -142,6 +158,11 @@ pub struct LiveOpts {
     /// Bound on buffered partial clusters (K/M/G suffixes).
     #[arg(long, value_name = "SIZE", default_value = "64M")]
     pub buffer_limit: Size,
+    /// Memory for the data the drives' clients send, all drives together
+    /// (K/M/G suffixes): shared fairly by the drives, it bounds what the
+    /// backup holds however many drives it has. Less costs throughput.
+    #[arg(long, value_name = "SIZE", default_value = "24M", value_parser = memory_size)]
+    pub memory: Size,
     /// Seconds an incomplete drive may stay without a client before the
     /// backup fails.
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_RECONNECT_TIMEOUT.as_secs())]
@@ -156,6 +177,7 @@ impl Default for LiveOpts {
     fn default() -> Self {
         LiveOpts {
             buffer_limit: Size(DEFAULT_PARTIAL_LIMIT as u64),
+            memory: Size(DEFAULT_MEMORY_BUDGET as u64),
             reconnect_timeout: DEFAULT_RECONNECT_TIMEOUT.as_secs(),
             json: false,
         }
@@ -342,6 +364,9 @@ impl ArchiveOpts {
             reconnect_timeout: Duration::from_secs(live.reconnect_timeout),
             server: ServerConfig {
                 max_bytes_in_flight: TARGET_BYTES_IN_FLIGHT,
+                memory: Some(MemoryBudget::new(
+                    usize::try_from(live.memory.0).unwrap_or(usize::MAX),
+                )),
                 ..ServerConfig::default()
             },
             tls: None,

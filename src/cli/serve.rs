@@ -52,6 +52,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let tls_mode = a.tls.mode_name();
     let mut cfg = a.archive.target_config(&a.live, a.listen, drives, output)?;
     cfg.tls = tls;
+    crate::pool::use_one_malloc_arena();
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let target = BackupTarget::start(cfg).await?;

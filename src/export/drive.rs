@@ -90,13 +90,24 @@ impl DriveExport {
         }
     }
 
-    /// Warms `[from, to)` in the background, one extent's worth per idle
-    /// worker; stops at the first step no worker is free for.
+    /// Warms `[from, to)` in the background: a seekable archive's frames
+    /// one per idle worker, a plain archive's pages one extent's worth per
+    /// idle worker; stops at the first step no worker is free for.
     fn warm_ahead(&self, from: u64, to: u64) {
         let budget = self.warm_budget();
         let cluster = VMA_CLUSTER_SIZE as u64;
+        let (from, to) = (from, to.min(self.size));
+        if self.reads.archive().cache_budget() > 0 {
+            let clusters = from / cluster..to.div_ceil(cluster);
+            let frames = self
+                .reads
+                .archive()
+                .frames_holding(self.dev, clusters, budget);
+            self.reads.load_ahead(&frames);
+            return;
+        }
         let mut at = from;
-        while at < to.min(self.size) {
+        while at < to {
             let step_end = (at + WARM_STEP).min(to);
             let (dev, clusters) = (self.dev, at / cluster..step_end.div_ceil(cluster));
             let started = self.reads.run_if_idle(move |a| {

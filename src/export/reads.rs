@@ -1,23 +1,32 @@
 //! What every drive of one export shares: the archive, the threads its
 //! reads run on, and the bound on read data held in memory.
 //!
-//! Reading an archive blocks (`pread`, zstd decompression, digests), so it
-//! never runs on a tokio worker: every READ, CACHE and read-ahead runs on
-//! tokio's blocking pool, at most `workers` at once. That also bounds the
+//! Reading an archive may block (`pread` from disk, zstd decompression), so
+//! that never runs on a tokio worker: a READ whose bytes are all in memory
+//! already (file pages in the page cache, frames in the frame cache) is
+//! answered in place; every other READ, and every CACHE and read-ahead,
+//! runs on tokio's blocking pool, at most `workers` at once. That also bounds the
 //! frames being decompressed besides those the frame cache holds. The data
 //! of every READ holds permits from one budget ([`READ_BUDGET`] bytes by
 //! default) shared by all connections, from before it is read until its
 //! reply is on the wire, so the export's memory stays bounded however many
 //! clients read at once.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tracing::debug;
 
 use crate::archive::{ArchiveError, RandomArchive};
 use crate::pool::{BufferPool, PooledBuf};
 use crate::vma::DevId;
+use crate::vma::consts::VMA_CLUSTER_SIZE;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Default bound on READ data held at once, over all connections (being
 /// read, or read and waiting to be sent). 64 MiB is nbdcopy's whole queue
@@ -45,6 +54,25 @@ pub struct Reads {
     budget: Arc<Semaphore>,
     budget_bytes: usize,
     pool: Arc<BufferPool>,
+    /// Frame loads under way, by frame: a READ that needs one awaits it
+    /// here (no thread waits), and no frame is decompressed twice at once.
+    /// The receiver's channel closes when the load ends.
+    loading: Arc<Mutex<HashMap<u32, watch::Receiver<()>>>>,
+}
+
+/// The end of a frame load; see [`Reads::start_load`].
+struct LoadDone {
+    loading: Arc<Mutex<HashMap<u32, watch::Receiver<()>>>>,
+    frame: u32,
+    tx: watch::Sender<()>,
+}
+
+impl Drop for LoadDone {
+    fn drop(&mut self) {
+        lock(&self.loading).remove(&self.frame);
+        // `tx` is dropped next, which wakes the waiters.
+        let _ = &self.tx;
+    }
 }
 
 /// READ data and its share of the budget, released together.
@@ -70,6 +98,7 @@ impl Reads {
             budget: Arc::new(Semaphore::new(budget)),
             budget_bytes: budget,
             pool: BufferPool::new(IDLE_BUFFERS),
+            loading: Arc::default(),
         }
     }
 
@@ -90,6 +119,28 @@ impl Reads {
             .await
             .expect("the budget is never closed");
         let mut buf = self.pool.get_filled(len);
+        // Data already in memory is read here, on the async worker: a
+        // hand-off to a blocking thread and back costs more than the copy.
+        // Frames not decompressed yet are loaded on workers (several at
+        // once when a READ spans several) and awaited, then read here.
+        let mut cached = self.archive.read_into_if_cached(dev, offset, &mut buf)?;
+        if !cached {
+            let cluster = VMA_CLUSTER_SIZE as u64;
+            let clusters = offset / cluster..(offset + len as u64).div_ceil(cluster);
+            let frames = self.archive.frames_holding(dev, clusters, u64::MAX);
+            if !frames.is_empty() {
+                self.load_frames(&frames).await;
+                cached = self.archive.read_into_if_cached(dev, offset, &mut buf)?;
+            }
+        }
+        if cached {
+            return Ok(Bytes::from_owner(ReadBuf {
+                buf,
+                _permit: permit,
+            }));
+        }
+        // Not in memory: file pages to read from disk, or a frame pushed
+        // out of the cache again meanwhile.
         let (buf, res) = self
             .run(move |a| {
                 let res = a.read_into(dev, offset, &mut buf);
@@ -101,6 +152,81 @@ impl Reads {
             buf,
             _permit: permit,
         }))
+    }
+
+    /// Waits until each of `frames` is decompressed (or its load failed:
+    /// the read that follows reports the error), starting the loads that
+    /// are not under way, each on a worker as one becomes free.
+    async fn load_frames(&self, frames: &[u32]) {
+        let mut waits = Vec::with_capacity(frames.len());
+        for &frame in frames {
+            if self.archive.frame_loaded(frame) {
+                continue;
+            }
+            if let Some(rx) = self.loading_of(frame) {
+                waits.push(rx);
+                continue;
+            }
+            let worker = Arc::clone(&self.workers)
+                .acquire_owned()
+                .await
+                .expect("the workers are never closed");
+            waits.push(self.start_load(frame, worker));
+        }
+        for mut rx in waits {
+            // Ends with an error when the loader drops its sender: done.
+            while rx.changed().await.is_ok() {}
+        }
+    }
+
+    /// Starts loading `frame`s of `frames` on free workers, in order,
+    /// until none is free: read-ahead. Returns how many it started.
+    pub fn load_ahead(&self, frames: &[u32]) -> usize {
+        let mut started = 0;
+        for &frame in frames {
+            if self.archive.frame_loaded(frame) || self.loading_of(frame).is_some() {
+                continue;
+            }
+            let Ok(worker) = Arc::clone(&self.workers).try_acquire_owned() else {
+                break;
+            };
+            self.start_load(frame, worker);
+            started += 1;
+        }
+        started
+    }
+
+    /// The load of `frame` under way, if any.
+    fn loading_of(&self, frame: u32) -> Option<watch::Receiver<()>> {
+        lock(&self.loading).get(&frame).cloned()
+    }
+
+    /// Loads `frame` on `worker` unless a load of it is under way already;
+    /// either way, returns that load's receiver.
+    fn start_load(&self, frame: u32, worker: OwnedSemaphorePermit) -> watch::Receiver<()> {
+        let tx = {
+            let mut loading = lock(&self.loading);
+            if let Some(rx) = loading.get(&frame) {
+                return rx.clone();
+            }
+            let (tx, rx) = watch::channel(());
+            loading.insert(frame, rx.clone());
+            (tx, rx)
+        };
+        let (tx, rx) = tx;
+        let archive = Arc::clone(&self.archive);
+        let loading = Arc::clone(&self.loading);
+        tokio::task::spawn_blocking(move || {
+            // Ends the load (even by a panic): forgotten, then its waiters
+            // woken by the sender's drop.
+            let _done = LoadDone { loading, frame, tx };
+            let _worker = worker;
+            if let Err(e) = archive.load_frame(frame) {
+                // The READ that needs it gets its own error.
+                debug!(frame, error = %e, "frame load failed");
+            }
+        });
+        rx
     }
 
     /// Runs `f` on the archive on a worker, waiting for a free one. The

@@ -19,6 +19,8 @@
 //!   (`--listen systemd`).
 //! - `tls`: [`Tls`], the rustls configuration a server offers STARTTLS
 //!   with, loaded from PEM files.
+//! - `budget`: [`MemoryBudget`], one byte budget for the WRITE payloads
+//!   of all connections, shared fairly, and their shared buffer pool.
 //! - `backend`: [`Backend`], what an export implements, and [`Export`],
 //!   which names one; [`MemoryBackend`] and [`NullBackend`] are the two
 //!   built-in backends.
@@ -34,6 +36,7 @@
 #![deny(missing_docs)]
 
 mod backend;
+mod budget;
 mod handshake;
 mod memory;
 mod null;
@@ -46,6 +49,7 @@ mod transmission;
 pub mod wire;
 
 pub use backend::{Backend, BackendCaps, BlockStatus, Export, split_range};
+pub use budget::{Charge, MemoryBudget, POOL_FRACTION, Share};
 pub use handshake::{
     MAX_OPTION_LEN, MAX_OPTIONS, MIN_BLOCK_SIZE, OPTIONS_PER_LISTED_EXPORT, PREFERRED_BLOCK_SIZE,
 };
@@ -53,7 +57,7 @@ pub use memory::{MemoryBackend, PAGE_SIZE};
 pub use null::NullBackend;
 pub use server::{
     HANDSHAKE_TIMEOUT, ListenAddr, ListenAddrError, Listener, MAX_BYTES_IN_FLIGHT, MAX_CONNECTIONS,
-    Server, ServerConfig,
+    PAYLOAD_TIMEOUT, Server, ServerConfig,
 };
 pub use session::SHUTDOWN_GRACE;
 pub use tls::{Tls, TlsError, TlsFiles};

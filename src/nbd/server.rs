@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::backend::{Backend, Export};
+use super::budget::MemoryBudget;
 use super::handshake::{self, Outcome, TlsPhase};
 use super::session::{Negotiated, Session};
 use super::tls::Tls;
@@ -50,6 +51,14 @@ pub const MAX_BYTES_IN_FLIGHT: usize = 64 * 1024 * 1024;
 /// or slow-loris peers cannot hold connection slots (qemu-nbd uses 10 s too).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Default for [`ServerConfig::payload_timeout`]: how long a WRITE payload
+/// charged to the shared [`MemoryBudget`] may take to arrive before the
+/// connection is closed, so a client that trickles a large payload cannot
+/// hold the budget (and stall every other drive) for long. 30 s is 1 MiB
+/// (QEMU's request) at 35 KB/s; without a shared budget there is no such
+/// deadline (a slow payload holds only its own connection).
+pub const PAYLOAD_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Longest pause between retries after `accept` fails (e.g. out of file
 /// descriptors); the pause starts at 1 ms and doubles.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
@@ -63,6 +72,12 @@ pub struct ServerConfig {
     pub max_bytes_in_flight: usize,
     /// Handshake deadline; see [`HANDSHAKE_TIMEOUT`].
     pub handshake_timeout: Duration,
+    /// One budget for the WRITE payloads of all connections together
+    /// (shared fairly; see [`MemoryBudget`]); `None`: only the
+    /// per-connection bound applies.
+    pub memory: Option<MemoryBudget>,
+    /// With `memory`: payload deadline; see [`PAYLOAD_TIMEOUT`].
+    pub payload_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +86,8 @@ impl Default for ServerConfig {
             max_connections: MAX_CONNECTIONS,
             max_bytes_in_flight: MAX_BYTES_IN_FLIGHT,
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            memory: None,
+            payload_timeout: PAYLOAD_TIMEOUT,
         }
     }
 }
@@ -677,6 +694,8 @@ async fn transmit<B, R, W>(
         export: Arc::from(export.name.as_str()),
         negotiated,
         max_bytes_in_flight: shared.config.max_bytes_in_flight,
+        memory: shared.config.memory.as_ref().map(MemoryBudget::share),
+        payload_timeout: shared.config.payload_timeout,
     };
     let clean = transmission::serve(reader, w, session, shutdown).await;
     info!(export = %export.name, clean, "client disconnected");

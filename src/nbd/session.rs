@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
+use super::budget::Share;
 use super::wire::ProtocolError;
 
 /// How long a connection in the option phase (or idle in transmission)
@@ -60,6 +61,10 @@ pub(super) struct Session<B> {
     pub negotiated: Negotiated,
     /// Per-connection byte budget.
     pub max_bytes_in_flight: usize,
+    /// This connection's part of the server's shared budget, if it has one.
+    pub memory: Option<Share>,
+    /// How long a payload charged to `memory` may take to arrive.
+    pub payload_timeout: Duration,
 }
 
 /// Reads exactly `buf.len()` bytes. Returns `Ok(false)` when the peer closed

@@ -16,6 +16,11 @@
 //! Back-pressure: every request holds permits from a per-connection byte
 //! budget ([`ServerConfig::max_bytes_in_flight`]) until its reply has been
 //! written; when the budget is used up the reader stops reading the socket.
+//! When the server has a shared budget ([`ServerConfig::memory`]), a WRITE
+//! also takes a charge of its payload from it before the payload is read,
+//! and gives it back once the backend call has returned (see
+//! `nbd::budget`); its payload buffers then come from the budget's shared
+//! pool.
 //!
 //! Faults in one request are answered with an errno (via [`errno_of`], the
 //! single place where backend errors become NBD errors) and the connection
@@ -23,10 +28,12 @@
 //! end it. This module knows nothing of VMA or of listeners.
 //!
 //! [`ServerConfig::max_bytes_in_flight`]: super::ServerConfig::max_bytes_in_flight
+//! [`ServerConfig::memory`]: super::ServerConfig::memory
 
 use std::io;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes};
 use futures_util::FutureExt;
@@ -37,6 +44,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, trace, warn};
 
 use super::backend::{Backend, BackendCaps, BlockStatus};
+use super::budget::Share;
 use super::replies::{Frame, Replies};
 use super::session::{BASE_ALLOCATION_ID, ReadOutcome, ReplyMode, Session, read_or_shutdown};
 use super::wire::*;
@@ -64,7 +72,7 @@ pub const READ_BUFFER: usize = 16 * 1024;
 /// Most bytes of idle WRITE buffers one NBD connection keeps for reuse,
 /// so large payloads do not page-fault in fresh `mmap`ed buffers. 16 MiB
 /// covers nbdcopy's 64 × 256 KiB queue; past it, returned buffers are
-/// freed.
+/// freed. Not used with a shared budget, whose pool all connections share.
 pub const BUFFER_POOL_BYTES: usize = 16 * 1024 * 1024;
 
 /// What a validated request does once it reaches the backend.
@@ -360,6 +368,10 @@ where
         &conn,
         &budget,
         budget_total,
+        session
+            .memory
+            .as_ref()
+            .map(|m| (m, session.payload_timeout)),
         &tasks,
         shutdown,
         &writer_dead,
@@ -383,11 +395,13 @@ where
 
 /// The reader: returns `Ok(true)` after DISC, `Ok(false)` on EOF or
 /// shutdown, `Err` on a framing fault or socket error.
+#[allow(clippy::too_many_arguments)]
 async fn read_loop<R, B>(
     reader: &mut BufReader<R>,
     conn: &Arc<Conn<B>>,
     budget: &Arc<Semaphore>,
     budget_total: usize,
+    memory: Option<(&Share, Duration)>,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
     writer_dead: &CancellationToken,
@@ -403,7 +417,10 @@ where
         REQUEST_LEN
     };
     let mut hb = [0u8; EXTENDED_REQUEST_LEN];
-    let pool = BufferPool::new(BUFFER_POOL_BYTES);
+    let pool = match memory {
+        Some((share, _)) => Arc::clone(share.pool()),
+        None => BufferPool::new(BUFFER_POOL_BYTES),
+    };
     loop {
         let outcome = tokio::select! {
             biased;
@@ -484,11 +501,33 @@ where
             _ = writer_dead.cancelled() => return Ok(false),
             p = budget.clone().acquire_many_owned(cost as u32) => p.expect("budget semaphore is never closed"),
         };
+        // The shared budget: only WRITE payloads (validate() lets no other
+        // payload through), held until the backend has taken the data.
+        let charge = match memory {
+            Some((share, _)) if payload_len > 0 => tokio::select! {
+                biased;
+                _ = writer_dead.cancelled() => return Ok(false),
+                c = share.acquire(payload_len as usize) => Some(c),
+            },
+            _ => None,
+        };
 
-        let payload = if payload_len > 0 {
-            Some(read_payload(reader, payload_len as usize, &pool).await?)
-        } else {
-            None
+        let payload = match (payload_len, memory, &charge) {
+            (0, _, _) => None,
+            // A charged payload must arrive in time: the budget is shared.
+            (len, Some((_, deadline)), Some(_)) => {
+                let read = read_payload(reader, len as usize, &pool);
+                match tokio::time::timeout(deadline, read).await {
+                    Ok(p) => Some(p?),
+                    Err(_) => {
+                        return Err(ProtocolError::PayloadTimeout {
+                            len,
+                            secs: deadline.as_secs(),
+                        });
+                    }
+                }
+            }
+            (len, _, _) => Some(read_payload(reader, len as usize, &pool).await?),
         };
 
         let conn = Arc::clone(conn);
@@ -506,6 +545,8 @@ where
                         return;
                     }
                 };
+                // The backend has stored, handed on or copied the data.
+                drop(charge);
                 let outcome = match done {
                     Ok(outcome) => outcome,
                     Err(_panic) => {

@@ -412,6 +412,15 @@ pub enum ProtocolError {
         /// Our limit.
         max: u64,
     },
+    /// A WRITE payload holding a share of the server's memory budget did
+    /// not arrive in time (a client trickling it would stall the others).
+    #[error("WRITE payload of {len} bytes not received within {secs} s")]
+    PayloadTimeout {
+        /// Length the client announced.
+        len: u64,
+        /// The deadline in seconds.
+        secs: u64,
+    },
     /// The peer closed the connection in the middle of a message.
     #[error("connection closed mid-message")]
     TornMessage,

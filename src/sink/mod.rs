@@ -426,6 +426,26 @@ impl Sink {
 /// partial names ([`Sink::seal`]); [`Sealed::publish`] makes it final.
 /// Dropped unpublished, it removes its partial files (unless told to keep
 /// them).
+/// The error of a [`Sealed::publish`] that failed after the archive was
+/// renamed into place (renaming its index or syncing the directory): the
+/// archive is complete at its final name. Callers tell it apart with
+/// [`is_published`].
+#[derive(Debug)]
+pub struct Published(String);
+
+impl std::fmt::Display for Published {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Published {}
+
+/// True when `e` is a [`Published`] error: the archive is in place.
+pub fn is_published(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Published>())
+}
+
 pub struct Sealed {
     /// `(partial, final)` for file targets; `None` once published.
     paths: Option<(PathBuf, PathBuf)>,
@@ -485,6 +505,7 @@ impl Sealed {
                 Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
                 _ => PathBuf::from("."),
             };
+            crate::fault::at(crate::fault::Point::DirSync)?;
             File::open(dir)?.sync_all()
         })();
         if let Err(e) = res {
@@ -492,7 +513,7 @@ impl Sealed {
                 // Renamed: the archive is complete and in place.
                 return Err(io::Error::new(
                     e.kind(),
-                    format!("{e} (the archive {} is complete)", path.display()),
+                    Published(format!("{e} (the archive {} is complete)", path.display())),
                 ));
             }
             // The bytes are complete and durable; keep them where they are

@@ -111,6 +111,8 @@ fn converse(input: &[u8], limit: Duration) {
                 max_connections: 1,
                 max_bytes_in_flight: 64 * 1024,
                 handshake_timeout: Duration::from_secs(5),
+                memory: None,
+                payload_timeout: Duration::from_secs(5),
             },
         );
         let (client, srv) = tokio::io::duplex(16 * 1024);

@@ -874,6 +874,56 @@ async fn fault_sigkill_after_rename_before_the_bitmap_step() {
     vm.daemon.take().unwrap().shutdown().await.unwrap();
 }
 
+/// A commit that fails after the rename (the directory's fsync, by fault
+/// injection): the backup fails, but its archive is complete and in
+/// place, so its bitmap is kept and the base's removed, as after a clean
+/// commit; the next incremental from it sends only what changed since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_dir_sync_after_the_rename_keeps_the_new_archives_bitmap() {
+    if !require_tools(QSD_TOOLS)
+        || !support::require(
+            cfg!(feature = "fault-injection"),
+            "built without the fault-injection feature (cargo test --features fault-injection)",
+        )
+    {
+        return;
+    }
+    support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (mut vm, base) = after_a_full_backup(dir, 7000).await;
+    let done = dir.join("dirsync.vma");
+    let at = vm.point_in_time("dirsync");
+    let mut cmd = vm.backup_cmd(&[out_args(&done), base_args(&base)].concat());
+    cmd.env("VMA_WRITER_FAULT", "dirsync");
+    let ended = Proc::spawn(cmd, true).wait(RUN_TIMEOUT).await;
+    assert!(!ended.status.success(), "{}", ended.stderr);
+    assert!(
+        ended
+            .stderr
+            .contains(&format!("the archive {} is complete", done.display())),
+        "{}",
+        ended.stderr
+    );
+    let names: Vec<String> = vm.disks.iter().map(Disk::name).collect();
+    let drives: Vec<(&str, u64, &Path)> = names
+        .iter()
+        .zip(&vm.disks)
+        .zip(&at.expect)
+        .map(|((n, d), e)| (n.as_str(), d.size(), e.as_path()))
+        .collect();
+    check_archive(&done, &drives, dir);
+    vm.assert_bitmaps(&[&done]).await;
+    vm.write_all(5);
+    let next = dir.join("next.vma");
+    let (ended, at) = vm
+        .backup("next", &[out_args(&next), base_args(&done)].concat())
+        .await;
+    vm.check(&ended, &at, &[None, None]);
+    vm.assert_bitmaps(&[&next]).await;
+    vm.daemon.take().unwrap().shutdown().await.unwrap();
+}
+
 /// The one archive in `dump` that is not one of `known`.
 fn backup_archive_in(dump: &Path, known: &[&Path]) -> PathBuf {
     let found: Vec<PathBuf> = std::fs::read_dir(dump)

@@ -19,6 +19,7 @@ mod index_property;
 mod live_backup;
 mod live_create;
 mod live_failure;
+mod live_memory;
 mod live_serve;
 mod nbd_hostile;
 mod nbd_libnbd;

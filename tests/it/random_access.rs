@@ -146,6 +146,70 @@ fn check_random(path: &Path, names: &[&str], contents: &[Vec<u8>], digests: bool
             names[i]
         );
     }
+    check_unaligned_and_cached(path, contents);
+}
+
+/// Unaligned ranges through `read_into`, then the same through
+/// `read_into_if_cached`, which answers only from memory: a fresh
+/// `.vma.zst` has no frame decompressed (so it must say so), and once its
+/// frames are loaded (or a plain file's pages cached, as a file just
+/// written is) it gives the same bytes.
+fn check_unaligned_and_cached(path: &Path, contents: &[Vec<u8>]) {
+    let ra = RandomArchive::open(s(path)).unwrap();
+    let zst = path.extension().is_some_and(|e| e == "zst");
+    for (i, c) in contents.iter().enumerate() {
+        let dev = DevId(i as u8 + 1);
+        let want = crate::support::data::as_restored(c);
+        let ranges = [
+            (0, want.len()),
+            (1, 4096),
+            (65536 - 7, 70_000),
+            (123_457, 1),
+        ];
+        for (at, len) in ranges {
+            let (at, len) = (at.min(want.len()), len.min(want.len() - at.min(want.len())));
+            let clusters = at as u64 / 65536..(at + len).div_ceil(65536) as u64;
+            let frames = ra.frames_holding(dev, clusters, u64::MAX);
+            let stored = want[at..at + len].iter().any(|&b| b != 0);
+            if zst && stored {
+                assert!(!frames.is_empty(), "{}: data but no frame", path.display());
+            }
+            if !zst {
+                assert!(frames.is_empty(), "a plain archive has no frames");
+            }
+            let mut got = vec![0xa5u8; len];
+            if zst && frames.iter().any(|&f| !ra.frame_loaded(f)) {
+                assert!(
+                    !ra.read_into_if_cached(dev, at as u64, &mut got).unwrap(),
+                    "{}: [{at}, +{len}) read from memory before its frames were loaded",
+                    path.display()
+                );
+                for &f in &frames {
+                    ra.load_frame(f).unwrap();
+                    assert!(ra.frame_loaded(f));
+                }
+            }
+            if ra.read_into_if_cached(dev, at as u64, &mut got).unwrap() {
+                assert!(
+                    got == want[at..at + len],
+                    "{}: cached [{at}, +{len})",
+                    path.display()
+                );
+            } else {
+                assert!(
+                    !zst,
+                    "{}: loaded frames but not read from memory",
+                    path.display()
+                );
+            }
+            ra.read_into(dev, at as u64, &mut got).unwrap();
+            assert!(
+                got == want[at..at + len],
+                "{}: [{at}, +{len})",
+                path.display()
+            );
+        }
+    }
 }
 
 #[test]

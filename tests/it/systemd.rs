@@ -3,8 +3,8 @@
 //! `LISTEN_FDS=1`, `LISTEN_PID` = the server's pid, set by a `sh` that
 //! then execs the binary and so keeps its pid), then a real client
 //! (qemu-img on a Unix socket, nbdcopy on TCP) writes a drive; the archive
-//! restores to the source. Plus the errors when the variables do not
-//! name this process.
+//! restores to the source; and `export` serves an archive the same way.
+//! Plus the errors when the variables do not name this process.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
@@ -115,6 +115,51 @@ async fn socket_activated_tcp_serve_with_nbdcopy() {
     ended.assert_success();
     drop(listener);
     check_archive(&archive, &[("drive-a", size, &src)], dir);
+}
+
+/// `export --listen systemd` (contrib/systemd/vma-writer-export@.socket):
+/// nbdcopy reads the drive back through the passed socket; SIGTERM ends it
+/// with status 0 and leaves systemd's socket file alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activated_export_with_nbdcopy() {
+    if !require_tools(&["nbdcopy"]) {
+        return;
+    }
+    support::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let size = 5 * MIB + 512;
+    let src = raw_islands(&dir.join("a.raw"), size, 43, 5, MIB);
+    let archive = dir.join("a.vma.zst");
+    run_ok(
+        Command::new(BIN)
+            .arg("create")
+            .arg(&archive)
+            .arg("-d")
+            .arg(format!("drive-a={}", src.display())),
+    );
+    let sock = dir.join("export.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let archive = archive.display().to_string();
+    let cmd = activated(
+        listener.as_raw_fd(),
+        &["export", &archive, "--listen", "systemd", "--json"],
+    );
+    let mut export = Proc::spawn(cmd, true);
+    let ev = export
+        .next_event(LISTEN_TIMEOUT, |e| e["event"] == "listening")
+        .await;
+    assert_eq!(ev["address"], format!("unix:{}", sock.display()), "{ev}");
+    let out = dir.join("out.raw");
+    run_ok(
+        Command::new("nbdcopy")
+            .arg(nbd_uri(&sock, "drive-a"))
+            .arg(&out),
+    );
+    assert_same_file(&out, &src);
+    export.signal(libc::SIGTERM);
+    export.wait(RUN_TIMEOUT).await.assert_success();
+    assert!(sock.exists(), "the activated socket file was removed");
 }
 
 /// Without the variables, or with ones naming another process, `--listen
