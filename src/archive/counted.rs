@@ -144,14 +144,19 @@ impl CountedFile {
     /// Like [`read_at`](Self::read_at), but only from the page cache: no
     /// disk I/O, so it may run where blocking is not allowed
     /// (`preadv2` with `RWF_NOWAIT`). `None` when some of the bytes are
-    /// not cached (nothing is counted then; `buf` is unspecified).
+    /// not cached, or the archive is an object (nothing is counted then;
+    /// `buf` is unspecified).
     pub fn read_at_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<Option<usize>> {
         use rustix::io::{Errno, ReadWriteFlags, preadv2};
+        // An object is never "cached" this way: its reads block.
+        let Backing::Local(file) = &self.file else {
+            return Ok(None);
+        };
         let mut got = 0;
         while got < buf.len() {
             let at = offset + got as u64;
             match preadv2(
-                &self.file,
+                file,
                 &mut [io::IoSliceMut::new(&mut buf[got..])],
                 at,
                 ReadWriteFlags::NOWAIT,
