@@ -33,7 +33,11 @@
 //!   restore): one [`nbd::Backend`] per drive over an
 //!   [`archive::RandomArchive`], with digest-checked reads, block status
 //!   from the index, read-ahead and bounded memory.
-//! - [`sink`]: bytes out: plain or zstd, fsync, temp-then-rename commit.
+//! - [`sink`]: bytes out: plain or zstd, fsync, temp-then-rename commit
+//!   (a file), or a multipart upload completed at the commit (an object).
+//! - [`object`]: S3-compatible object storage: `s3://BUCKET/KEY` names,
+//!   the client, multipart uploads that are aborted unless completed, and
+//!   objects read by ranged GETs.
 //! - [`qmp`]: a small async client for QEMU's JSON monitor:
 //!   [`qmp::protocol`] (pure message decoding, error classes, typed
 //!   events), [`qmp::client`] (connection, `execute`, event streams),
@@ -56,6 +60,7 @@ pub mod export;
 pub mod fault;
 pub mod live_restore;
 pub mod nbd;
+pub mod object;
 pub mod pool;
 pub mod qemu;
 pub mod qemu_img;

@@ -300,7 +300,10 @@ impl BackupTarget {
             addr: cfg.listen.clone(),
             source,
         })?;
-        let sink = Sink::create(&cfg.output, &cfg.sink).map_err(Error::CreateArchive)?;
+        let mut sink_opts = cfg.sink.clone();
+        let drive_bytes = cfg.drives.iter().map(|d| d.size).sum();
+        sink_opts.size_bound = Some(crate::object::upload::archive_bound(drive_bytes));
+        let sink = Sink::create(&cfg.output, &sink_opts).map_err(Error::CreateArchive)?;
         let assembler = Assembler::start(builder, &cfg.drives, sink, &cfg.assembler)
             .map_err(Error::StartWriter)?;
         let exports = assembler

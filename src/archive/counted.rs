@@ -1,7 +1,9 @@
 //! The archive file, read with `pread` from any number of threads (or
 //! through a read-only mapping, [`Mapping`]), and a count of every byte
 //! read from it (what single-drive restore promises to keep small; tests
-//! and benchmarks read it).
+//! and benchmarks read it). The "file" may also be an object in S3
+//! storage ([`RemoteObject`]): read by ranged GETs, counted in bytes
+//! received, never mapped.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -11,10 +13,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 
+use crate::object::RemoteObject;
+
+/// Where the bytes are.
+#[derive(Debug)]
+enum Backing {
+    Local(File),
+    Remote(RemoteObject),
+}
+
 /// A file and the bytes read from it; see the module docs.
 #[derive(Debug)]
 pub struct CountedFile {
-    file: File,
+    file: Backing,
     len: u64,
     read: AtomicU64,
 }
@@ -23,9 +34,35 @@ impl CountedFile {
     /// Wraps `file`, `len` bytes long.
     pub fn new(file: File, len: u64) -> Self {
         CountedFile {
-            file,
+            file: Backing::Local(file),
             len,
             read: AtomicU64::new(0),
+        }
+    }
+
+    /// Wraps an object in S3 storage.
+    pub fn remote(object: RemoteObject) -> Self {
+        CountedFile {
+            len: object.len(),
+            file: Backing::Remote(object),
+            read: AtomicU64::new(0),
+        }
+    }
+
+    /// The object, when the archive is one.
+    pub fn object(&self) -> Option<&RemoteObject> {
+        match &self.file {
+            Backing::Remote(o) => Some(o),
+            Backing::Local(_) => None,
+        }
+    }
+
+    /// The bytes from `offset` to `end` front to back: `pread`s of the
+    /// file, or one streamed GET of an object.
+    pub fn reader(self: &Arc<Self>, offset: u64, end: u64) -> io::Result<Box<dyn Read + Send>> {
+        match &self.file {
+            Backing::Local(_) => Ok(Box::new(SeqReader::new(self.clone(), offset, end))),
+            Backing::Remote(o) => Ok(Box::new(o.stream(offset, end)?)),
         }
     }
 
@@ -39,14 +76,21 @@ impl CountedFile {
         self.len == 0
     }
 
-    /// Bytes read so far.
+    /// Bytes read so far (of an object: bytes received, with what its
+    /// block cache fetched around small reads).
     pub fn bytes_read(&self) -> u64 {
-        self.read.load(Ordering::Relaxed)
+        match &self.file {
+            Backing::Local(_) => self.read.load(Ordering::Relaxed),
+            Backing::Remote(o) => o.fetched(),
+        }
     }
 
     /// Maps the whole file read-only, to read it without copying
     /// ([`Mapping::bytes`]).
     pub fn map(self: &Arc<Self>) -> io::Result<Mapping> {
+        let Backing::Local(file) = &self.file else {
+            return Err(io::Error::other("an object cannot be mapped"));
+        };
         let len = usize::try_from(self.len).map_err(io::Error::other)?;
         if len == 0 {
             return Err(io::Error::other("an empty file cannot be mapped"));
@@ -60,7 +104,7 @@ impl CountedFile {
                 len,
                 rustix::mm::ProtFlags::READ,
                 rustix::mm::MapFlags::SHARED,
-                &self.file,
+                file,
                 0,
             )
         }?;
@@ -76,9 +120,17 @@ impl CountedFile {
     /// Reads at `offset` until `buf` is full or the file ends; returns the
     /// bytes read.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let file = match &self.file {
+            Backing::Local(f) => f,
+            Backing::Remote(o) => {
+                let got = o.read_at(buf, offset)?;
+                self.read.fetch_add(got as u64, Ordering::Relaxed);
+                return Ok(got);
+            }
+        };
         let mut got = 0;
         while got < buf.len() {
-            match self.file.read_at(&mut buf[got..], offset + got as u64) {
+            match file.read_at(&mut buf[got..], offset + got as u64) {
                 Ok(0) => break,
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -92,14 +144,19 @@ impl CountedFile {
     /// Like [`read_at`](Self::read_at), but only from the page cache: no
     /// disk I/O, so it may run where blocking is not allowed
     /// (`preadv2` with `RWF_NOWAIT`). `None` when some of the bytes are
-    /// not cached (nothing is counted then; `buf` is unspecified).
+    /// not cached, or the archive is an object (nothing is counted then;
+    /// `buf` is unspecified).
     pub fn read_at_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<Option<usize>> {
         use rustix::io::{Errno, ReadWriteFlags, preadv2};
+        // An object is never "cached" this way: its reads block.
+        let Backing::Local(file) = &self.file else {
+            return Ok(None);
+        };
         let mut got = 0;
         while got < buf.len() {
             let at = offset + got as u64;
             match preadv2(
-                &self.file,
+                file,
                 &mut [io::IoSliceMut::new(&mut buf[got..])],
                 at,
                 ReadWriteFlags::NOWAIT,
@@ -122,12 +179,19 @@ impl CountedFile {
     }
 
     /// Asks the kernel to start reading `[offset, offset + len)` into the
-    /// page cache (`POSIX_FADV_WILLNEED`); returns at once. A hint: errors
-    /// are ignored, and nothing is counted as read.
+    /// page cache (`POSIX_FADV_WILLNEED`), or an object's reader to fetch
+    /// it ahead; returns at once. A hint: errors are ignored, and nothing
+    /// is counted as read (an object counts what it fetches).
     pub fn advise_willneed(&self, offset: u64, len: u64) {
+        let file = match &self.file {
+            Backing::Local(f) => f,
+            Backing::Remote(o) => {
+                o.prefetch(offset, len);
+                return;
+            }
+        };
         if let Some(len) = std::num::NonZeroU64::new(len) {
-            let _ =
-                rustix::fs::fadvise(&self.file, offset, Some(len), rustix::fs::Advice::WillNeed);
+            let _ = rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::WillNeed);
         }
     }
 
@@ -168,9 +232,12 @@ impl Read for SeqReader {
 }
 
 impl CountedFile {
-    /// The file back.
-    pub fn into_file(self) -> File {
-        self.file
+    /// The file back (`None` for an object).
+    pub fn into_file(self) -> Option<File> {
+        match self.file {
+            Backing::Local(f) => Some(f),
+            Backing::Remote(_) => None,
+        }
     }
 }
 

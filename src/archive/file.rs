@@ -10,7 +10,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::counted::{CountedFile, SeqReader};
+use super::counted::CountedFile;
 use super::error::ArchiveError;
 use super::format::{Format, Stream};
 use super::frame::read_frame;
@@ -59,7 +59,13 @@ impl FileArchive {
     /// A plain `.vma` file: reads its header.
     pub fn plain(file: File, path: &Path) -> Result<FileArchive, ArchiveError> {
         let len = file.metadata()?.len();
-        let file = Arc::new(CountedFile::new(file, len));
+        Self::plain_from(CountedFile::new(file, len), path)
+    }
+
+    /// A plain archive in `file` (a file or an object): reads its header.
+    pub fn plain_from(file: CountedFile, path: &Path) -> Result<FileArchive, ArchiveError> {
+        let len = file.len();
+        let file = Arc::new(file);
         let mut fixed = vec![0; VMA_HEADER_SIZE];
         let got = file.read_at(&mut fixed, 0)?;
         fixed.truncate(got);
@@ -97,17 +103,26 @@ impl FileArchive {
     /// frame 0), else handed back to be read as a stream.
     pub fn seekable(file: File, path: &Path) -> Result<Result<FileArchive, File>, ArchiveError> {
         let len = file.metadata()?.len();
+        Ok(Self::seekable_from(CountedFile::new(file, len), path)?
+            .map_err(|c| c.into_file().expect("a file stays a file")))
+    }
+
+    /// [`seekable`](Self::seekable) for a file or an object.
+    pub fn seekable_from(
+        counted: CountedFile,
+        path: &Path,
+    ) -> Result<Result<FileArchive, CountedFile>, ArchiveError> {
+        let len = counted.len();
         if len < FOOTER_LEN as u64 {
-            return Ok(Err(file));
+            return Ok(Err(counted));
         }
-        let counted = CountedFile::new(file, len);
         let footer = counted
             .read_vec(len - FOOTER_LEN as u64, FOOTER_LEN)?
             .expect("inside the file");
         let table_len = match seek_table_len(&footer) {
             Ok(n) => n,
             Err(SeekTableError::Missing) => {
-                return Ok(Err(counted.into_file()));
+                return Ok(Err(counted));
             }
             Err(e) => return Err(e.into()),
         };
@@ -207,6 +222,19 @@ impl FileArchive {
     /// `None` when there is none.
     pub fn load_index(&self) -> Result<Option<ArchiveIndex>, ArchiveError> {
         let (bytes, place, framed) = match &self.layout {
+            Layout::Plain if self.file.object().is_some() => {
+                let url = self
+                    .file
+                    .object()
+                    .expect("checked")
+                    .url()
+                    .with_suffix(".index");
+                match crate::object::RemoteObject::read_whole(&url) {
+                    Ok(Some(bytes)) => (bytes, url.to_string(), false),
+                    Ok(None) => return Ok(None),
+                    Err(e) => return Err(ArchiveError::Io(e.into())),
+                }
+            }
             Layout::Plain => {
                 let sidecar = index_path(&self.path);
                 let bytes = match std::fs::read(&sidecar) {
@@ -326,7 +354,7 @@ impl FileArchive {
     /// [`stream`](Self::stream), naming the extent of a frame in errors
     /// from `index`.
     pub fn stream_named(&self, index: Option<Arc<ArchiveIndex>>) -> Result<Stream, ArchiveError> {
-        let all = SeqReader::new(self.file.clone(), 0, self.file.len());
+        let all = self.file.reader(0, self.file.len())?;
         Ok(match &self.layout {
             Layout::Plain => Stream::new(Format::Vma, Box::new(all)),
             Layout::Seekable { table, .. } => Stream::new(

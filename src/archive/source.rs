@@ -4,7 +4,9 @@
 //! at random ([`Input::File`]), anything else as a stream of plain VMA
 //! bytes ([`Input::Stream`]). Streams of gzip and lzop go through
 //! `gzip -dc` / `lzop -dc` ([`super::filter`]), zstd streams through
-//! [`ZstdStream`].
+//! [`ZstdStream`]. An `s3://BUCKET/KEY` name is an object
+//! ([`crate::object`]): read at random by ranged GETs when it is a plain
+//! VMA or seekable zstd, else as a stream, in one streamed GET.
 
 use std::fs::File;
 use std::io::{self, Cursor, Read};
@@ -12,6 +14,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use super::counted::CountedFile;
 use super::error::ArchiveError;
 use super::file::FileArchive;
 use super::filter::{Filter, FilterInput};
@@ -53,6 +56,9 @@ pub fn open(path: &str) -> Result<Input, ArchiveError> {
         // An unbuffered handle on fd 0; the readers do large reads.
         return pipe(File::from(io::stdin().as_fd().try_clone_to_owned()?));
     }
+    if crate::object::is_object_name(path) {
+        return open_object(path);
+    }
     let file = File::open(path)?;
     let meta = file.metadata()?;
     if !meta.file_type().is_file() {
@@ -68,6 +74,35 @@ pub fn open(path: &str) -> Result<Input, ArchiveError> {
             Err(file) => decode_stream(format, FilterInput::File(file)),
         },
         _ => decode_stream(format, FilterInput::File(file)),
+    }
+}
+
+/// Opens the object `name`, like a regular file.
+fn open_object(name: &str) -> Result<Input, ArchiveError> {
+    use crate::object::{ObjectUrl, RemoteObject};
+    let url = ObjectUrl::parse(name).map_err(io::Error::from)?;
+    let object = RemoteObject::open(&url).map_err(io::Error::from)?;
+    let file = CountedFile::remote(object);
+    let mut head = [0u8; MAGIC_LEN];
+    let got = file.read_at(&mut head, 0)?;
+    let format = Format::detect(&head[..got]);
+    let stream = |file: CountedFile| -> Result<Input, ArchiveError> {
+        let file = std::sync::Arc::new(file);
+        let rest = file.reader(0, file.len())?;
+        decode_stream(format, FilterInput::Pipe(Vec::new(), rest))
+    };
+    match format {
+        Format::Vma => Ok(Input::File(FileArchive::plain_from(file, Path::new(name))?)),
+        Format::Zstd => match FileArchive::seekable_from(file, Path::new(name))? {
+            Ok(f) => Ok(Input::File(f)),
+            Err(file) => {
+                tracing::info!(
+                    "{name} has no seek table: it is read front to back, in one streamed GET"
+                );
+                stream(file)
+            }
+        },
+        _ => stream(file),
     }
 }
 

@@ -101,6 +101,18 @@ fn vzdump_stamp(name: &str, vmid: u32) -> Option<&str> {
 /// in its name ([`vzdump_name`]); `None` when there is none.
 pub fn newest_archive(dir: &Path, vmid: u32) -> io::Result<Option<PathBuf>> {
     let mut best: Option<(String, PathBuf)> = None;
+    let name = dir.to_string_lossy();
+    if crate::object::is_object_name(&name) {
+        // An S3 prefix: only completed uploads are listed.
+        for n in crate::object::list_dir(&name)? {
+            if let Some(stamp) = vzdump_stamp(&n, vmid)
+                && best.as_ref().is_none_or(|(b, _)| stamp > b.as_str())
+            {
+                best = Some((stamp.to_string(), dir.join(&n)));
+            }
+        }
+        return Ok(best.map(|(_, p)| p));
+    }
     for e in std::fs::read_dir(dir)? {
         let e = e?;
         let name = e.file_name();

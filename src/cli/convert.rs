@@ -40,7 +40,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let input = archive_input::open(&a.input)?;
     let (mut reader, index) = archive_input::reader_with_index(&a.input, input)?;
     let header = reader.header().clone();
-    let opts = a.output_opts.sink_options(&target);
+    let mut opts = a.output_opts.sink_options(&target);
+    let drive_bytes = header.devices.iter().map(|d| d.size).sum();
+    opts.size_bound = Some(crate::object::upload::archive_bound(drive_bytes));
     let leftovers = Leftovers::watch("convert", opts.keep_partial)?;
     let mut sink = leftovers
         .sink(&target, &opts)

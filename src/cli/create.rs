@@ -324,7 +324,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     }
     let target = output_target(&a.archive)?;
     let leftovers = Leftovers::watch("create", a.archive_opts.keep_partial())?;
-    let opts = a.archive_opts.sink_options(&target);
+    let mut opts = a.archive_opts.sink_options(&target);
+    let total: u64 = images.iter().map(|(_, img)| img.size).sum();
+    opts.size_bound = Some(crate::object::upload::archive_bound(total));
     let sink = leftovers
         .sink(&target, &opts)
         .with_context(|| format!("cannot create archive {}", a.archive))?;
@@ -332,7 +334,6 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .index(sink.can_hold_index())
         .start(sink)
         .context("cannot write the archive header")?;
-    let total: u64 = images.iter().map(|(_, img)| img.size).sum();
     let mut progress = CreateProgress::new(total, a.verbose);
     let mut done = 0;
     for (dev, img) in &images {

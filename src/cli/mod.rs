@@ -38,6 +38,9 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// How s3:// archives are reached (every command).
+    #[command(flatten)]
+    pub s3: options::S3Opts,
 }
 
 /// The subcommands.
@@ -74,6 +77,7 @@ pub enum Command {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    crate::object::configure(cli.s3.settings());
     match cli.command {
         Command::Create(a) => create::run(a),
         Command::List(a) => list::run(a),

@@ -101,6 +101,57 @@ impl Default for ArchiveOpts {
     }
 }
 
+/// How `s3://BUCKET/KEY` archives are reached and written: global flags,
+/// so every command that takes an archive name takes them. Credentials
+/// and region come from the `AWS_*` variables or the profile files.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct S3Opts {
+    /// The S3 endpoint URL for s3:// archives, e.g. http://10.0.0.5:3900
+    /// for a store on a private network (default: AWS_ENDPOINT_URL, the
+    /// profile's endpoint_url, or AWS). Requests use path-style addressing.
+    #[arg(long, value_name = "URL", global = true)]
+    pub s3_endpoint: Option<String>,
+    /// Part size of an upload to S3 (K/M/G suffixes; at least 5M; default
+    /// 16M, raised so that the archive fits in S3's 10,000 parts).
+    #[arg(long, value_name = "SIZE", global = true, value_parser = part_size)]
+    pub s3_part_size: Option<Size>,
+    /// Parts of an upload to S3 in flight at once; memory is bounded by
+    /// (N + 1) x part size.
+    #[arg(long, value_name = "N", global = true,
+          default_value_t = crate::object::upload::DEFAULT_PARTS_IN_FLIGHT,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    pub s3_parts_in_flight: usize,
+    /// Retries of an S3 request on a transient error (with exponential
+    /// backoff).
+    #[arg(long, value_name = "N", global = true,
+          default_value_t = crate::object::DEFAULT_RETRIES)]
+    pub s3_retries: usize,
+}
+
+fn part_size(s: &str) -> Result<Size, String> {
+    use crate::object::upload::{MAX_PART_SIZE, MIN_PART_SIZE};
+    let size: Size = s.parse()?;
+    if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&size.0) {
+        return Err(format!(
+            "{} bytes: a part is {MIN_PART_SIZE} to {MAX_PART_SIZE} bytes (S3's limits)",
+            size.0
+        ));
+    }
+    Ok(size)
+}
+
+impl S3Opts {
+    /// The object client's settings.
+    pub fn settings(&self) -> crate::object::Settings {
+        crate::object::Settings {
+            endpoint: self.s3_endpoint.clone(),
+            part_size: self.s3_part_size.map(|s| s.0),
+            parts_in_flight: self.s3_parts_in_flight,
+            retries: self.s3_retries,
+        }
+    }
+}
+
 /// Limits and reporting of the live commands (`serve`, `backup`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct LiveOpts {
@@ -205,9 +256,10 @@ impl TlsOpts {
 }
 
 /// Where an archive named `name` goes: `-` is stdout, which must not be a
-/// terminal (an archive is binary; `zstd` refuses the same way).
+/// terminal (an archive is binary; `zstd` refuses the same way);
+/// `s3://BUCKET/KEY` an object.
 pub fn output_target(name: &str) -> anyhow::Result<Target> {
-    let target = Target::parse(name);
+    let target = Target::parse(name)?;
     if target == Target::Stdout && std::io::stdout().is_terminal() {
         bail!(
             "refusing to write an archive to a terminal: redirect stdout (`-o - > FILE`) or give \
@@ -232,6 +284,7 @@ impl OutputOpts {
                 usize::from,
             ),
             keep_partial: self.keep_partial,
+            size_bound: None,
         }
     }
 }

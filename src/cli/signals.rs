@@ -124,7 +124,11 @@ impl Leftovers {
                     // Waits for a commit in progress: a finished archive
                     // is never removed, a half-made one always is.
                     let st = lock(&watched);
-                    let what = st.clean_up();
+                    let mut what = st.clean_up();
+                    let aborted = crate::object::upload::abort_in_progress();
+                    if !aborted.is_empty() {
+                        what += &format!("; aborted the upload of {}", aborted.join(", "));
+                    }
                     eprintln!("vma-writer: {} interrupted by {signal}{what}", st.command);
                     std::process::exit(i32::from(signal.exit_status()));
                 }

@@ -14,6 +14,13 @@
 //! VMA stream cannot carry trailing bytes); a zstd stream ends with its
 //! index and seek table like a file.
 //!
+//! An object target (`s3://BUCKET/KEY`) is a multipart upload
+//! ([`crate::object::ObjectUpload`]) and follows the same rule: the seal
+//! uploads the last parts, the publish completes the upload, and the
+//! object exists from then on, whole; dropped before, the upload is
+//! aborted. A plain archive's index becomes the object `KEY.index`, put
+//! after the archive's completion.
+//!
 //! The sink takes the archive as units (the header, then whole extents:
 //! [`ArchiveOut`]) so that every zstd frame holds whole extents; it never
 //! parses them. `frames` compresses them.
@@ -28,6 +35,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 
 pub use self::frames::FrameWriter;
+use crate::object::{ObjectError, ObjectUpload, ObjectUrl};
 use crate::vma::ArchiveOut;
 use crate::vma::writer::write_all_vectored;
 
@@ -38,16 +46,20 @@ pub enum Target {
     Stdout,
     /// A file path; written as `PATH.partial` until committed.
     File(PathBuf),
+    /// An object (`s3://BUCKET/KEY`); a multipart upload until committed.
+    Object(ObjectUrl),
 }
 
 impl Target {
-    /// `-` is stdout, anything else a path.
-    pub fn parse(s: &str) -> Target {
-        if s == "-" {
+    /// `-` is stdout, `s3://BUCKET/KEY` an object, anything else a path.
+    pub fn parse(s: &str) -> Result<Target, ObjectError> {
+        Ok(if s == "-" {
             Target::Stdout
+        } else if crate::object::is_object_name(s) {
+            Target::Object(ObjectUrl::parse(s)?)
         } else {
             Target::File(PathBuf::from(s))
-        }
+        })
     }
 
     /// True when writing it creates files (`ARCHIVE.partial`, the index):
@@ -58,7 +70,21 @@ impl Target {
 
     /// True for a name that asks for zstd by its extension (`.zst`).
     pub fn implies_zstd(&self) -> bool {
-        matches!(self, Target::File(p) if p.extension().is_some_and(|e| e == "zst"))
+        match self {
+            Target::File(p) => p.extension().is_some_and(|e| e == "zst"),
+            Target::Object(u) => u.key.ends_with(".zst"),
+            Target::Stdout => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Stdout => f.write_str("-"),
+            Target::File(p) => write!(f, "{}", p.display()),
+            Target::Object(u) => write!(f, "{u}"),
+        }
     }
 }
 
@@ -69,13 +95,46 @@ pub struct SinkOptions {
     pub zstd_level: Option<i32>,
     /// zstd worker threads (at least one is used).
     pub threads: usize,
-    /// Keep `ARCHIVE.partial` when the sink is dropped uncommitted.
+    /// Keep `ARCHIVE.partial` when the sink is dropped uncommitted (an
+    /// unfinished upload is aborted all the same).
     pub keep_partial: bool,
+    /// At most this many archive bytes will be written: an object's part
+    /// size is chosen so that they fit S3's part limit.
+    pub size_bound: Option<u64>,
+}
+
+/// Where the bytes go.
+enum Dest {
+    File(File),
+    Object(Box<ObjectUpload>),
+}
+
+impl Write for Dest {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Dest::File(f) => f.write(buf),
+            Dest::Object(o) => o.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Dest::File(f) => f.write_vectored(bufs),
+            Dest::Object(o) => o.write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Dest::File(f) => f.flush(),
+            Dest::Object(o) => o.flush(),
+        }
+    }
 }
 
 enum Out {
-    Plain(File),
-    Framed(FrameWriter<File>),
+    Plain(Dest),
+    Framed(FrameWriter<Dest>),
 }
 
 /// An archive output; see the module docs.
@@ -86,6 +145,8 @@ pub struct Sink {
     keep_partial: bool,
     /// Uncompressed archive bytes written so far.
     written: u64,
+    /// The object, for an object target.
+    object: Option<ObjectUrl>,
 }
 
 fn is_fifo(path: &Path) -> bool {
@@ -111,6 +172,33 @@ impl Sink {
     /// Opens the target. A file target must not exist yet (neither
     /// `ARCHIVE` nor `ARCHIVE.partial`): an archive is never overwritten.
     pub fn create(target: &Target, opts: &SinkOptions) -> io::Result<Sink> {
+        if let Target::Object(url) = target {
+            let siblings = match opts.zstd_level {
+                None => vec![url.with_suffix(".index")],
+                Some(_) => Vec::new(),
+            };
+            if opts.keep_partial {
+                tracing::warn!(
+                    %url,
+                    "--keep-partial does not apply to an object: an unfinished upload is aborted"
+                );
+            }
+            let settings = crate::object::settings();
+            let upload = ObjectUpload::create(url, &siblings, opts.size_bound, &settings)?;
+            tracing::info!(%url, part_size = upload.part_size(), "uploading the archive");
+            let dest = Dest::Object(Box::new(upload));
+            let out = match opts.zstd_level {
+                None => Out::Plain(dest),
+                Some(level) => Out::Framed(FrameWriter::new(dest, level, opts.threads)?),
+            };
+            return Ok(Sink {
+                out: Some(out),
+                paths: None,
+                keep_partial: false,
+                written: 0,
+                object: Some(url.clone()),
+            });
+        }
         let (file, paths) = match target {
             Target::Stdout => {
                 // Our own handle on fd 1, unbuffered: std's stdout is
@@ -129,6 +217,7 @@ impl Sink {
                 })?;
                 (file, None)
             }
+            Target::Object(_) => unreachable!("handled above"),
             Target::File(path) => {
                 if path.exists() {
                     return Err(io::Error::new(
@@ -176,6 +265,7 @@ impl Sink {
                 (file, Some((partial, path.clone())))
             }
         };
+        let file = Dest::File(file);
         let out = match opts.zstd_level {
             None => Out::Plain(file),
             Some(level) => Out::Framed(FrameWriter::new(file, level, opts.threads)?),
@@ -185,6 +275,7 @@ impl Sink {
             paths,
             keep_partial: opts.keep_partial,
             written: 0,
+            object: None,
         })
     }
 
@@ -213,9 +304,14 @@ impl Sink {
     }
 
     /// True when an index can be stored with the archive: in a zstd
-    /// output, or beside a plain file (not in a plain stream).
+    /// output, or beside a plain file or object (not in a plain stream).
     pub fn can_hold_index(&self) -> bool {
-        self.paths.is_some() || matches!(self.out, Some(Out::Framed(_)))
+        self.paths.is_some() || self.object.is_some() || matches!(self.out, Some(Out::Framed(_)))
+    }
+
+    /// The object being uploaded, for an object target.
+    pub fn object(&self) -> Option<&ObjectUrl> {
+        self.object.as_ref()
     }
 
     /// Uncompressed archive bytes written so far.
@@ -234,17 +330,18 @@ impl Sink {
     /// for pipes only a flush.
     pub fn sync(&mut self) -> io::Result<()> {
         let is_file = self.paths.is_some();
-        let file = match self.out()? {
+        let dest = match self.out()? {
             Out::Plain(f) => f,
             Out::Framed(w) => {
                 w.drain()?;
                 w.get_mut()
             }
         };
-        if is_file {
-            file.sync_data()?;
+        match dest {
+            Dest::File(file) if is_file => file.sync_data(),
+            // Nothing of an upload is durable before it completes.
+            Dest::File(_) | Dest::Object(_) => Ok(()),
         }
-        Ok(())
     }
 
     /// Finishes the archive: [`Sink::seal`], then [`Sealed::publish`].
@@ -263,9 +360,21 @@ impl Sink {
     /// not safely on disk is no archive.
     pub fn seal(mut self, index: Option<&[u8]>) -> io::Result<Sealed> {
         crate::fault::at(crate::fault::Point::CommitStart)?;
-        let (file, sidecar) = match self.out.take().expect("sink used after commit") {
+        let (dest, sidecar) = match self.out.take().expect("sink used after commit") {
             Out::Plain(f) => (f, index),
             Out::Framed(w) => (w.finish(index)?, None),
+        };
+        let file = match dest {
+            Dest::Object(mut upload) => {
+                upload.finish_parts()?;
+                return Ok(Sealed {
+                    paths: None,
+                    index_files: None,
+                    keep_partial: false,
+                    upload: Some((*upload, sidecar.map(<[u8]>::to_vec))),
+                });
+            }
+            Dest::File(file) => file,
         };
         let Some((partial, path)) = self.paths.take() else {
             (&file).flush()?;
@@ -273,12 +382,14 @@ impl Sink {
                 paths: None,
                 index_files: None,
                 keep_partial: false,
+                upload: None,
             });
         };
         let mut sealed = Sealed {
             paths: Some((partial, path)),
             index_files: None,
             keep_partial: self.keep_partial,
+            upload: None,
         };
         let (partial, path) = sealed.paths.as_ref().expect("set above");
         crate::fault::at(crate::fault::Point::CommitSync)
@@ -341,6 +452,9 @@ pub struct Sealed {
     /// The index's `(partial, final)` names beside a plain archive.
     index_files: Option<(PathBuf, PathBuf)>,
     keep_partial: bool,
+    /// An object's upload with every part uploaded, and the index to put
+    /// beside it once it is complete; dropped, it is aborted.
+    upload: Option<(ObjectUpload, Option<Vec<u8>>)>,
 }
 
 impl Sealed {
@@ -349,6 +463,18 @@ impl Sealed {
     /// and fsyncs the directory. A rename that fails keeps the finished
     /// partial file and says where it is. Returns the final path, if any.
     pub fn publish(mut self) -> io::Result<Option<PathBuf>> {
+        if let Some((upload, index)) = self.upload.take() {
+            let url = upload.url().clone();
+            upload.complete()?;
+            if let Some(bytes) = index {
+                let at = url.with_suffix(".index");
+                crate::object::upload::put_new(&at, bytes).map_err(|e| {
+                    let e = io::Error::from(e);
+                    io::Error::new(e.kind(), format!("{e} (the archive {url} is complete)"))
+                })?;
+            }
+            return Ok(Some(PathBuf::from(url.to_string())));
+        }
         let Some((partial, path)) = self.paths.take() else {
             return Ok(None);
         };

@@ -30,6 +30,7 @@ mod qmp_binary_env;
 mod qmp_daemon;
 mod qmp_fake;
 mod random_access;
+mod s3;
 mod systemd;
 mod tls;
 mod vma_golden;

@@ -210,6 +210,7 @@ impl Golden {
             zstd_level: Some(3),
             threads: 1,
             keep_partial: false,
+            size_bound: None,
         };
         let sink = Sink::create(&Target::File(path.clone()), &opts).unwrap();
         let mut w = self.builder().index(true).start(sink).unwrap();

@@ -80,6 +80,11 @@ impl ExportCmd {
         self
     }
 
+    /// The command, for its environment.
+    pub fn command(&mut self) -> &mut tokio::process::Command {
+        &mut self.cmd
+    }
+
     /// Starts `export` and waits until it listens.
     pub async fn start(self) -> (Proc, Exported) {
         let mut p = Proc::spawn(self.cmd, true);

@@ -28,6 +28,7 @@ pub mod image;
 pub mod nbd;
 pub mod proc;
 pub mod qemu;
+pub mod s3;
 pub mod serve;
 pub mod tls;
 pub mod tools;
