@@ -58,6 +58,8 @@ pub mod backup;
 pub mod cli;
 pub mod export;
 pub mod fault;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod live_restore;
 pub mod nbd;
 pub mod object;

@@ -1,57 +1,13 @@
-//! What the fuzz targets share: the real NBD server driven over an
-//! in-memory pipe, and re-sealing of VMA checksums so that mutated
-//! archives get past the md5 checks to the rules behind them.
+//! What the fuzz targets share: the harness steps the regression tests
+//! replay too (`vma_writer::fuzzing`: the real NBD server driven over an
+//! in-memory pipe, handshake bytes, index files), and re-sealing of VMA
+//! checksums so that mutated archives get past the md5 checks to the rules
+//! behind them.
 
 use std::sync::OnceLock;
-use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
-use vma_writer::nbd::{Export, MemoryBackend, MemoryBudget, Server, ServerConfig};
-
-/// Bytes of the in-memory pipe between the fuzz client and the server; small,
-/// so that back-pressure paths run too.
-const PIPE: usize = 16 * 1024;
-
-/// Per-connection byte budget of the fuzzed server: small, so that the
-/// budget is exhausted by the inputs the fuzzer makes.
-const BUDGET: usize = 64 * 1024;
-
-/// A fresh server (so that no input's writes pile up in memory across
-/// runs) with the exports every NBD target uses: a small writable one, a
-/// larger sparse one, and one named "" (the default).
-///
-/// The larger one is 1 GiB, not 2^62 bytes: a RAM disk keeps a marker per
-/// 64 KiB page zeroed with NO_HOLE (allocated zeros), so on a 2^62-byte
-/// export one WRITE_ZEROES could ask for 2^46 of them. That is
-/// `MemoryBackend` doing what it is asked (it is for tests and demos; the
-/// backup target records zeros per cluster), and it made the first
-/// timeout this target reported.
-fn server() -> Server<MemoryBackend> {
-    {
-        let export = |name: &str, size: u64| Export {
-            name: name.to_owned(),
-            description: format!("fuzz export {name}"),
-            backend: std::sync::Arc::new(MemoryBackend::new(size)),
-        };
-        Server::new(
-            vec![
-                export("a", 1 << 20),
-                export("big", 1 << 30),
-                export("", 4096),
-            ],
-            ServerConfig {
-                max_connections: 1,
-                max_bytes_in_flight: BUDGET,
-                handshake_timeout: Duration::from_secs(5),
-                // The shared budget as serve and backup run it, so its
-                // charging and draining paths are fuzzed too.
-                memory: Some(MemoryBudget::new(BUDGET)),
-                payload_timeout: Duration::from_secs(5),
-            },
-        )
-    }
-}
+/// The harness steps shared with the regression tests.
+pub use vma_writer::fuzzing::{handshake, index_file};
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -63,66 +19,11 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
-/// Connects a client that sends `input` (then closes its side) to the real
-/// server, reads everything the server answers, and returns it. The
-/// connection must end by itself: a hang is a bug (libFuzzer's -timeout
-/// reports it).
+/// [`vma_writer::fuzzing::converse`] on the target's runtime: `input` to a
+/// fresh server, everything it answers back. A hang is a bug (libFuzzer's
+/// -timeout reports it).
 pub fn converse(input: &[u8]) -> Vec<u8> {
-    runtime().block_on(async {
-        let (client, srv) = tokio::io::duplex(PIPE);
-        let (mut cr, mut cw) = tokio::io::split(client);
-        let shutdown = CancellationToken::new();
-        let send = async {
-            // The server may hang up before reading everything: fine.
-            let _ = cw.write_all(input).await;
-            let _ = cw.shutdown().await;
-            drop(cw);
-        };
-        let recv = async {
-            let mut out = Vec::new();
-            let _ = cr.read_to_end(&mut out).await;
-            out
-        };
-        let server = server();
-        let serve = server.serve_stream(srv, &shutdown);
-        let ((), out, ()) = tokio::join!(send, recv, serve);
-        out
-    })
-}
-
-/// Client bytes of a complete handshake ending in GO on `export`, in one
-/// of three reply modes (`mode % 3`: simple, structured, extended), with
-/// `base:allocation` selected when the mode allows it.
-pub fn handshake(mode: u8, export: &str) -> Vec<u8> {
-    let mut b = 3u32.to_be_bytes().to_vec(); // FIXED_NEWSTYLE | NO_ZEROES
-    let opt = |b: &mut Vec<u8>, code: u32, payload: &[u8]| {
-        b.extend_from_slice(b"IHAVEOPT");
-        b.extend_from_slice(&code.to_be_bytes());
-        b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        b.extend_from_slice(payload);
-    };
-    let name = |p: &mut Vec<u8>| {
-        p.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        p.extend_from_slice(export.as_bytes());
-    };
-    match mode % 3 {
-        0 => {}
-        m => {
-            opt(&mut b, if m == 1 { 8 } else { 11 }, &[]); // STRUCTURED_REPLY / EXTENDED_HEADERS
-            let mut p = Vec::new();
-            name(&mut p);
-            p.extend_from_slice(&1u32.to_be_bytes());
-            let q = b"base:allocation";
-            p.extend_from_slice(&(q.len() as u32).to_be_bytes());
-            p.extend_from_slice(q);
-            opt(&mut b, 10, &p); // SET_META_CONTEXT
-        }
-    }
-    let mut p = Vec::new();
-    name(&mut p);
-    p.extend_from_slice(&0u16.to_be_bytes());
-    opt(&mut b, 7, &p); // GO
-    b
+    runtime().block_on(vma_writer::fuzzing::converse(input))
 }
 
 /// Header size field (offset 56) of an archive, if it has one.
