@@ -33,6 +33,15 @@
 //! clamped to the whole budget, so a request larger than the budget runs
 //! alone. Refused WRITEs are drained without a charge.
 //!
+//! Not a deadlock, but a stall: a WRITE of part of a cluster keeps its
+//! charge while it waits for partial-cluster room, and the WRITE that
+//! would complete a buffered cluster (and free that room) needs a charge
+//! too. When waiters hold the whole budget (a tiny `--memory` and a client
+//! writing unaligned pieces), they give up after the partial wait
+//! ([`crate::assembler::DEFAULT_PARTIAL_WAIT`], 30 s) with EIO. QEMU writes
+//! whole clusters and never gets there. The partial-cluster buffers
+//! themselves (`--buffer-limit`) are outside this budget.
+//!
 //! A charge is taken before the payload arrives, so a client that
 //! announces a large WRITE and trickles its payload would hold the budget
 //! for as long as it likes: a charged payload must arrive within

@@ -107,32 +107,38 @@ fn forget(token: u64) {
 }
 
 /// Aborts every upload of this process that has not completed (for a
-/// signal that ends the process); returns their names.
+/// signal that ends the process); returns the names of those it aborted
+/// (one it could not abort is logged with its upload id instead).
 pub fn abort_in_progress() -> Vec<String> {
     let started = std::mem::take(&mut in_progress().1);
     let deadline = std::time::Instant::now() + SIGNAL_PART_WAIT;
     started
         .into_iter()
-        .map(|s| {
+        .filter_map(|s| {
             while s.in_flight.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            abort_upload(&s.store, &s.url, &s.id);
-            s.url.to_string()
+            abort_upload(&s.store, &s.url, &s.id).then(|| s.url.to_string())
         })
         .collect()
 }
 
 /// Aborts upload `id` of `url`, trying again while the store is
-/// unreachable; says so when it cannot.
-fn abort_upload(store: &Arc<AmazonS3>, url: &ObjectUrl, id: &MultipartId) {
+/// unreachable; says so when it cannot. True when the upload is gone
+/// (aborted now, or unknown to the store: nothing is left of it to abort).
+fn abort_upload(store: &Arc<AmazonS3>, url: &ObjectUrl, id: &MultipartId) -> bool {
     let mut wait = ABORT_FIRST_WAIT;
     for attempt in 1..=ABORT_TRIES {
         let (s, path, i) = (store.clone(), url.path(), id.clone());
         match block_on(async move { s.abort_multipart(&path, &i).await }) {
             Ok(()) => {
                 tracing::info!(%url, "multipart upload aborted");
-                return;
+                return true;
+            }
+            // A permanent answer: retrying cannot change it.
+            Err(object_store::Error::NotFound { .. }) => {
+                tracing::warn!(%url, upload_id = %id, "the store knows no such upload to abort");
+                return true;
             }
             Err(e) if attempt == ABORT_TRIES => {
                 tracing::error!(
@@ -150,6 +156,7 @@ fn abort_upload(store: &Arc<AmazonS3>, url: &ObjectUrl, id: &MultipartId) {
             }
         }
     }
+    false
 }
 
 type PartDone = (usize, object_store::Result<PartId>);
@@ -372,7 +379,8 @@ impl ObjectUpload {
             self.in_flight -= 1;
         }
         forget(self.token);
-        abort_upload(&self.store, &self.url, &self.id);
+        // Logged either way; a drop has no one to tell.
+        let _ = abort_upload(&self.store, &self.url, &self.id);
     }
 }
 

@@ -468,9 +468,15 @@ impl Sealed {
             upload.complete()?;
             if let Some(bytes) = index {
                 let at = url.with_suffix(".index");
+                // The archive object is final: a failure now is
+                // [`Published`], as a failed directory fsync after a
+                // rename is (a backup keeps the new archive's bitmap).
                 crate::object::upload::put_new(&at, bytes).map_err(|e| {
                     let e = io::Error::from(e);
-                    io::Error::new(e.kind(), format!("{e} (the archive {url} is complete)"))
+                    io::Error::new(
+                        e.kind(),
+                        Published(format!("{e} (the archive {url} is complete)")),
+                    )
                 })?;
             }
             return Ok(Some(PathBuf::from(url.to_string())));

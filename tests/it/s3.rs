@@ -289,10 +289,16 @@ fn missing_bucket_missing_key_and_wrong_credentials_are_named() {
         "http://127.0.0.1:9",
         "s3://bkt/a.vma",
     ]);
-    server.env(&mut c).env("VMA_WRITER_UNUSED", "1");
+    server.env(&mut c);
     c.args(["--s3-retries", "0"]);
+    let (sent, received) = (server.sent(), server.received());
     let err = assert_failure(&run(&mut c), &"list through a closed port");
     assert!(err.contains("s3://bkt/a.vma"), "{err}");
+    // Had the environment's endpoint (the server) been used, the answer
+    // would be the server's "no such object", and the server would have
+    // seen the request.
+    assert!(!err.contains("no such object"), "{err}");
+    assert_eq!((server.sent(), server.received()), (sent, received));
     let err = fails_on(&server, &["list", "s3://bkt"]);
     assert!(err.contains("no key"), "{err}");
 }
