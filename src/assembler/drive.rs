@@ -315,13 +315,16 @@ impl Drive {
         (zero, keep.then(|| digest(data)))
     }
 
-    /// Archives a whole cluster, or checks a replay of one.
-    async fn full_cluster(&self, c: u64, payload: Payload) -> io::Result<()> {
+    /// Archives a whole cluster whose [`fingerprint`](Self::fingerprint)
+    /// is `(zero, d)` (all zeros: `(true, None)`), or checks a replay of
+    /// one.
+    async fn full_cluster(
+        &self,
+        c: u64,
+        payload: Payload,
+        (zero, d): (bool, Option<u32>),
+    ) -> io::Result<()> {
         let len = self.cluster_len(c);
-        let (zero, d) = match &payload {
-            Payload::Data(b) => self.fingerprint(b),
-            Payload::Zero => (true, None),
-        };
         // Room in the channel first: from the state change to the send
         // nothing may await, so a request dropped mid-way (its client is
         // gone) never leaves a cluster marked archived but not sent.
@@ -567,7 +570,7 @@ impl Drive {
         self.shared.check()?;
         for (c, off, n) in self.pieces(offset, len) {
             if off == 0 && n == self.cluster_len(c) {
-                self.full_cluster(c, Payload::Zero).await?;
+                self.full_cluster(c, Payload::Zero, (true, None)).await?;
             } else {
                 self.partial_piece(c, off, n, None).await?;
             }
@@ -593,17 +596,28 @@ impl Backend for Drive {
 
     async fn write(&self, offset: u64, data: Bytes) -> io::Result<()> {
         self.shared.check()?;
+        // The whole clusters' fingerprints (zero scan, digest) first:
+        // work that must not hold up other drives' writes waiting for the
+        // turn below.
         let mut pos = 0usize;
+        let pieces: Vec<_> = self
+            .pieces(offset, data.len() as u64)
+            .map(|(c, off, n)| {
+                let piece = data.slice(pos..pos + n);
+                pos += n;
+                let whole = off == 0 && n == self.cluster_len(c);
+                let print = whole.then(|| self.fingerprint(&piece));
+                (c, off, n, piece, print)
+            })
+            .collect();
         // Whole clusters are sent in one turn (see Shared::send_turn).
         let mut turn = None;
-        for (c, off, n) in self.pieces(offset, data.len() as u64) {
-            let piece = data.slice(pos..pos + n);
-            pos += n;
-            if off == 0 && n == self.cluster_len(c) {
+        for (c, off, n, piece, print) in pieces {
+            if let Some(print) = print {
                 if turn.is_none() {
                     turn = Some(self.shared.send_turn().await);
                 }
-                self.full_cluster(c, Payload::Data(piece)).await?;
+                self.full_cluster(c, Payload::Data(piece), print).await?;
             } else {
                 turn = None; // never held while waiting for partial room
                 self.partial_piece(c, off, n, Some(piece)).await?;
