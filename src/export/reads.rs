@@ -64,14 +64,13 @@ pub struct Reads {
 struct LoadDone {
     loading: Arc<Mutex<HashMap<u32, watch::Receiver<()>>>>,
     frame: u32,
-    tx: watch::Sender<()>,
+    /// Dropped after `drop` has removed the entry: that wakes the waiters.
+    _tx: watch::Sender<()>,
 }
 
 impl Drop for LoadDone {
     fn drop(&mut self) {
         lock(&self.loading).remove(&self.frame);
-        // `tx` is dropped next, which wakes the waiters.
-        let _ = &self.tx;
     }
 }
 
@@ -219,7 +218,11 @@ impl Reads {
         tokio::task::spawn_blocking(move || {
             // Ends the load (even by a panic): forgotten, then its waiters
             // woken by the sender's drop.
-            let _done = LoadDone { loading, frame, tx };
+            let _done = LoadDone {
+                loading,
+                frame,
+                _tx: tx,
+            };
             let _worker = worker;
             if let Err(e) = archive.load_frame(frame) {
                 // The READ that needs it gets its own error.

@@ -7,9 +7,11 @@
 //! parts remain (S3 keeps the parts of an unfinished upload, and bills
 //! them, until it is aborted).
 //!
-//! Memory is bounded by ([`Settings::parts_in_flight`] + 1) × part size:
-//! a part being filled, the others uploading; a full part waits for the
-//! oldest to finish (back-pressure to the archive writer).
+//! Memory is bounded by (parts in flight + 1) × part size: a part being
+//! filled, the others uploading; a full part waits for the oldest to
+//! finish (back-pressure to the archive writer). When a large archive
+//! needs larger parts, fewer upload at once ([`parts_in_flight_for`]), so
+//! the bound stays what the settings ask for, or two parts.
 //!
 //! An existing key is never overwritten: it is looked up (HEAD) before
 //! the upload starts and again just before it completes. S3's
@@ -79,6 +81,25 @@ pub fn part_size_for(bound: Option<u64>, configured: Option<u64>) -> u64 {
     let base = configured.unwrap_or(DEFAULT_PART_SIZE).max(MIN_PART_SIZE);
     let need = bound.map_or(0, |b| b.div_ceil(PLANNED_PARTS).next_multiple_of(1 << 20));
     base.max(need).min(MAX_PART_SIZE)
+}
+
+/// Parts uploading at once for parts of `part_size`: what `settings` ask
+/// for, fewer when the part size was raised for a large archive, so that
+/// the parts held stay within what the settings' own part size would take
+/// (([`Settings::parts_in_flight`] + 1) × the configured or default part
+/// size); at least one. A raised part size cannot be avoided (S3's
+/// [`MAX_PARTS`]), but it need not be multiplied.
+pub fn parts_in_flight_for(part_size: u64, settings: &Settings) -> usize {
+    let asked = settings
+        .part_size
+        .unwrap_or(DEFAULT_PART_SIZE)
+        .max(MIN_PART_SIZE);
+    let held = (settings.parts_in_flight as u64 + 1).saturating_mul(asked);
+    let fit = (held / part_size.max(1)).saturating_sub(1);
+    settings
+        .parts_in_flight
+        .min(usize::try_from(fit).unwrap_or(usize::MAX))
+        .max(1)
 }
 
 /// An upload that has started and not completed: what a signal aborts
@@ -246,7 +267,7 @@ impl ObjectUpload {
             id,
             token,
             part_size,
-            max_in_flight: settings.parts_in_flight.max(1),
+            max_in_flight: parts_in_flight_for(part_size as u64, settings),
             buf: Vec::with_capacity(part_size),
             parts: Vec::new(),
             in_flight: 0,
@@ -439,6 +460,19 @@ mod tests {
             assert!(bound.div_ceil(size) <= PLANNED_PARTS, "{tib} TiB");
             assert_eq!(size % (1 << 20), 0);
         }
+        // A raised part size lowers the parts in flight, so the parts held
+        // stay within (4 + 1) x 16 MiB, or two parts.
+        let defaults = Settings::default();
+        assert_eq!(parts_in_flight_for(DEFAULT_PART_SIZE, &defaults), 4);
+        assert_eq!(parts_in_flight_for(32 << 20, &defaults), 1);
+        assert_eq!(parts_in_flight_for(480 << 20, &defaults), 1);
+        let asked = Settings {
+            part_size: Some(64 << 20),
+            parts_in_flight: 3,
+            ..Settings::default()
+        };
+        assert_eq!(parts_in_flight_for(64 << 20, &asked), 3, "as configured");
+        assert_eq!(parts_in_flight_for(128 << 20, &asked), 1);
         // Past 5 GiB parts an archive cannot be uploaded whole (S3 objects
         // end at 5 TiB anyway).
         assert_eq!(part_size_for(Some(u64::MAX), None), MAX_PART_SIZE);
