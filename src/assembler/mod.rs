@@ -829,6 +829,30 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn identical_replays_leave_a_compressed_archive_correct() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = SinkOptions {
+            zstd_level: Some(1),
+            ..Default::default()
+        };
+        let (asm, path) = start_with(dir.path(), &[2 * 65536], AssemblerConfig::default(), opts);
+        let d = asm.drives()[0].clone();
+        let data = Bytes::from(pattern(65536, 3));
+        d.write(0, data.clone()).await.unwrap();
+        d.write_zeroes(65536, 65536, false).await.unwrap();
+        // Replays accepted on the digest and the zero mark change nothing.
+        d.write(0, data.clone()).await.unwrap();
+        d.write(65536, Bytes::from(vec![0u8; 65536])).await.unwrap();
+        asm.finish(Arc::default()).await.unwrap();
+        let plain = zstd::decode_all(File::open(&path).unwrap()).unwrap();
+        let unpacked = dir.path().join("plain.vma");
+        std::fs::write(&unpacked, plain).unwrap();
+        let disks = read_back(&unpacked);
+        assert_eq!(&disks[0][..65536], &data[..]);
+        assert!(disks[0][65536..].iter().all(|&b| b == 0));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn replays_are_checked_by_digest_when_the_archive_is_compressed() {
         let dir = tempfile::tempdir().unwrap();
         let opts = SinkOptions {
